@@ -1,0 +1,23 @@
+"""engram: continual learning with durable memory.
+
+``import engram`` is light: heavy modules (torch, lmdb, avalanche) load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from engram.store import Store
+
+__all__ = ["Store", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Store":
+        from engram.store import Store
+
+        return Store
+    raise AttributeError(f"module 'engram' has no attribute {name!r}")

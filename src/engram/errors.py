@@ -1,0 +1,52 @@
+"""engram's exception types.
+
+Every error a user can cause or meet (a wrong path, a locked store, a corrupted
+file, a full disk) is one of these, with a message that says what happened and
+what to do next. Errors from deeper libraries (lmdb, safetensors, OSError) are
+wrapped, never leaked as the only information.
+"""
+
+from __future__ import annotations
+
+
+class EngramError(Exception):
+    """Base class of every error engram raises on purpose."""
+
+
+class StoreNotFoundError(EngramError):
+    """The store path does not exist (and creating it was not asked for)."""
+
+
+class NotAStoreError(EngramError):
+    """The path exists but is not an engram store (a file, or a foreign directory)."""
+
+
+class StoreFormatError(EngramError):
+    """The store was written by a newer format version, or its metadata is malformed."""
+
+
+class StoreLockedError(EngramError):
+    """Another live process holds the store's writer lock."""
+
+
+class ReadOnlyStoreError(EngramError):
+    """A write was attempted on a store opened read-only."""
+
+
+class VersionNotFoundError(EngramError, KeyError):
+    """No version, tag or ref of that name exists in the store."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CorruptionError(EngramError):
+    """Stored bytes do not match their recorded hash or structure."""
+
+
+class EncodingError(EngramError, TypeError):
+    """A value cannot be stored: not a tensor, a nested mapping/list or a JSON scalar."""
+
+
+class CommitError(EngramError):
+    """A commit failed (e.g. disk full); the previous HEAD is intact."""

@@ -1,0 +1,26 @@
+"""engram.store: a versioned, crash-safe store (LMDB state + safetensors checkpoints).
+
+Independent of Avalanche and Hydra: a plain PyTorch loop can persist its state with it.
+"""
+
+from engram.store.format import FORMAT_VERSION
+from engram.store.store import (
+    GcReport,
+    Problem,
+    Snapshot,
+    Store,
+    VerifyReport,
+    VersionInfo,
+    version_name,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GcReport",
+    "Problem",
+    "Snapshot",
+    "Store",
+    "VerifyReport",
+    "VersionInfo",
+    "version_name",
+]

@@ -1,0 +1,283 @@
+"""Tensor and state-tree codec: raw little-endian bytes and JSON, never pickle.
+
+Encoding turns a nested state (mappings, lists, tuples, tensors, numpy arrays,
+JSON scalars) into a JSON-able tree plus the raw bytes of every array. Decoding
+validates every field it reads, so a malformed or hostile manifest gives a
+:class:`~engram.errors.CorruptionError`, never an interpreter crash, an
+arbitrary import, or an allocation the store's own data does not justify.
+See :mod:`engram.store.format` for the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from engram.errors import CorruptionError, EncodingError
+from engram.store.format import CHUNK_BYTES
+
+if sys.byteorder != "little":  # pragma: no cover - no such CI machine
+    raise ImportError("engram's store format is little-endian; big-endian hosts are unsupported")
+
+# The only dtypes a store may name. Built from constant names, never from stored data.
+_TORCH_DTYPE_NAMES = (
+    "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+    "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+)  # fmt: skip
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name) for name in _TORCH_DTYPE_NAMES if hasattr(torch, name)
+}
+_DTYPE_NAME = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+_NUMPY_DTYPE_NAMES = (
+    "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128",
+)  # fmt: skip
+NUMPY_DTYPES: dict[str, np.dtype] = {name: np.dtype(name) for name in _NUMPY_DTYPE_NAMES}
+
+TAG_TENSOR = "__tensor__"
+TAG_NDARRAY = "__ndarray__"
+TAG_TUPLE = "__tuple__"
+TAG_MAP = "__map__"
+_TAGS = (TAG_TENSOR, TAG_NDARRAY, TAG_TUPLE, TAG_MAP)
+
+MAX_DEPTH = 100  # deeper trees are refused: they are never real state, and recursion is bounded
+MAX_NDIM = 64
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def checksum(data: Any) -> int:
+    """Fast 64-bit checksum (XXH3) of a bytes-like object, checked on every load."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+@dataclass
+class PendingArray:
+    """An array found while encoding: its raw bytes and the record to complete."""
+
+    raw: np.ndarray  # (nbytes,) uint8 view of the array's memory, C order, little-endian
+    record: dict[str, Any]  # {"dtype", "shape", "chunks"}; "chunks" is filled in by the store
+
+
+def tensor_bytes(tensor: torch.Tensor, where: str = "") -> tuple[str, list[int], np.ndarray]:
+    """Return ``(dtype_name, shape, raw)`` where ``raw`` is a uint8 view of the tensor's bytes.
+
+    No copy is made for a contiguous CPU tensor; others are copied once.
+    """
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        raise EncodingError(
+            f"cannot store the {tensor.layout} tensor at {where or 'the top level'}: "
+            "only dense (strided) tensors are supported; convert it with .to_dense()"
+        )
+    name = _DTYPE_NAME.get(tensor.dtype)
+    if name is None:
+        raise EncodingError(f"cannot store a tensor of dtype {tensor.dtype} at {where!r}")
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    t = t.contiguous()
+    raw = t.reshape(-1).view(torch.uint8).numpy()
+    return name, list(tensor.shape), raw
+
+
+def ndarray_bytes(array: np.ndarray, where: str = "") -> tuple[str, list[int], np.ndarray]:
+    """Like :func:`tensor_bytes` for a numpy array (numeric and bool dtypes only)."""
+    dtype = array.dtype
+    name = dtype.name if dtype.isnative or dtype.byteorder == "|" else dtype.newbyteorder("=").name
+    if name not in NUMPY_DTYPES:
+        raise EncodingError(
+            f"cannot store a numpy array of dtype {dtype} at {where!r}: "
+            "only bool, integer, float and complex arrays are supported"
+        )
+    arr = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[name])  # native = little-endian here
+    return name, list(array.shape), arr.reshape(-1).view(np.uint8)
+
+
+def encode_tree(obj: Any) -> tuple[Any, list[PendingArray]]:
+    """Encode a nested state into a JSON-able tree and the arrays it references.
+
+    The returned records' ``chunks`` fields are ``None`` until the caller fills them.
+
+    Raises:
+        EncodingError: a value is not a tensor, array, mapping, list, tuple or JSON
+            scalar; the message names its path in the tree.
+    """
+    pending: list[PendingArray] = []
+
+    def array_record(kind: str, enc: tuple[str, list[int], np.ndarray]) -> dict[str, Any]:
+        name, shape, raw = enc
+        record: dict[str, Any] = {"dtype": name, "shape": shape, "chunks": None}
+        pending.append(PendingArray(raw, record))
+        return {kind: record}
+
+    def walk(value: Any, path: str, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise EncodingError(f"state is nested deeper than {MAX_DEPTH} levels at {path!r}")
+        if value is None or isinstance(value, bool | str):
+            return value
+        if isinstance(value, int | float):
+            return int(value) if isinstance(value, int) else float(value)
+        if isinstance(value, torch.Tensor):
+            return array_record(TAG_TENSOR, tensor_bytes(value, path))
+        if isinstance(value, np.ndarray):
+            return array_record(TAG_NDARRAY, ndarray_bytes(value, path))
+        if isinstance(value, np.generic) and isinstance(value.item(), bool | int | float):
+            return value.item()  # numpy scalars come back as Python numbers
+        if isinstance(value, Mapping):
+            return walk_mapping(value, path, depth)
+        if isinstance(value, list):
+            return [walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(value)]
+        if isinstance(value, tuple):  # torch.Size included
+            return {TAG_TUPLE: [walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(value)]}
+        raise EncodingError(
+            f"cannot store a value of type {type(value).__qualname__} at {path or '/'!r}: "
+            "a state may hold tensors, numpy arrays, dicts, lists, tuples, str, int, float, "
+            "bool and None"
+        )
+
+    def walk_mapping(value: Mapping, path: str, depth: int) -> Any:
+        plain = all(isinstance(k, str) and not k.startswith("__") for k in value)
+        if plain:
+            return {k: walk(v, f"{path}/{k}", depth + 1) for k, v in value.items()}
+        pairs = []
+        for k, v in value.items():
+            if not (k is None or isinstance(k, bool | int | float | str)):
+                raise EncodingError(
+                    f"cannot store a dict key of type {type(k).__qualname__} at {path or '/'!r}:"
+                    " keys must be str, int, float, bool or None"
+                )
+            pairs.append([k, walk(v, f"{path}/{k}", depth + 1)])
+        return {TAG_MAP: pairs}
+
+    tree = walk(obj, "", 0)
+    return tree, pending
+
+
+@dataclass(frozen=True)
+class ArrayRecord:
+    """A validated array record from a manifest."""
+
+    kind: str  # TAG_TENSOR or TAG_NDARRAY
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    chunks: tuple[tuple[str, int, int], ...]  # (sha256 hex, nbytes, xxh3_64)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_array_record(kind: str, record: Any, where: str = "") -> ArrayRecord:
+    """Validate an array record read from a (possibly hostile) manifest.
+
+    Raises:
+        CorruptionError: any field is missing, of the wrong type, or inconsistent.
+    """
+
+    def bad(why: str) -> CorruptionError:
+        return CorruptionError(f"malformed tensor record at {where or '/'!r}: {why}")
+
+    if not isinstance(record, dict) or set(record) != {"dtype", "shape", "chunks"}:
+        raise bad("expected an object with keys dtype, shape, chunks")
+    dtype, shape, chunks = record["dtype"], record["shape"], record["chunks"]
+    table = TORCH_DTYPES if kind == TAG_TENSOR else NUMPY_DTYPES
+    if not isinstance(dtype, str) or dtype not in table:
+        raise bad(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise bad("shape must be a list of at most 64 dimensions")
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad("shape entries must be non-negative integers")
+    itemsize = table[dtype].itemsize
+    nbytes = math.prod(shape) * itemsize
+    if not isinstance(chunks, list) or len(chunks) != -(-nbytes // CHUNK_BYTES):
+        raise bad(f"{nbytes} bytes need {-(-nbytes // CHUNK_BYTES)} chunks")
+    parsed = []
+    for i, chunk in enumerate(chunks):
+        if not (isinstance(chunk, list) and len(chunk) == 3):
+            raise bad(f"chunk {i} must be [sha256, nbytes, xxh3]")
+        digest, size, check = chunk
+        if not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+            raise bad(f"chunk {i} has an invalid digest")
+        expected = min(CHUNK_BYTES, nbytes - i * CHUNK_BYTES)
+        if not _is_int(size) or size != expected:
+            raise bad(f"chunk {i} should hold {expected} bytes")
+        if not _is_int(check) or not 0 <= check < 2**64:
+            raise bad(f"chunk {i} has an invalid checksum")
+        parsed.append((digest, size, check))
+    return ArrayRecord(kind, dtype, tuple(shape), nbytes, tuple(parsed))
+
+
+def array_from_bytes(record: ArrayRecord, raw: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """Reinterpret a filled ``(nbytes,)`` uint8 tensor as the recorded array."""
+    if record.kind == TAG_TENSOR:
+        return raw.view(TORCH_DTYPES[record.dtype]).reshape(record.shape)
+    return raw.numpy().view(NUMPY_DTYPES[record.dtype]).reshape(record.shape)
+
+
+def decode_tree(tree: Any, read_array: Callable[[ArrayRecord, str], Any]) -> Any:
+    """Decode a tree produced by :func:`encode_tree`.
+
+    Args:
+        tree: the JSON-decoded tree.
+        read_array: called with each validated record and its path; returns the array.
+
+    Raises:
+        CorruptionError: the tree is malformed (unknown tag, bad record, too deep).
+    """
+
+    def walk(node: Any, path: str, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise CorruptionError(f"state tree is nested deeper than {MAX_DEPTH} at {path!r}")
+        if node is None or isinstance(node, bool | int | float | str):
+            return node
+        if isinstance(node, list):
+            return [walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            raise CorruptionError(f"unexpected JSON value at {path!r}")
+        tagged = [k for k in node if k.startswith("__")]
+        if not tagged:
+            return {k: walk(v, f"{path}/{k}", depth + 1) for k, v in node.items()}
+        if len(node) != 1 or tagged[0] not in _TAGS:
+            raise CorruptionError(f"unknown tagged value {tagged[0]!r} at {path!r}")
+        tag, body = tagged[0], node[tagged[0]]
+        if tag in (TAG_TENSOR, TAG_NDARRAY):
+            return read_array(parse_array_record(tag, body, path), path)
+        if not isinstance(body, list):
+            raise CorruptionError(f"{tag} at {path!r} must hold a list")
+        if tag == TAG_TUPLE:
+            return tuple(walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(body))
+        out = {}
+        for pair in body:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise CorruptionError(f"{TAG_MAP} at {path!r} must hold [key, value] pairs")
+            key, value = pair
+            if not (key is None or isinstance(key, bool | int | float | str)):
+                raise CorruptionError(f"invalid dict key at {path!r}")
+            out[key] = walk(value, f"{path}/{key}", depth + 1)
+        return out
+
+    return walk(tree, "", 0)
+
+
+def iter_array_records(tree: Any) -> list[ArrayRecord]:
+    """All array records of a tree (validated), without reading any bytes."""
+    found: list[ArrayRecord] = []
+
+    def collect(record: ArrayRecord, path: str) -> None:
+        found.append(record)
+
+    decode_tree(tree, collect)
+    return found

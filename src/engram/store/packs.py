@@ -1,0 +1,146 @@
+"""Pack files: where blob bytes live; LMDB holds the content-addressed index.
+
+Why not the bytes in LMDB itself: LMDB copies every value into freshly allocated
+dirty pages before writing them, and on the small VMs we run on, first-touch page
+faults make that copy cost more than the write (measured: 0.2 GiB/s into LMDB vs
+0.7 GiB/s for a plain write+fsync of the same 256 MiB; docs/benchmarks.md). A pack
+is written straight from tensor memory with one fsync, and read back through mmap
+as zero-copy as an LMDB value.
+
+A pack is ``blobs/pack-<id>.bin``: blobs concatenated, each starting at a multiple
+of :data:`ALIGN`. It is only referenced once the LMDB transaction publishing its
+index entries commits; a pack left by an interrupted commit is an orphan that
+``gc`` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from engram.errors import CorruptionError
+
+ALIGN = 64
+PACK_NAME = re.compile(r"pack-(\d{8,18})\.bin")
+_ENTRY = struct.Struct("<QQQQ")  # pack id, offset, nbytes, xxh3
+
+
+def pack_name(pack_id: int) -> str:
+    return f"pack-{pack_id:08d}.bin"
+
+
+@dataclass(frozen=True)
+class BlobLocation:
+    """Where a blob's bytes are, as recorded in the LMDB index (32 bytes)."""
+
+    pack: int
+    offset: int
+    nbytes: int
+    xxh3: int
+
+    def encode(self) -> bytes:
+        return _ENTRY.pack(self.pack, self.offset, self.nbytes, self.xxh3)
+
+    @classmethod
+    def decode(cls, raw: bytes | memoryview, digest: str) -> BlobLocation:
+        if len(raw) != _ENTRY.size:
+            raise CorruptionError(f"index entry of blob {digest[:12]} is malformed")
+        return cls(*_ENTRY.unpack(raw))
+
+
+class PackWriter:
+    """Appends blobs to a new pack file; nothing is visible until :meth:`finish`."""
+
+    def __init__(self, directory: Path, pack_id: int) -> None:
+        self.pack_id = pack_id
+        self.path = directory / pack_name(pack_id)
+        # O_TRUNC: an orphan with this id from an interrupted commit is overwritten.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.size = 0
+
+    def append(self, data: memoryview | bytes, xxh3: int) -> BlobLocation:
+        pad = -self.size % ALIGN
+        if pad:
+            self._write_all(b"\0" * pad)
+        location = BlobLocation(self.pack_id, self.size, len(data), xxh3)
+        self._write_all(data)
+        return location
+
+    def _write_all(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+            self.size += written
+
+    def finish(self) -> None:
+        """fsync the pack; the caller fsyncs the directory."""
+        try:
+            os.fsync(self._fd)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def abort(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+class PackReader:
+    """Read-only mmaps of pack files, opened on first use and kept until :meth:`close`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._maps: dict[int, mmap.mmap | bytes] = {}
+
+    def view(self, location: BlobLocation, digest: str) -> memoryview:
+        """Zero-copy view of a blob's bytes.
+
+        Raises:
+            CorruptionError: the pack is missing or shorter than the index says.
+        """
+        data = self._maps.get(location.pack)
+        if data is None:
+            data = self._maps[location.pack] = self._open(location.pack)
+        end = location.offset + location.nbytes
+        if end > len(data):
+            raise CorruptionError(
+                f"blob {digest[:12]} lies past the end of {pack_name(location.pack)} "
+                "(the pack file is truncated)"
+            )
+        return memoryview(data)[location.offset : end]
+
+    def _open(self, pack_id: int) -> mmap.mmap | bytes:
+        path = self.directory / pack_name(pack_id)
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return b""
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise CorruptionError(f"pack file {path} is missing") from None
+
+    def forget(self, pack_id: int) -> None:
+        """Drop a cached map (after gc removed or rewrote the pack)."""
+        data = self._maps.pop(pack_id, None)
+        if isinstance(data, mmap.mmap):
+            _close_quietly(data)
+
+    def close(self) -> None:
+        for pack_id in list(self._maps):
+            self.forget(pack_id)
+
+
+def _close_quietly(data: mmap.mmap) -> None:
+    # BufferError: a view still exports this map; it is unmapped when that view dies.
+    with contextlib.suppress(BufferError):
+        data.close()

@@ -1,0 +1,1044 @@
+"""The versioned, crash-safe store: LMDB for state, safetensors for model weights.
+
+Typical use::
+
+    from engram.store import Store
+
+    with Store.open("runs/demo", mode="c") as store:          # create or open, take the lock
+        v = store.commit({"ewc": {"fisher": fisher}}, model=net, meta={"experience": 0})
+    with Store.open("runs/demo") as store:                    # read-only, no lock
+        snap = store.load()                                   # HEAD; or "v0003", 3, a tag
+        net.load_state_dict(snap.model)
+
+The on-disk format and the commit protocol are specified in :mod:`engram.store.format`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lmdb
+import numpy as np
+import torch
+
+from engram import __version__
+from engram.errors import (
+    CommitError,
+    CorruptionError,
+    EncodingError,
+    EngramError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    StoreFormatError,
+    StoreNotFoundError,
+    VersionNotFoundError,
+)
+from engram.store import format as fmt
+from engram.store.checkpoint import (
+    CheckpointInfo,
+    check_file,
+    fsync_dir,
+    prepare_weights,
+    read_checkpoint,
+    weights_digest,
+    write_checkpoint,
+)
+from engram.store.codec import (
+    ArrayRecord,
+    array_from_bytes,
+    checksum,
+    decode_tree,
+    encode_tree,
+    iter_array_records,
+)
+from engram.store.lock import WriterLock
+from engram.store.packs import PACK_NAME, BlobLocation, PackReader, PackWriter
+
+Mode = Literal["r", "w", "c"]
+VersionSpec = int | str | None
+
+_INITIAL_MAP_SIZE = 1 << 30  # address space only: the file grows as pages are used
+_TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,127}")
+_VERSION_NAME = re.compile(r"v?(\d{1,18})")
+_HEAD_ANCESTOR = re.compile(r"HEAD~(\d{1,9})")
+_CHECKPOINT_NAME = re.compile(r"model-v\d+(-exp\d+)?\.safetensors")
+_CHECKPOINT_LEFTOVER = re.compile(r"model-v\d+(-exp\d+)?\.safetensors|\.model-v\d+.*\.tmp-\d+")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """Summary of one committed version."""
+
+    id: int
+    parent: int | None
+    created_at: str
+    message: str
+    meta: dict[str, Any]
+    nbytes: int  # logical bytes of the state and the checkpoint
+    new_bytes: int  # bytes this commit actually wrote (new blobs + checkpoint)
+    checkpoint: str | None
+    tags: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return version_name(self.id)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A loaded version: its summary, the committed state, and the model weights."""
+
+    version: VersionInfo
+    state: dict[str, Any]
+    model: dict[str, torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One integrity problem found by :meth:`Store.verify`."""
+
+    version: int | None
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        at = version_name(self.version) if self.version is not None else "store"
+        return f"{at} {self.where}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    """Result of :meth:`Store.verify`; truthy when nothing is wrong."""
+
+    versions: list[int] = field(default_factory=list)
+    blobs: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What :meth:`Store.gc` removed."""
+
+    versions: tuple[int, ...]
+    blobs: int
+    blob_bytes: int
+    files: tuple[str, ...]
+
+
+def version_name(version_id: int) -> str:
+    return f"v{version_id:04d}"
+
+
+def _vkey(version_id: int) -> bytes:
+    return version_id.to_bytes(8, "big")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Store:
+    """A versioned store of continual-learning state and model checkpoints.
+
+    Open it with :meth:`Store.open`. One process may hold it for writing (``mode="w"``
+    or ``"c"``); any number may read it (``mode="r"``), also while a writer commits.
+    A ``Store`` is not thread-safe and must not be used across ``fork()``.
+    """
+
+    def __init__(self, path: Path, mode: Mode, lock: WriterLock | None, map_size: int) -> None:
+        self.path = path
+        self.mode = mode
+        self._lock = lock
+        self._pid = os.getpid()
+        self._env: lmdb.Environment | None = None
+        self._map_size = map_size
+        self._packs = PackReader(path / fmt.BLOB_DIR)
+        self._open_env()
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        mode: Mode = "r",
+        *,
+        lock_timeout: float = 0.0,
+        map_size: int = _INITIAL_MAP_SIZE,
+    ) -> Store:
+        """Open a store.
+
+        Args:
+            path: the store directory.
+            mode: ``"r"`` read-only (no lock), ``"w"`` read-write (the store must exist),
+                ``"c"`` read-write, creating the store if the path is missing or empty.
+            lock_timeout: seconds to wait for another writer to finish.
+            map_size: initial LMDB map size; it grows by itself as needed.
+
+        Raises:
+            StoreNotFoundError, NotAStoreError, StoreLockedError, StoreFormatError.
+        """
+        if mode not in ("r", "w", "c"):
+            raise ValueError(f"mode must be 'r', 'w' or 'c', not {mode!r}")
+        root = Path(path).expanduser()
+        lmdb_dir = root / fmt.LMDB_DIR
+        if root.exists() and not root.is_dir():
+            raise NotAStoreError(f"{root} is a file, not an engram store directory")
+        if not lmdb_dir.is_dir():
+            if mode != "c":
+                if not root.exists():
+                    raise StoreNotFoundError(
+                        f"no store at {root}; open it with mode='c' to create one"
+                    )
+                raise NotAStoreError(f"{root} is not an engram store (it has no {fmt.LMDB_DIR}/)")
+            if root.exists() and any(root.iterdir()):
+                raise NotAStoreError(
+                    f"{root} exists, is not empty and is not an engram store; "
+                    "choose a new or empty directory"
+                )
+            root.mkdir(parents=True, exist_ok=True)
+            lmdb_dir.mkdir(exist_ok=True)
+            (root / fmt.CHECKPOINT_DIR).mkdir(exist_ok=True)
+            (root / fmt.BLOB_DIR).mkdir(exist_ok=True)
+        lock = None
+        if mode != "r":
+            lock = WriterLock(root / fmt.LOCK_FILE)
+            lock.acquire(lock_timeout)
+        try:
+            return cls(root, mode, lock, map_size)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    def _open_env(self) -> None:
+        writable = self.mode != "r"
+        try:
+            self._env = lmdb.open(
+                str(self.path / fmt.LMDB_DIR),
+                subdir=True,
+                readonly=not writable,
+                create=writable,
+                map_size=self._map_size,
+                max_dbs=8,
+                meminit=False,
+                max_readers=1024,
+            )
+        except lmdb.Error as e:
+            raise NotAStoreError(f"{self.path} is not a readable engram store: {e}") from e
+        try:
+            if writable:
+                self._env.reader_check()  # clear reader slots of dead processes
+                with self._env.begin(write=True) as txn:
+                    self._dbs = {
+                        n: self._env.open_db(n, txn=txn, create=True)
+                        for n in (fmt.DB_META, fmt.DB_BLOBS, fmt.DB_VERSIONS, fmt.DB_REFS)
+                    }
+                    if txn.get(b"format_version", db=self._dbs[fmt.DB_META]) is None:
+                        self._init_meta(txn)
+            else:
+                # py-lmdb opens (and commits) its own read transaction here; a handle
+                # opened inside ours would die with it.
+                self._dbs = {
+                    n: self._env.open_db(n, create=False)
+                    for n in (fmt.DB_META, fmt.DB_BLOBS, fmt.DB_VERSIONS, fmt.DB_REFS)
+                }
+            with self._read() as txn:
+                self._check_meta(txn)
+        except lmdb.Error as e:
+            self._env.close()
+            raise NotAStoreError(f"{self.path} is not a valid engram store: {e}") from e
+        except BaseException:
+            self._env.close()
+            raise
+
+    def _init_meta(self, txn: lmdb.Transaction) -> None:
+        db = self._dbs[fmt.DB_META]
+        txn.put(b"format_version", str(fmt.FORMAT_VERSION).encode(), db=db)
+        txn.put(b"store_id", uuid.uuid4().hex.encode(), db=db)
+        txn.put(b"created_at", _now().encode(), db=db)
+        txn.put(b"next_version", b"1", db=db)
+        txn.put(b"next_pack", b"1", db=db)
+
+    def _check_meta(self, txn: lmdb.Transaction) -> None:
+        db = self._dbs[fmt.DB_META]
+        raw = txn.get(b"format_version", db=db)
+        try:
+            version = int(bytes(raw).decode("ascii"))
+            self.store_id = bytes(txn.get(b"store_id", db=db)).decode("ascii")
+            int(bytes(txn.get(b"next_version", db=db)))
+            int(bytes(txn.get(b"next_pack", db=db)))
+        except (TypeError, ValueError, UnicodeDecodeError) as e:
+            raise StoreFormatError(f"{self.path} has malformed store metadata ({e})") from None
+        if version > fmt.FORMAT_VERSION:
+            raise StoreFormatError(
+                f"store {self.path} was written in format version {version}, newer than the "
+                f"{fmt.FORMAT_VERSION} this engram {__version__} reads; upgrade engram"
+            )
+
+    def close(self) -> None:
+        """Close the LMDB environment and release the writer lock."""
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+        self._packs.close()
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Releases the writer lock of a store that was never closed; not in a forked child.
+        with contextlib.suppress(Exception):
+            if self._pid == os.getpid():
+                self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, mode={self.mode!r})"
+
+    # ------------------------------------------------------------ transactions
+
+    def _check_usable(self) -> lmdb.Environment:
+        if self._env is None:
+            raise EngramError(f"store {self.path} is closed")
+        if os.getpid() != self._pid:
+            raise EngramError(
+                f"store {self.path} was opened in process {self._pid} and cannot be used after "
+                "fork(); open it again in the child process"
+            )
+        return self._env
+
+    @contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction]:
+        env = self._check_usable()
+        try:
+            txn = env.begin(buffers=True)
+        except lmdb.MapResizedError:  # another process grew the map: adopt its size
+            env.set_mapsize(0)
+            txn = env.begin(buffers=True)
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    def _write(self, work: Callable[[lmdb.Transaction], Any], reserve: int = 0) -> Any:
+        """Run ``work`` in one write transaction, growing the map until it fits.
+
+        ``work`` must be safe to re-run: it is retried from scratch after a MapFullError.
+        """
+        env = self._check_usable()
+        if self.mode == "r":
+            raise ReadOnlyStoreError(f"store {self.path} was opened read-only; use mode='w'")
+        self._ensure_room(env, reserve)
+        while True:
+            try:
+                with env.begin(write=True) as txn:
+                    return work(txn)
+            except lmdb.MapFullError:
+                self._grow(env, max(reserve, env.info()["map_size"]))
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)
+
+    def _ensure_room(self, env: lmdb.Environment, reserve: int) -> None:
+        info = env.info()
+        used = (info["last_pgno"] + 1) * env.stat()["psize"]
+        if used + reserve * 1.25 + (16 << 20) > info["map_size"]:
+            self._grow(env, reserve)
+
+    def _grow(self, env: lmdb.Environment, extra: int) -> None:
+        info = env.info()
+        used = (info["last_pgno"] + 1) * env.stat()["psize"]
+        target = max(2 * info["map_size"], used + int(extra * 1.5) + (64 << 20))
+        env.set_mapsize(-(-target // (1 << 20)) * (1 << 20))
+
+    # ------------------------------------------------------------------ refs
+
+    def _ref(self, txn: lmdb.Transaction, key: bytes) -> int | None:
+        raw = txn.get(key, db=self._dbs[fmt.DB_REFS])
+        if raw is None:
+            return None
+        try:
+            return int(bytes(raw).decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            raise CorruptionError(f"store {self.path}: ref {key.decode()!r} is malformed") from None
+
+    def _resolve(self, txn: lmdb.Transaction, spec: VersionSpec) -> int:
+        if spec is None or spec == "HEAD":
+            head = self._ref(txn, fmt.HEAD_REF)
+            if head is None:
+                raise VersionNotFoundError(f"store {self.path} has no versions yet")
+            return head
+        if isinstance(spec, bool) or not isinstance(spec, int | str):
+            raise TypeError(
+                f"a version is an int id, 'vNNNN', 'HEAD', 'HEAD~N' or a tag, not {spec!r}"
+            )
+        if isinstance(spec, int):
+            vid = spec
+        elif m := _VERSION_NAME.fullmatch(spec):
+            vid = int(m.group(1))
+        elif m := _HEAD_ANCESTOR.fullmatch(spec):
+            vid = self._resolve(txn, "HEAD")
+            for _ in range(int(m.group(1))):
+                parent = self._manifest(txn, vid).get("parent")
+                if parent is None:
+                    raise VersionNotFoundError(f"{spec}: {version_name(vid)} has no parent")
+                vid = parent
+        else:
+            tagged = self._ref(txn, fmt.TAG_PREFIX + spec.encode())
+            if tagged is None:
+                tags = ", ".join(sorted(self._tags(txn))) or "none"
+                raise VersionNotFoundError(
+                    f"no version or tag {spec!r} in store {self.path} (tags: {tags}); "
+                    "list versions with Store.versions() or `engram ls`"
+                )
+            vid = tagged
+        if txn.get(_vkey(vid), db=self._dbs[fmt.DB_VERSIONS]) is None:
+            raise VersionNotFoundError(f"version {version_name(vid)} is not in store {self.path}")
+        return vid
+
+    def _tags(self, txn: lmdb.Transaction) -> dict[str, int]:
+        tags = {}
+        with txn.cursor(db=self._dbs[fmt.DB_REFS]) as cur:
+            if cur.set_range(fmt.TAG_PREFIX):
+                for key, _ in cur:
+                    key = bytes(key)
+                    if not key.startswith(fmt.TAG_PREFIX):
+                        break
+                    tags[key[len(fmt.TAG_PREFIX) :].decode()] = self._ref(txn, key)
+        return tags
+
+    def _manifest(self, txn: lmdb.Transaction, vid: int) -> dict[str, Any]:
+        raw = txn.get(_vkey(vid), db=self._dbs[fmt.DB_VERSIONS])
+        if raw is None:
+            raise VersionNotFoundError(f"version {version_name(vid)} is not in store {self.path}")
+        try:
+            manifest = json.loads(bytes(raw))
+        except (ValueError, RecursionError) as e:
+            raise CorruptionError(
+                f"{version_name(vid)}: manifest is not valid JSON ({e})"
+            ) from None
+        _check_manifest(manifest, vid)
+        return manifest
+
+    # --------------------------------------------------------------- reading
+
+    @property
+    def head(self) -> VersionInfo | None:
+        """The current version, or None for an empty store."""
+        with self._read() as txn:
+            vid = self._ref(txn, fmt.HEAD_REF)
+            return None if vid is None else self._info(txn, vid, self._tags(txn))
+
+    def info(self, version: VersionSpec = "HEAD") -> VersionInfo:
+        """Summary of one version."""
+        with self._read() as txn:
+            return self._info(txn, self._resolve(txn, version), self._tags(txn))
+
+    def manifest(self, version: VersionSpec = "HEAD") -> dict[str, Any]:
+        """The raw manifest (JSON object) of a version."""
+        with self._read() as txn:
+            return self._manifest(txn, self._resolve(txn, version))
+
+    def versions(self) -> list[VersionInfo]:
+        """Every version in the store, oldest first."""
+        with self._read() as txn:
+            tags = self._tags(txn)
+            with txn.cursor(db=self._dbs[fmt.DB_VERSIONS]) as cur:
+                ids = [int.from_bytes(bytes(k), "big") for k in cur.iternext(values=False)]
+            return [self._info(txn, vid, tags) for vid in ids]
+
+    def tags(self) -> dict[str, int]:
+        """Tag name → version id."""
+        with self._read() as txn:
+            return self._tags(txn)
+
+    def _info(self, txn: lmdb.Transaction, vid: int, tags: dict[str, int]) -> VersionInfo:
+        m = self._manifest(txn, vid)
+        ckpt = m["checkpoint"]
+        return VersionInfo(
+            id=vid,
+            parent=m["parent"],
+            created_at=m["created_at"],
+            message=m["message"],
+            meta=m["meta"],
+            nbytes=m["nbytes"],
+            new_bytes=m["new_bytes"],
+            checkpoint=None if ckpt is None else ckpt["file"],
+            tags=tuple(sorted(name for name, t in tags.items() if t == vid)),
+        )
+
+    def checkpoint_path(self, version: VersionSpec = "HEAD") -> Path | None:
+        """Path of a version's safetensors checkpoint file (None if it has none)."""
+        ckpt = self.manifest(version)["checkpoint"]
+        return None if ckpt is None else self.path / fmt.CHECKPOINT_DIR / ckpt["file"]
+
+    def load(
+        self,
+        version: VersionSpec = "HEAD",
+        *,
+        state: bool = True,
+        model: bool = True,
+        verify: bool = False,
+    ) -> Snapshot:
+        """Load a version's state and model weights.
+
+        Every chunk and the checkpoint file are checked against their XXH3 checksum;
+        ``verify=True`` also re-checks their SHA-256 content hashes.
+
+        Args:
+            version: an int id, ``"v0007"``, ``"HEAD"``, ``"HEAD~1"`` or a tag.
+            state: load the committed state mapping.
+            model: load the model weights from the checkpoint file.
+            verify: also re-check SHA-256 digests (slower).
+
+        Raises:
+            VersionNotFoundError: no such version.
+            CorruptionError: stored bytes do not match their hashes (names version and key).
+        """
+        with self._read() as txn:
+            vid = self._resolve(txn, version)
+            manifest = self._manifest(txn, vid)
+            info = self._info(txn, vid, self._tags(txn))
+            loaded_state: dict[str, Any] = {}
+            if state:
+                _check_memory(sum(r.nbytes for r in iter_array_records(manifest["state"])), vid)
+                loaded_state = decode_tree(
+                    manifest["state"],
+                    lambda record, path: self._read_array(txn, record, vid, path, verify),
+                )
+        weights = None
+        if model and manifest["checkpoint"] is not None:
+            ckpt = CheckpointInfo(**manifest["checkpoint"])
+            weights = read_checkpoint(
+                self.path / fmt.CHECKPOINT_DIR / ckpt.file,
+                ckpt,
+                verify=verify,
+                what=f"{self.path} {version_name(vid)}",
+            )
+        return Snapshot(info, loaded_state, weights)
+
+    def _blob(self, txn: lmdb.Transaction, digest: str) -> memoryview | None:
+        """Zero-copy view of a blob's bytes, or None if the index has no such blob."""
+        raw = txn.get(bytes.fromhex(digest), db=self._dbs[fmt.DB_BLOBS])
+        if raw is None:
+            return None
+        return self._packs.view(BlobLocation.decode(raw, digest), digest)
+
+    def _read_array(
+        self, txn: lmdb.Transaction, record: ArrayRecord, vid: int, path: str, verify: bool
+    ) -> torch.Tensor | np.ndarray:
+        views = []
+        for digest, size, check in record.chunks:
+            try:
+                view = self._blob(txn, digest)
+                problem = _chunk_problem(view, digest, size, check, verify)
+            except CorruptionError as e:
+                problem = str(e)
+            if problem:
+                raise CorruptionError(
+                    f"store {self.path} {version_name(vid)}: tensor {path!r} is corrupted "
+                    f"({problem}); run verify and roll back to a good version"
+                )
+            views.append(view)
+        raw = torch.empty(record.nbytes, dtype=torch.uint8)
+        dest = raw.numpy()
+        offset = 0
+        for view in views:
+            dest[offset : offset + len(view)] = np.frombuffer(view, dtype=np.uint8)
+            offset += len(view)
+        return array_from_bytes(record, raw)
+
+    # --------------------------------------------------------------- writing
+
+    def commit(
+        self,
+        state: Mapping[str, Any] | None = None,
+        model: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
+        *,
+        message: str = "",
+        meta: Mapping[str, Any] | None = None,
+    ) -> VersionInfo:
+        """Commit a new version and move HEAD to it, all or nothing.
+
+        Args:
+            state: nested mapping of tensors, numpy arrays and JSON scalars (a plugin's
+                ``state_dict()``, an optimizer's, RNG states, counters...).
+            model: the model (its ``state_dict()`` is saved) or a mapping of its weights,
+                written as a plain safetensors checkpoint file.
+            message: a human-readable description of the version.
+            meta: JSON-able metadata (clock, config, metrics summary). An int
+                ``meta["experience"]`` names the checkpoint file and, with
+                ``meta["strategy"]``, is copied into the file's safetensors metadata.
+
+        Returns:
+            The new version's summary (its ``id`` is the new version id).
+
+        Raises:
+            EncodingError: the state holds a value that cannot be stored.
+            CommitError: an I/O error (e.g. disk full); HEAD still names the previous version.
+        """
+        self._check_usable()
+        if self.mode == "r":
+            raise ReadOnlyStoreError(f"store {self.path} was opened read-only; use mode='w'")
+        if state is not None and not isinstance(state, Mapping):
+            raise EncodingError(f"state must be a mapping, not {type(state).__qualname__}")
+        meta = dict(meta or {})
+        try:
+            json.dumps(meta, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise EncodingError(f"meta must be JSON-serializable: {e}") from None
+        tree, pending = encode_tree(dict(state or {}))
+        weights = None
+        if model is not None:
+            weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+            weights = prepare_weights(weights)
+        try:
+            return self._commit(tree, pending, weights, message, meta)
+        except (OSError, lmdb.Error) as e:
+            head = self._reopen_after_failure()
+            raise CommitError(
+                f"commit to {self.path} failed: {e}. HEAD is still "
+                f"{version_name(head) if head is not None else '(empty)'}; "
+                "free disk space or fix the error, then commit again"
+            ) from e
+
+    def _commit(self, tree, pending, weights, message, meta) -> VersionInfo:
+        # (1) content-address every chunk (hashing releases the GIL: use every core),
+        #     then append the chunks the store lacks to a new pack file.
+        pieces = [
+            (p, p.raw[off : off + fmt.CHUNK_BYTES])
+            for p in pending
+            for off in range(0, len(p.raw), fmt.CHUNK_BYTES)
+        ]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            hashes = list(pool.map(lambda piece: _hash_chunk(piece[1]), pieces))
+        for p in pending:
+            p.record["chunks"] = []
+        for (p, view), (digest, check) in zip(pieces, hashes, strict=True):
+            p.record["chunks"].append([digest.hex(), len(view), check])
+
+        meta_db = self._dbs[fmt.DB_META]
+        with self._read() as txn:
+            vid = int(bytes(txn.get(b"next_version", db=meta_db)))
+            pack_id = int(bytes(txn.get(b"next_pack", db=meta_db)))
+            parent = self._ref(txn, fmt.HEAD_REF)
+            blobs = self._dbs[fmt.DB_BLOBS]
+            new: dict[bytes, tuple[memoryview, int]] = {}
+            for (_, view), (digest, check) in zip(pieces, hashes, strict=True):
+                if digest not in new and txn.get(digest, db=blobs) is None:
+                    new[digest] = (view, check)
+        index: list[tuple[bytes, bytes]] = []
+        new_bytes = 0
+        if new:
+            writer = PackWriter(self.path / fmt.BLOB_DIR, pack_id)
+            try:
+                for digest, (view, check) in new.items():
+                    index.append((digest, writer.append(view, check).encode()))
+                    new_bytes += len(view)
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+
+        # (2) the checkpoint file, durably, under its final name.
+        created_at = _now()
+        ckpt = None
+        wrote_checkpoint = False
+        if weights is not None:
+            digest = weights_digest(weights)
+            ckpt = self._parent_checkpoint_if_same(parent, digest)
+            if ckpt is None:
+                file = f"model-{version_name(vid)}"
+                if _is_count(meta.get("experience")):
+                    file += f"-exp{meta['experience']}"
+                ckpt = write_checkpoint(
+                    self.path / fmt.CHECKPOINT_DIR,
+                    file + ".safetensors",
+                    weights,
+                    self._checkpoint_metadata(vid, parent, created_at, meta),
+                    digest,
+                )
+                new_bytes += ckpt.nbytes
+                wrote_checkpoint = True
+        if new:
+            fsync_dir(self.path / fmt.BLOB_DIR)
+        if wrote_checkpoint:
+            fsync_dir(self.path / fmt.CHECKPOINT_DIR)
+        state_bytes = sum(len(p.raw) for p in pending)
+        manifest = {
+            "format_version": fmt.FORMAT_VERSION,
+            "engram_version": __version__,
+            "store_id": self.store_id,
+            "id": vid,
+            "parent": parent,
+            "created_at": created_at,
+            "message": message,
+            "meta": meta,
+            "state": tree,
+            "checkpoint": None if ckpt is None else ckpt.to_json(),
+            "nbytes": state_bytes + (ckpt.nbytes if ckpt else 0),
+            "new_bytes": new_bytes,
+        }
+        payload = json.dumps(manifest, separators=(",", ":")).encode()
+
+        # (3) one transaction makes the version visible: index, manifest, HEAD, counters.
+        def publish(txn: lmdb.Transaction) -> None:
+            for digest, entry in index:
+                txn.put(digest, entry, db=self._dbs[fmt.DB_BLOBS])
+            txn.put(_vkey(vid), payload, db=self._dbs[fmt.DB_VERSIONS])
+            txn.put(fmt.HEAD_REF, str(vid).encode(), db=self._dbs[fmt.DB_REFS])
+            txn.put(b"next_version", str(vid + 1).encode(), db=meta_db)
+            if index:
+                txn.put(b"next_pack", str(pack_id + 1).encode(), db=meta_db)
+
+        self._write(publish, reserve=len(payload) + 64 * len(index))
+        return self.info(vid)
+
+    def _parent_checkpoint_if_same(self, parent: int | None, digest: str) -> CheckpointInfo | None:
+        """The parent's checkpoint if it holds exactly these weights (and is still there)."""
+        if parent is None:
+            return None
+        with self._read() as txn:
+            ckpt = self._manifest(txn, parent)["checkpoint"]
+        if ckpt is None or ckpt["weights"] != digest:
+            return None
+        path = self.path / fmt.CHECKPOINT_DIR / ckpt["file"]
+        if not path.is_file() or path.stat().st_size != ckpt["nbytes"]:
+            return None
+        return CheckpointInfo(**ckpt)
+
+    def _checkpoint_metadata(self, vid: int, parent: int | None, created_at: str, meta: dict):
+        out = {
+            "format": "engram",
+            "engram_version": __version__,
+            "store_id": self.store_id,
+            "version": version_name(vid),
+            "parent": "" if parent is None else version_name(parent),
+            "created_at": created_at,
+        }
+        for key in ("experience", "strategy"):
+            if key in meta and isinstance(meta[key], int | str) and not isinstance(meta[key], bool):
+                out[key] = str(meta[key])
+        return out
+
+    def _reopen_after_failure(self) -> int | None:
+        """After a failed write, LMDB's environment may be unusable: reopen it."""
+        try:
+            if self._env is not None:
+                self._env.close()
+            self._open_env()
+            with self._read() as txn:
+                return self._ref(txn, fmt.HEAD_REF)
+        except EngramError:
+            return None
+
+    def tag(self, name: str, version: VersionSpec = "HEAD") -> VersionInfo:
+        """Point tag ``name`` at a version (moving it if it exists)."""
+        if (
+            not isinstance(name, str)
+            or not _TAG_NAME.fullmatch(name)
+            or name == "HEAD"
+            or (_VERSION_NAME.fullmatch(name))
+        ):
+            raise ValueError(
+                f"invalid tag name {name!r}: use letters, digits, '.', '_' or '-', starting with "
+                "a letter or '_', not 'HEAD' and not a version name like 'v0003'"
+            )
+        with self._read() as txn:
+            vid = self._resolve(txn, version)
+        self._write(
+            lambda txn: txn.put(
+                fmt.TAG_PREFIX + name.encode(), str(vid).encode(), db=self._dbs[fmt.DB_REFS]
+            )
+        )
+        return self.info(vid)
+
+    def untag(self, name: str) -> None:
+        """Remove a tag (the version stays)."""
+        if not self._write(
+            lambda txn: txn.delete(fmt.TAG_PREFIX + name.encode(), db=self._dbs[fmt.DB_REFS])
+        ):
+            raise VersionNotFoundError(f"no tag {name!r} in store {self.path}")
+
+    def rollback(self, version: VersionSpec) -> VersionInfo:
+        """Move HEAD to an older (or any) version; later versions stay until ``gc``.
+
+        The next commit's parent is that version, so history becomes a tree.
+        """
+        with self._read() as txn:
+            vid = self._resolve(txn, version)
+        self._write(lambda txn: txn.put(fmt.HEAD_REF, str(vid).encode(), db=self._dbs[fmt.DB_REFS]))
+        return self.info(vid)
+
+    # -------------------------------------------------------------- integrity
+
+    def verify(self, version: VersionSpec = "HEAD", *, all: bool = False) -> VerifyReport:
+        """Re-hash what a version (or, with ``all=True``, the whole store) references.
+
+        Checks every manifest's structure, every referenced chunk's presence, size,
+        SHA-256 and XXH3, and every checkpoint file's size and hashes. With
+        ``all=True`` it also re-hashes every indexed blob, referenced or not.
+        Never raises for corruption: it is reported in :attr:`VerifyReport.problems`.
+        """
+        report = VerifyReport()
+        checked: set[str] = set()
+        with self._read() as txn:
+            ids = self._version_ids(txn) if all else [self._resolve(txn, version)]
+            for vid in ids:
+                report.versions.append(vid)
+                self._verify_version(txn, vid, report, checked)
+            if all:
+                self._verify_index(txn, report, checked)
+        return report
+
+    def _version_ids(self, txn: lmdb.Transaction) -> list[int]:
+        with txn.cursor(db=self._dbs[fmt.DB_VERSIONS]) as cur:
+            return [int.from_bytes(bytes(k), "big") for k in cur.iternext(values=False)]
+
+    def _verify_version(
+        self, txn: lmdb.Transaction, vid: int, report: VerifyReport, checked: set[str]
+    ) -> None:
+        try:
+            manifest = self._manifest(txn, vid)
+            records: list[tuple[str, ArrayRecord]] = []
+            decode_tree(manifest["state"], lambda r, path: records.append((path, r)))
+        except CorruptionError as e:
+            report.problems.append(Problem(vid, "manifest", str(e)))
+            return
+        for path, record in records:
+            for digest, size, check in record.chunks:
+                if digest in checked:
+                    continue
+                try:
+                    problem = _chunk_problem(self._blob(txn, digest), digest, size, check, True)
+                except CorruptionError as e:
+                    problem = str(e)
+                if problem:
+                    report.problems.append(Problem(vid, path, problem))
+                else:
+                    checked.add(digest)
+                    report.blobs += 1
+                    report.bytes += size
+        if manifest["checkpoint"] is not None:
+            ckpt = CheckpointInfo(**manifest["checkpoint"])
+            try:
+                check_file(self.path / fmt.CHECKPOINT_DIR / ckpt.file, ckpt, what=version_name(vid))
+                report.bytes += ckpt.nbytes
+            except CorruptionError as e:
+                report.problems.append(Problem(vid, ckpt.file, str(e)))
+
+    def _verify_index(self, txn: lmdb.Transaction, report: VerifyReport, checked: set[str]):
+        with txn.cursor(db=self._dbs[fmt.DB_BLOBS]) as cur:
+            for key, entry in cur:
+                digest = bytes(key).hex()
+                if digest in checked:
+                    continue
+                try:
+                    location = BlobLocation.decode(entry, digest)
+                    view = self._packs.view(location, digest)
+                    problem = _chunk_problem(view, digest, location.nbytes, location.xxh3, True)
+                except CorruptionError as e:
+                    problem = str(e)
+                if problem:
+                    report.problems.append(Problem(None, f"blob {digest[:12]}", problem))
+                else:
+                    report.blobs += 1
+                    report.bytes += location.nbytes
+
+    def gc(self, *, keep_last: int | None = None) -> GcReport:
+        """Delete unreachable data; with ``keep_last``, also old versions.
+
+        Never deletes HEAD, a tagged version, or anything a kept version references.
+        Collects packs and checkpoint files left by interrupted commits, and rewrites
+        packs that are mostly garbage so their space is returned to the file system.
+
+        Args:
+            keep_last: keep only the ``keep_last`` newest versions (plus HEAD and tagged
+                ones). ``None`` keeps every version.
+
+        Raises:
+            CorruptionError: a kept manifest is unreadable (gc deletes nothing then).
+        """
+        if keep_last is not None and keep_last < 0:
+            raise ValueError("keep_last must be >= 0")
+        blob_dir = self.path / fmt.BLOB_DIR
+        with self._read() as txn:
+            ids = self._version_ids(txn)
+            pinned = set(self._tags(txn).values())
+            head = self._ref(txn, fmt.HEAD_REF)
+            if head is not None:
+                pinned.add(head)
+            kept = set(ids) if keep_last is None else pinned | set(ids[len(ids) - keep_last :])
+            live: set[bytes] = set()
+            live_files: set[str] = set()
+            for vid in kept:
+                manifest = self._manifest(txn, vid)
+                for record in iter_array_records(manifest["state"]):
+                    live.update(bytes.fromhex(c[0]) for c in record.chunks)
+                if manifest["checkpoint"] is not None:
+                    live_files.add(manifest["checkpoint"]["file"])
+            dead: list[tuple[bytes, BlobLocation]] = []
+            live_by_pack: dict[int, list[tuple[bytes, BlobLocation]]] = {}
+            with txn.cursor(db=self._dbs[fmt.DB_BLOBS]) as cur:
+                for key, entry in cur:
+                    key = bytes(key)
+                    location = BlobLocation.decode(entry, key.hex())
+                    if key in live:
+                        live_by_pack.setdefault(location.pack, []).append((key, location))
+                    else:
+                        dead.append((key, location))
+            next_pack = int(bytes(txn.get(b"next_pack", db=self._dbs[fmt.DB_META])))
+        dropped = tuple(sorted(set(ids) - kept))
+        # A pack that is at least half garbage is rewritten with only its live blobs.
+        repack = {
+            pack: entries
+            for pack, entries in live_by_pack.items()
+            if any(loc.pack == pack for _, loc in dead)
+            and 2 * sum(loc.nbytes for _, loc in entries)
+            <= sum(loc.nbytes for _, loc in dead if loc.pack == pack)
+            + sum(loc.nbytes for _, loc in entries)
+        }
+        moved: list[tuple[bytes, bytes]] = []
+        if repack:
+            writer = PackWriter(blob_dir, next_pack)
+            try:
+                for entries in repack.values():
+                    for key, location in entries:
+                        view = self._packs.view(location, key.hex())
+                        moved.append((key, writer.append(view, location.xxh3).encode()))
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            fsync_dir(blob_dir)
+
+        def sweep(txn: lmdb.Transaction) -> None:
+            for vid in dropped:
+                txn.delete(_vkey(vid), db=self._dbs[fmt.DB_VERSIONS])
+            for key, _ in dead:
+                txn.delete(key, db=self._dbs[fmt.DB_BLOBS])
+            for key, entry in moved:
+                txn.put(key, entry, db=self._dbs[fmt.DB_BLOBS])
+            if repack:
+                txn.put(b"next_pack", str(next_pack + 1).encode(), db=self._dbs[fmt.DB_META])
+
+        self._write(sweep, reserve=64 * len(moved))
+        # Only now, with the index committed, may files go: first packs nothing references.
+        referenced = (set(live_by_pack) - set(repack)) | ({next_pack} if repack else set())
+        removed = []
+        for file in sorted(os.listdir(blob_dir)):
+            m = PACK_NAME.fullmatch(file)
+            if m and int(m.group(1)) not in referenced:
+                self._packs.forget(int(m.group(1)))
+                (blob_dir / file).unlink(missing_ok=True)
+                removed.append(f"{fmt.BLOB_DIR}/{file}")
+        for file in sorted(os.listdir(self.path / fmt.CHECKPOINT_DIR)):
+            if _CHECKPOINT_LEFTOVER.fullmatch(file) and file not in live_files:
+                (self.path / fmt.CHECKPOINT_DIR / file).unlink(missing_ok=True)
+                removed.append(f"{fmt.CHECKPOINT_DIR}/{file}")
+        return GcReport(dropped, len(dead), sum(loc.nbytes for _, loc in dead), tuple(removed))
+
+
+def _hash_chunk(view: np.ndarray) -> tuple[bytes, int]:
+    return hashlib.sha256(view).digest(), checksum(view)
+
+
+def _chunk_problem(view: Any, digest: str, size: int, check: int, verify: bool) -> str | None:
+    if view is None:
+        return f"chunk {digest[:12]} is missing"
+    if len(view) != size:
+        return f"chunk {digest[:12]} has {len(view)} bytes, expected {size}"
+    if checksum(view) != check:
+        return f"chunk {digest[:12]} fails its checksum"
+    if verify and hashlib.sha256(view).hexdigest() != digest:
+        return f"chunk {digest[:12]} fails its SHA-256 content hash"
+    return None
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_manifest(m: Any, vid: int) -> None:
+    def bad(why: str) -> CorruptionError:
+        return CorruptionError(f"{version_name(vid)}: malformed manifest: {why}")
+
+    if not isinstance(m, dict):
+        raise bad("not a JSON object")
+    fv = m.get("format_version")
+    if not isinstance(fv, int) or isinstance(fv, bool):
+        raise bad("format_version missing")
+    if fv > fmt.FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{version_name(vid)} was written in format version {fv}; upgrade engram to read it"
+        )
+    if m.get("id") != vid:
+        raise bad(f"id {m.get('id')!r} does not match its key")
+    parent = m.get("parent")
+    if parent is not None and not _is_count(parent):
+        raise bad("parent must be a version id or null")
+    for key, typ in (("created_at", str), ("message", str), ("meta", dict)):
+        if not isinstance(m.get(key), typ):
+            raise bad(f"{key} must be a {typ.__name__}")
+    for key in ("nbytes", "new_bytes"):
+        if not _is_count(m.get(key)):
+            raise bad(f"{key} must be a non-negative integer")
+    if "state" not in m:
+        raise bad("state missing")
+    ckpt = m.get("checkpoint")
+    if ckpt is not None:
+        if not (
+            isinstance(ckpt, dict) and set(ckpt) == {"file", "sha256", "nbytes", "xxh3", "weights"}
+        ):
+            raise bad("checkpoint must hold file, sha256, nbytes, xxh3, weights")
+        if not (
+            isinstance(ckpt["weights"], str) and re.fullmatch(r"[0-9a-f]{32}", ckpt["weights"])
+        ):
+            raise bad("checkpoint weights digest is malformed")
+        if not (isinstance(ckpt["file"], str) and _CHECKPOINT_NAME.fullmatch(ckpt["file"])):
+            raise bad("checkpoint file name is not a checkpoint name")  # no path traversal
+        if not (isinstance(ckpt["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", ckpt["sha256"])):
+            raise bad("checkpoint sha256 is malformed")
+        if not (_is_count(ckpt["nbytes"]) and _is_count(ckpt["xxh3"]) and ckpt["xxh3"] < 2**64):
+            raise bad("checkpoint nbytes/xxh3 malformed")
+
+
+def _check_memory(nbytes: int, vid: int) -> None:
+    """Refuse a load that could not fit in memory instead of letting the OS kill us."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(
+                int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")
+            )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return
+    if nbytes > available:
+        raise EngramError(
+            f"{version_name(vid)} holds {nbytes / 2**30:.1f} GiB of state, more than the "
+            f"{available / 2**30:.1f} GiB of memory available; load it with state=False or on "
+            "a larger machine"
+        )
