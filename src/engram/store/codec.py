@@ -87,8 +87,9 @@ def tensor_bytes(tensor: torch.Tensor, where: str = "") -> tuple[str, list[int],
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    t = t.contiguous()
-    raw = t.reshape(-1).view(torch.uint8).numpy()
+    if t.numel() == 0:  # may carry stride 0, which view() rejects
+        return name, list(tensor.shape), np.empty(0, dtype=np.uint8)
+    raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
     return name, list(tensor.shape), raw
 
 

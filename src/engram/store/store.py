@@ -826,7 +826,7 @@ class Store:
             manifest = self._manifest(txn, vid)
             records: list[tuple[str, ArrayRecord]] = []
             decode_tree(manifest["state"], lambda r, path: records.append((path, r)))
-        except CorruptionError as e:
+        except (CorruptionError, StoreFormatError) as e:
             report.problems.append(Problem(vid, "manifest", str(e)))
             return
         for path, record in records:
