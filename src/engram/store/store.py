@@ -70,6 +70,7 @@ Mode = Literal["r", "w", "c"]
 VersionSpec = int | str | None
 
 _INITIAL_MAP_SIZE = 1 << 30  # address space only: the file grows as pages are used
+_MAX_GROWTHS = 24  # each at least doubles the map: 2**24 GiB is more than any disk
 _TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,127}")
 _VERSION_NAME = re.compile(r"v?(\d{1,18})")
 _HEAD_ANCESTOR = re.compile(r"HEAD~(\d{1,9})")
@@ -218,12 +219,12 @@ class Store:
                 )
             root.mkdir(parents=True, exist_ok=True)
             lmdb_dir.mkdir(exist_ok=True)
-            (root / fmt.CHECKPOINT_DIR).mkdir(exist_ok=True)
-            (root / fmt.BLOB_DIR).mkdir(exist_ok=True)
         lock = None
         if mode != "r":
             lock = WriterLock(root / fmt.LOCK_FILE)
             lock.acquire(lock_timeout)
+            for sub in (fmt.CHECKPOINT_DIR, fmt.BLOB_DIR):  # a creation cut short lacks them
+                (root / sub).mkdir(exist_ok=True)
         try:
             return cls(root, mode, lock, map_size)
         except BaseException:
@@ -354,7 +355,7 @@ class Store:
         if self.mode == "r":
             raise ReadOnlyStoreError(f"store {self.path} was opened read-only; use mode='w'")
         self._ensure_room(env, reserve)
-        while True:
+        for _ in range(_MAX_GROWTHS):
             try:
                 with env.begin(write=True) as txn:
                     return work(txn)
@@ -362,6 +363,7 @@ class Store:
                 self._grow(env, max(reserve, env.info()["map_size"]))
             except lmdb.MapResizedError:
                 env.set_mapsize(0)
+        raise OSError(f"LMDB map of {self.path} still full after {_MAX_GROWTHS} growths")
 
     def _ensure_room(self, env: lmdb.Environment, reserve: int) -> None:
         info = env.info()
@@ -519,6 +521,15 @@ class Store:
             VersionNotFoundError: no such version.
             CorruptionError: stored bytes do not match their hashes (names version and key).
         """
+        try:
+            return self._load(version, state, model, verify)
+        except CorruptionError:
+            # A concurrent gc may have moved or dropped packs after our snapshot of the
+            # index was taken: a second try sees the new index (or no such version).
+            # Real corruption fails the same way twice.
+            return self._load(version, state, model, verify)
+
+    def _load(self, version: VersionSpec, state: bool, model: bool, verify: bool) -> Snapshot:
         with self._read() as txn:
             vid = self._resolve(txn, version)
             manifest = self._manifest(txn, vid)
@@ -843,11 +854,12 @@ class Store:
                     checked.add(digest)
                     report.blobs += 1
                     report.bytes += size
-        if manifest["checkpoint"] is not None:
+        if manifest["checkpoint"] is not None and manifest["checkpoint"]["file"] not in checked:
             ckpt = CheckpointInfo(**manifest["checkpoint"])
             try:
                 check_file(self.path / fmt.CHECKPOINT_DIR / ckpt.file, ckpt, what=version_name(vid))
                 report.bytes += ckpt.nbytes
+                checked.add(ckpt.file)  # shared by versions whose weights did not change
             except CorruptionError as e:
                 report.problems.append(Problem(vid, ckpt.file, str(e)))
 
