@@ -95,7 +95,10 @@ def write_checkpoint(
     tmp = directory / f".{file}.tmp-{os.getpid()}"
     try:
         # save_file streams tensor by tensor; save() would build the whole file in memory.
-        st_save_file(weights, tmp, metadata=metadata)
+        try:
+            st_save_file(weights, tmp, metadata=metadata)
+        except SafetensorError as e:  # how safetensors reports I/O errors (disk full, EFBIG)
+            raise OSError(f"cannot write checkpoint {tmp.name}: {e}") from e
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
             nbytes = os.fstat(f.fileno()).st_size

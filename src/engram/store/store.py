@@ -70,6 +70,7 @@ Mode = Literal["r", "w", "c"]
 VersionSpec = int | str | None
 
 _INITIAL_MAP_SIZE = 1 << 30  # address space only: the file grows as pages are used
+_LOAD_TRIES = 4
 _MAX_GROWTHS = 24  # each at least doubles the map: 2**24 GiB is more than any disk
 _TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,127}")
 _VERSION_NAME = re.compile(r"v?(\d{1,18})")
@@ -212,7 +213,10 @@ class Store:
                         f"no store at {root}; open it with mode='c' to create one"
                     )
                 raise NotAStoreError(f"{root} is not an engram store (it has no {fmt.LMDB_DIR}/)")
-            if root.exists() and any(root.iterdir()):
+            ours = {fmt.LMDB_DIR, fmt.BLOB_DIR, fmt.CHECKPOINT_DIR, fmt.LOCK_FILE}
+            # Names of ours may be there: a creation cut short, or one racing with us
+            # (the writer lock below then decides who proceeds).
+            if root.exists() and any(p.name not in ours for p in root.iterdir()):
                 raise NotAStoreError(
                     f"{root} exists, is not empty and is not an engram store; "
                     "choose a new or empty directory"
@@ -260,10 +264,15 @@ class Store:
             else:
                 # py-lmdb opens (and commits) its own read transaction here; a handle
                 # opened inside ours would die with it.
-                self._dbs = {
-                    n: self._env.open_db(n, create=False)
-                    for n in (fmt.DB_META, fmt.DB_BLOBS, fmt.DB_VERSIONS, fmt.DB_REFS)
-                }
+                for _ in range(_MAX_GROWTHS):
+                    try:
+                        self._dbs = {
+                            n: self._env.open_db(n, create=False)
+                            for n in (fmt.DB_META, fmt.DB_BLOBS, fmt.DB_VERSIONS, fmt.DB_REFS)
+                        }
+                        break
+                    except lmdb.MapResizedError:  # a writer grew the map meanwhile
+                        self._env.set_mapsize(0)
             with self._read() as txn:
                 self._check_meta(txn)
         except lmdb.Error as e:
@@ -521,13 +530,15 @@ class Store:
             VersionNotFoundError: no such version.
             CorruptionError: stored bytes do not match their hashes (names version and key).
         """
-        try:
-            return self._load(version, state, model, verify)
-        except CorruptionError:
-            # A concurrent gc may have moved or dropped packs after our snapshot of the
-            # index was taken: a second try sees the new index (or no such version).
-            # Real corruption fails the same way twice.
-            return self._load(version, state, model, verify)
+        for _ in range(_LOAD_TRIES - 1):
+            try:
+                return self._load(version, state, model, verify)
+            except CorruptionError:
+                # A concurrent gc may have moved or dropped packs after our snapshot of
+                # the index was taken: another try sees the new index (or no such
+                # version). Real corruption fails the same way every time.
+                continue
+        return self._load(version, state, model, verify)
 
     def _load(self, version: VersionSpec, state: bool, model: bool, verify: bool) -> Snapshot:
         with self._read() as txn:
