@@ -88,7 +88,7 @@ _GEN_SRC = inspect.getsource(make_state) + "\n" + inspect.getsource(make_weights
 _PRELUDE = (
     textwrap.dedent(
         """
-        import json, os, resource, signal, sys, time
+        import json, os, resource, signal, sys, threading, time
         import torch
         from engram.store import Store
         from engram.errors import CommitError
@@ -103,6 +103,7 @@ _PRELUDE = (
                 ):
                     os.kill(os.getpid(), signal.SIGKILL)
             sys.setprofile(hook)
+            threading.setprofile(hook)  # commit steps run in worker threads too
 
         def linear(i):
             model = torch.nn.Linear(64, 32)

@@ -15,7 +15,6 @@ The on-disk format and the commit protocol are specified in :mod:`engram.store.f
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -23,7 +22,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,9 +322,11 @@ class Store:
 
     def __del__(self) -> None:
         # Releases the writer lock of a store that was never closed; not in a forked child.
-        with contextlib.suppress(Exception):
+        try:
             if self._pid == os.getpid():
                 self.close()
+        except Exception:
+            pass
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, mode={self.mode!r})"
@@ -649,66 +650,49 @@ class Store:
             ) from e
 
     def _commit(self, tree, pending, weights, message, meta) -> VersionInfo:
-        # (1) content-address every chunk (hashing releases the GIL: use every core),
-        #     then append the chunks the store lacks to a new pack file.
-        pieces = [
-            (p, p.raw[off : off + fmt.CHUNK_BYTES])
-            for p in pending
-            for off in range(0, len(p.raw), fmt.CHUNK_BYTES)
-        ]
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            hashes = list(pool.map(lambda piece: _hash_chunk(piece[1]), pieces))
-        for p in pending:
-            p.record["chunks"] = []
-        for (p, view), (digest, check) in zip(pieces, hashes, strict=True):
-            p.record["chunks"].append([digest.hex(), len(view), check])
-
         meta_db = self._dbs[fmt.DB_META]
         with self._read() as txn:
             vid = int(bytes(txn.get(b"next_version", db=meta_db)))
             pack_id = int(bytes(txn.get(b"next_pack", db=meta_db)))
             parent = self._ref(txn, fmt.HEAD_REF)
-            blobs = self._dbs[fmt.DB_BLOBS]
-            new: dict[bytes, tuple[memoryview, int]] = {}
-            for (_, view), (digest, check) in zip(pieces, hashes, strict=True):
-                if digest not in new and txn.get(digest, db=blobs) is None:
-                    new[digest] = (view, check)
-        index: list[tuple[bytes, bytes]] = []
-        new_bytes = 0
-        if new:
-            writer = PackWriter(self.path / fmt.BLOB_DIR, pack_id)
-            try:
-                for digest, (view, check) in new.items():
-                    index.append((digest, writer.append(view, check).encode()))
-                    new_bytes += len(view)
-                writer.finish()
-            except BaseException:
-                writer.abort()
-                raise
-
-        # (2) the checkpoint file, durably, under its final name.
         created_at = _now()
         ckpt = None
-        wrote_checkpoint = False
         if weights is not None:
             digest = weights_digest(weights)
             ckpt = self._parent_checkpoint_if_same(parent, digest)
-            if ckpt is None:
+        for p in pending:
+            p.record["chunks"] = []  # filled in chunk order by _write_pack
+        pieces = [
+            (p, p.raw[off : off + fmt.CHUNK_BYTES])
+            for p in pending
+            for off in range(0, len(p.raw), fmt.CHUNK_BYTES)
+        ]
+        # Hashing, file writes and fsyncs all release the GIL: (1) and (2) overlap. One
+        # worker more than cores: the checkpoint job mostly waits on its write and fsync.
+        with ThreadPoolExecutor(max_workers=(os.cpu_count() or 1) + 1) as pool:
+            # (2) the checkpoint file, durably, under its final name (unless shared).
+            ckpt_job = None
+            if weights is not None and ckpt is None:
                 file = f"model-{version_name(vid)}"
                 if _is_count(meta.get("experience")):
                     file += f"-exp{meta['experience']}"
-                ckpt = write_checkpoint(
+                ckpt_job = pool.submit(
+                    write_checkpoint,
                     self.path / fmt.CHECKPOINT_DIR,
                     file + ".safetensors",
                     weights,
                     self._checkpoint_metadata(vid, parent, created_at, meta),
                     digest,
                 )
+            # (1) content-address every chunk; append those the store lacks to a pack.
+            hashes = [pool.submit(_hash_chunk, view) for _, view in pieces]
+            index, new_bytes = self._write_pack(pieces, hashes, pack_id)
+            if ckpt_job is not None:
+                ckpt = ckpt_job.result()
                 new_bytes += ckpt.nbytes
-                wrote_checkpoint = True
-        if new:
+        if index:
             fsync_dir(self.path / fmt.BLOB_DIR)
-        if wrote_checkpoint:
+        if ckpt_job is not None:
             fsync_dir(self.path / fmt.CHECKPOINT_DIR)
         state_bytes = sum(len(p.raw) for p in pending)
         manifest = {
@@ -739,6 +723,38 @@ class Store:
 
         self._write(publish, reserve=len(payload) + 64 * len(index))
         return self.info(vid)
+
+    def _write_pack(
+        self, pieces: list, hashes: list[Future], pack_id: int
+    ) -> tuple[list[tuple[bytes, bytes]], int]:
+        """Append each chunk the store lacks to pack ``pack_id`` as soon as it is hashed.
+
+        Fills in the chunk lists of the pending records; returns the new index entries
+        and the bytes written. The pack is fsynced; nothing refers to it yet.
+        """
+        index: list[tuple[bytes, bytes]] = []
+        written: set[bytes] = set()
+        new_bytes = 0
+        writer = None
+        with self._read() as txn:
+            try:
+                for (pending, view), job in zip(pieces, hashes, strict=True):
+                    digest, check = job.result()
+                    pending.record["chunks"].append([digest.hex(), len(view), check])
+                    if digest in written or txn.get(digest, db=self._dbs[fmt.DB_BLOBS]):
+                        continue
+                    written.add(digest)
+                    if writer is None:
+                        writer = PackWriter(self.path / fmt.BLOB_DIR, pack_id)
+                    index.append((digest, writer.append(view, check).encode()))
+                    new_bytes += len(view)
+                if writer is not None:
+                    writer.finish()
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
+        return index, new_bytes
 
     def _parent_checkpoint_if_same(self, parent: int | None, digest: str) -> CheckpointInfo | None:
         """The parent's checkpoint if it holds exactly these weights (and is still there)."""
