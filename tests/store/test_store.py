@@ -166,12 +166,14 @@ def test_gc_collects_leftovers_of_interrupted_commits(store: Store, net: torch.n
     (store.path / "blobs" / "pack-00000009.bin").write_bytes(b"partial")
     (store.path / "checkpoints" / ".model-v0002.safetensors.tmp-123").write_bytes(b"x")
     (store.path / "checkpoints" / "model-v0002.safetensors").write_bytes(b"x")
+    (store.path / "checkpoints" / ".tmpTGx8OA").write_bytes(b"x")  # safetensors' own temp
     (store.path / "checkpoints" / "notes.txt").write_text("user file: never deleted")
     report = store.gc()
     assert set(report.files) == {
         "blobs/pack-00000009.bin",
         "checkpoints/.model-v0002.safetensors.tmp-123",
         "checkpoints/model-v0002.safetensors",
+        "checkpoints/.tmpTGx8OA",
     }
     assert (store.path / "checkpoints" / "notes.txt").exists()
     assert store.verify(all=True).ok

@@ -75,7 +75,11 @@ _TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,127}")
 _VERSION_NAME = re.compile(r"v?(\d{1,18})")
 _HEAD_ANCESTOR = re.compile(r"HEAD~(\d{1,9})")
 _CHECKPOINT_NAME = re.compile(r"model-v\d+(-exp\d+)?\.safetensors")
-_CHECKPOINT_LEFTOVER = re.compile(r"model-v\d+(-exp\d+)?\.safetensors|\.model-v\d+.*\.tmp-\d+")
+# What an interrupted checkpoint write leaves: our temp name, or safetensors' own temp
+# file (its save_file writes `.tmpXXXXXX` and renames it into place).
+_CHECKPOINT_LEFTOVER = re.compile(
+    r"model-v\d+(-exp\d+)?\.safetensors|\.model-v\d+.*\.tmp-\d+|\.tmp[A-Za-z0-9]{6,}"
+)
 
 
 @dataclass(frozen=True)
