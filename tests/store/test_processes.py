@@ -374,17 +374,26 @@ with Store.open(path, mode="c") as store:
 """
 
 
+def parse_committed(lines: list[str]) -> list[tuple[int, int]]:
+    """(version id, step) of each complete "committed ID STEP" line.
+
+    The kill can land while the child prints, so the last line may be cut short.
+    """
+    printed = []
+    for line in lines:
+        words = line.split()
+        if len(words) == 3 and words[0] == "committed" and all(w.isdigit() for w in words[1:]):
+            printed.append((int(words[1]), int(words[2])))
+    return printed
+
+
 def run_kill_trial(spawn, path: Path, seed: int) -> None:
     rng = random.Random(seed)
     child = spawn(COMMIT_LOOP, path)
     child.expect("start")
     time.sleep(rng.uniform(0.0, 1.2))
     child.sigkill()
-    printed = [
-        (int(line.split()[1]), int(line.split()[2]))
-        for line in child.finish()
-        if line.startswith("committed")
-    ]
+    printed = parse_committed(child.finish())
     check_recovered(path, printed)
 
 
@@ -419,11 +428,7 @@ def test_sigkill_resumed_twice_on_one_store(spawn, tmp_path: Path) -> None:
         child.expect("start")
         time.sleep(rng.uniform(0.3, 1.0))
         child.sigkill()
-        printed += [
-            (int(line.split()[1]), int(line.split()[2]))
-            for line in child.finish()
-            if line.startswith("committed")
-        ]
+        printed += parse_committed(child.finish())
         ids = [vid for vid, _ in printed]
         assert ids == sorted(set(ids))  # the second writer continued, never reused an id
     check_recovered(path, printed)
@@ -459,7 +464,7 @@ def test_sigkill_at_each_commit_step(spawn, tmp_path: Path, point, leftover, hea
     child = spawn(CRASH_POINT, path, point)
     lines = child.finish()
     assert child.proc.returncode == -signal.SIGKILL, (lines, child.stderr())
-    printed = [(int(x.split()[1]), int(x.split()[2])) for x in lines if x.startswith("committed")]
+    printed = parse_committed(lines)
     assert printed == [(1, 0), (2, 1)]
     folder, name = leftover.split("/")
     assert any(f.startswith(name) for f in os.listdir(path / folder)), os.listdir(path / folder)
