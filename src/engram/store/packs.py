@@ -1,11 +1,11 @@
 """Pack files: where blob bytes live; LMDB holds the content-addressed index.
 
-Why not the bytes in LMDB itself: LMDB copies every value into freshly allocated
-dirty pages before writing them, and on the small VMs we run on, first-touch page
-faults make that copy cost more than the write (measured: 0.2 GiB/s into LMDB vs
-0.7 GiB/s for a plain write+fsync of the same 256 MiB; docs/benchmarks.md). A pack
-is written straight from tensor memory with one fsync, and read back through mmap
-as zero-copy as an LMDB value.
+Why not the bytes in LMDB itself: LMDB copies every value into dirty pages it
+allocates before writing them, and first-touch page faults are expensive on the VMs
+we run on: 256 MiB as LMDB values wrote at 0.57x of a plain write+fsync, a pack file
+at 1.0x (``benchmarks/lmdb_vs_packs.py``, docs/benchmarks.md). A pack is written
+straight from tensor memory with one fsync, and read back through mmap as zero-copy
+as an LMDB value.
 
 A pack is ``blobs/pack-<id>.bin``: blobs concatenated, each starting at a multiple
 of :data:`ALIGN`. It is only referenced once the LMDB transaction publishing its
