@@ -1,0 +1,214 @@
+"""Parameter-importance estimators in pure PyTorch: Fisher (EWC), SI, MAS.
+
+Per-sample quantities use ``torch.func`` (``vmap`` over ``grad`` of a
+``functional_call``), so the Fisher diagonal is the mean of *per-sample* squared
+gradients, as its definition requires. Avalanche's EWC squares the gradient of a
+whole minibatch's mean loss instead, which is a different (biased, batch-size
+dependent) quantity: E[g]^2 rather than E[g^2].
+
+Batches are ``(x, y)`` or ``(x, y, task_labels)``. With task labels the model is
+called as ``model(x, task_id)`` once per task in the batch (Avalanche's multi-head
+``MultiTaskModule`` convention), since per-sample ``vmap`` cannot trace the
+data-dependent routing of a mixed-task batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from engram.stateful import PersistentFields
+
+Batch = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+FisherEstimator = Literal["empirical", "true"]
+
+
+def trainable_params(model: nn.Module) -> dict[str, Tensor]:
+    """Detached views of the parameters that require grad, by name."""
+    return {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _task_groups(batch: Batch) -> list[tuple[Tensor, Tensor, int | None]]:
+    if len(batch) == 2:
+        x, y = batch
+        return [(x, y, None)]
+    x, y, t = batch
+    return [(x[t == task], y[t == task], int(task)) for task in torch.unique(t).tolist()]
+
+
+def per_sample_grads(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    loss_fn: LossFn,
+    task: int | None = None,
+) -> dict[str, Tensor]:
+    """Gradient of ``loss_fn(model(x_i), target_i)`` for every sample i.
+
+    Returns:
+        name -> tensor of shape ``(B, *param.shape)``.
+    """
+    params = trainable_params(model)
+    buffers = {k: b.detach() for k, b in model.named_buffers()}
+    extra = () if task is None else (task,)
+
+    def sample_loss(p: dict[str, Tensor], xi: Tensor, ti: Tensor) -> Tensor:
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0), *extra))
+        return loss_fn(out, ti.unsqueeze(0))
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
+
+
+def _outputs(model: nn.Module, x: Tensor, task: int | None) -> Tensor:
+    return model(x) if task is None else model(x, task)
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    estimator: FisherEstimator = "empirical",
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Diagonal of the Fisher information, averaged over every sample of ``batches``.
+
+    Args:
+        model: a classifier returning logits; evaluated in eval mode (no dropout, frozen
+            batch-norm statistics), then restored to its previous mode.
+        batches: ``(x, y)`` or ``(x, y, task_labels)`` minibatches.
+        estimator: ``"empirical"`` uses the dataset labels; ``"true"`` samples each label
+            from the model's own predictive distribution (the Fisher's definition).
+        generator: the random stream for ``"true"`` label sampling (persist it to resume).
+
+    Returns:
+        name -> mean over samples of the squared per-sample log-likelihood gradient.
+    """
+    if estimator not in ("empirical", "true"):
+        raise ValueError(f"estimator must be 'empirical' or 'true', not {estimator!r}")
+    was_training = model.training
+    model.eval()
+    total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
+    count = 0
+    try:
+        for batch in batches:
+            for x, y, task in _task_groups(batch):
+                if not len(x):
+                    continue
+                if estimator == "true":
+                    with torch.no_grad():
+                        probs = F.softmax(_outputs(model, x, task), dim=-1)  # (B, C)
+                    y = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+                grads = per_sample_grads(model, x, y, F.cross_entropy, task)
+                for name, g in grads.items():
+                    total[name] += g.pow(2).sum(dim=0)
+                count += len(x)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("cannot estimate a Fisher matrix from an empty dataset")
+    return {name: value / count for name, value in total.items()}
+
+
+def mas_importance(model: nn.Module, batches: Iterable[Batch]) -> dict[str, Tensor]:
+    """MAS importance: mean over samples of |d ||f(x_i)||_2^2 / d theta| (Aljundi et al. 2018).
+
+    Per sample, like the paper; Avalanche's MAS takes the gradient of a batch's mean
+    norm instead.
+    """
+    was_training = model.training
+    model.eval()
+    total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
+    count = 0
+
+    def squared_norm(out: Tensor, _: Tensor) -> Tensor:
+        return out.pow(2).sum()
+
+    try:
+        for batch in batches:
+            for x, y, task in _task_groups(batch):
+                if not len(x):
+                    continue
+                grads = per_sample_grads(model, x, y, squared_norm, task)
+                for name, g in grads.items():
+                    total[name] += g.abs().sum(dim=0)
+                count += len(x)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("cannot estimate MAS importance from an empty dataset")
+    return {name: value / count for name, value in total.items()}
+
+
+class SynapticIntelligence(PersistentFields):
+    """SI's path integral (Zenke et al. 2017), independent of any training framework.
+
+    Call :meth:`begin` once before training, :meth:`before_step` after
+    ``loss.backward()`` and before ``optimizer.step()``, :meth:`after_step` after it,
+    and :meth:`consolidate` at the end of each task. The gradient used is the one the
+    optimizer follows (that of the total, regularized loss), as in the reference
+    implementations.
+
+    Per parameter i, over a task: omega_i = sum_k -g_i(k) * (theta_i(k+1) - theta_i(k)),
+    then importance_i += omega_i / ((theta_i(end) - theta_i(start))^2 + xi).
+    """
+
+    persistent_fields = ("xi", "omega", "importance", "anchors")
+
+    def __init__(self, xi: float = 0.1) -> None:
+        self.xi = xi
+        self.omega: dict[str, Tensor] = {}
+        self.importance: dict[str, Tensor] = {}
+        self.anchors: dict[str, Tensor] = {}  # theta at the start of the current task
+        self._before: dict[str, Tensor] = {}
+        self._grads: dict[str, Tensor] = {}
+
+    def begin(self, model: nn.Module) -> None:
+        """Start accounting (no-op when a restored state already started it)."""
+        params = trainable_params(model)
+        if not self.anchors:
+            self.anchors = {k: p.clone() for k, p in params.items()}
+        for k, p in params.items():
+            self.omega.setdefault(k, torch.zeros_like(p))
+            self.importance.setdefault(k, torch.zeros_like(p))
+
+    def before_step(self, model: nn.Module) -> None:
+        self._before = {k: p.clone() for k, p in trainable_params(model).items()}
+        self._grads = {
+            k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for k, p in model.named_parameters()
+            if p.requires_grad
+        }
+
+    def after_step(self, model: nn.Module) -> None:
+        for k, p in trainable_params(model).items():
+            self.omega[k] -= self._grads[k] * (p - self._before[k])
+        self._before, self._grads = {}, {}
+
+    def consolidate(self, model: nn.Module) -> None:
+        """End of task: fold the path integral into the importance; re-anchor."""
+        for k, p in trainable_params(model).items():
+            delta = p - self.anchors[k]
+            self.importance[k] += self.omega[k] / (delta.pow(2) + self.xi)
+            self.omega[k] = torch.zeros_like(p)
+            self.anchors[k] = p.clone()
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        """sum_i importance_i * (theta_i - anchor_i)^2 (without the strength c)."""
+        return quadratic_penalty(model, self.anchors, self.importance)
+
+
+def quadratic_penalty(
+    model: nn.Module, anchors: dict[str, Tensor], importance: dict[str, Tensor]
+) -> Tensor:
+    """sum over named parameters of importance * (theta - anchor)^2, differentiable in theta."""
+    total = torch.zeros(())
+    for name, p in model.named_parameters():
+        if name in importance:
+            total = total + (importance[name] * (p - anchors[name]).pow(2)).sum()
+    return total
