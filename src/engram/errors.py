@@ -50,3 +50,11 @@ class EncodingError(EngramError, TypeError):
 
 class CommitError(EngramError):
     """A commit failed (e.g. disk full); the previous HEAD is intact."""
+
+
+class ArchitectureMismatchError(EngramError):
+    """The model's parameters do not match the checkpoint being resumed."""
+
+
+class HyperparameterMismatchError(EngramError):
+    """The strategy's hyperparameters differ from those that produced the store's state."""

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -912,7 +912,7 @@ class Store:
                     report.blobs += 1
                     report.bytes += location.nbytes
 
-    def gc(self, *, keep_last: int | None = None) -> GcReport:
+    def gc(self, *, keep_last: int | None = None, drop: Iterable[VersionSpec] = ()) -> GcReport:
         """Delete unreachable data; with ``keep_last``, also old versions.
 
         Never deletes HEAD, a tagged version, or anything a kept version references.
@@ -922,6 +922,8 @@ class Store:
         Args:
             keep_last: keep only the ``keep_last`` newest versions (plus HEAD and tagged
                 ones). ``None`` keeps every version.
+            drop: versions to delete as well (never HEAD or a tagged version: that
+                raises ``ValueError``).
 
         Raises:
             CorruptionError: a kept manifest is unreadable (gc deletes nothing then).
@@ -936,6 +938,11 @@ class Store:
             if head is not None:
                 pinned.add(head)
             kept = set(ids) if keep_last is None else pinned | set(ids[len(ids) - keep_last :])
+            dropping = {self._resolve(txn, v) for v in drop}
+            if dropping & pinned:
+                names = ", ".join(version_name(v) for v in sorted(dropping & pinned))
+                raise ValueError(f"cannot drop {names}: HEAD and tagged versions are kept")
+            kept -= dropping
             live: set[bytes] = set()
             live_files: set[str] = set()
             for vid in kept:

@@ -1,0 +1,12 @@
+"""Continual-learning strategies as Avalanche plugins with persistent state.
+
+Each plugin implements :class:`engram.stateful.Stateful` and ``hparams()``; the
+:class:`~engram.training.template.DurableTemplate` commits and restores them.
+"""
+
+from engram.strategies.ewc import EWCPlugin
+from engram.strategies.lwf import LwFPlugin
+from engram.strategies.mas import MASPlugin
+from engram.strategies.si import SIPlugin
+
+__all__ = ["EWCPlugin", "LwFPlugin", "MASPlugin", "SIPlugin"]

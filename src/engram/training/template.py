@@ -1,0 +1,523 @@
+"""DurableTemplate: an Avalanche training template whose whole state lives in a store.
+
+    strategy = DurableTemplate(model=net, optimizer=SGD(net.parameters(), lr=0.1),
+                               store="runs/ewc", plugins=[EWCPlugin(ewc_lambda=10)])
+    matrix = strategy.fit(benchmark.train_stream, benchmark.test_stream)
+
+Run the same lines in a new process (or after a crash) and ``fit`` continues where the
+store's HEAD stopped: experiences already trained are skipped, an interrupted
+experience resumes at the exact epoch and minibatch, and the result is bit-identical
+(on CPU, deterministic ops) to a run that never stopped.
+
+What is committed, and why each part is needed for that guarantee:
+
+* model weights (the checkpoint file) and the sequence of model adaptations the run
+  performed, replayed on restore so dynamically grown modules (multi-head or
+  incremental classifiers) exist, in the same order, before the weights load;
+* optimizer state (momentum, Adam moments) and LR-scheduler state;
+* every Stateful plugin's ``state_dict()`` (EWC's Fisher and anchors, SI's path
+  integral, a replay buffer's slot table...);
+* the torch, numpy and Python RNG streams; Avalanche's clock; the cursor (experience,
+  epoch, minibatch); the accuracy matrix that forgetting is computed from;
+* the hyperparameters, so a resume with different ones is refused unless the user
+  asks to branch.
+
+Plugins' ``before_training_exp``/``before_training_epoch`` hooks run again when an
+experience resumes mid-way (they rebuild transient things such as data loaders); the
+committed state is applied after them, so hooks that reset counters cannot undo it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models.utils import avalanche_model_adaptation
+from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+from torch.utils.data import DataLoader
+
+from engram.errors import ArchitectureMismatchError, EngramError, HyperparameterMismatchError
+from engram.stateful import Stateful
+from engram.store import Snapshot, Store
+from engram.training.sampler import ResumableBatchSampler, epoch_seed
+
+_CLOCK_FIELDS = (
+    "train_iterations",
+    "train_exp_counter",
+    "train_exp_epochs",
+    "train_exp_iterations",
+    "train_epoch_iterations",
+    "total_iterations",
+)
+
+
+@dataclass
+class Cursor:
+    """Where training stands: the next minibatch to train on."""
+
+    experience: int = 0  # index in the train stream of the experience in progress (or next)
+    epoch: int = 0
+    iteration: int = 0  # minibatches of `epoch` already trained
+
+    @property
+    def mid_experience(self) -> bool:
+        return self.epoch > 0 or self.iteration > 0
+
+
+class _AccuracyRecorder(SupervisedPlugin):
+    """Counts correct predictions during ``eval``, with no logging."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.correct = 0
+        self.seen = 0
+
+    def before_eval_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.correct = self.seen = 0
+
+    def after_eval_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self.correct += int((strategy.mb_output.argmax(dim=-1) == strategy.mb_y).sum())
+        self.seen += len(strategy.mb_y)
+
+
+class DurableTemplate(SupervisedTemplate):
+    """Avalanche's supervised template, restored from and committed to an engram store.
+
+    Args:
+        model, optimizer, criterion, train_mb_size, train_epochs, eval_mb_size, device,
+            plugins: as for Avalanche's ``SupervisedTemplate``.
+        store: a :class:`~engram.store.Store` opened for writing, or a directory
+            (created if missing, opened for writing; closed by :meth:`close`).
+        seed: the data-order seed (each epoch's shuffle derives from it).
+        commit_every_iterations: also commit every N training iterations (None: only
+            at the end of each experience).
+        commit_every_seconds: also commit when this many seconds passed since the last.
+        keep_mid_experience: keep the mid-experience versions of a finished experience
+            (default: they are deleted once the experience's own version is committed).
+        hparams: extra hyperparameters recorded with, and checked against, the store.
+        branch: resume even if the hyperparameters differ from the store's lineage.
+        name: the strategy's name, recorded in every version.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        store: Store | str | Path,
+        criterion: nn.Module | None = None,
+        train_mb_size: int = 32,
+        train_epochs: int = 1,
+        eval_mb_size: int = 256,
+        device: str | torch.device = "cpu",
+        plugins: Sequence[Any] = (),
+        seed: int = 0,
+        commit_every_iterations: int | None = None,
+        commit_every_seconds: float | None = None,
+        keep_mid_experience: bool = False,
+        hparams: Mapping[str, Any] | None = None,
+        branch: bool = False,
+        name: str = "naive",
+    ) -> None:
+        self._recorder = _AccuracyRecorder()
+        super().__init__(
+            model=model,
+            optimizer=optimizer,
+            criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=[*plugins, self._recorder],
+            evaluator=EvaluationPlugin(loggers=[]),
+            eval_every=-1,
+        )
+        if commit_every_iterations is not None and commit_every_iterations < 1:
+            raise ValueError("commit_every_iterations must be >= 1 or None")
+        self._owns_store = not isinstance(store, Store)
+        self.store = Store.open(store, mode="c") if self._owns_store else store
+        self.seed = seed
+        self.commit_every_iterations = commit_every_iterations
+        self.commit_every_seconds = commit_every_seconds
+        self.keep_mid_experience = keep_mid_experience
+        self.branch = branch
+        self.name = name
+        self.extra_hparams = dict(hparams or {})
+        self.cursor = Cursor()
+        self.accuracy_matrix: list[list[float]] = []
+        self._adaptations: list[list[Any]] = []  # [stream, experience index, training]
+        self._snapshot: Snapshot | None = None  # the state being resumed, until applied
+        self._restored = False
+        self._replaying = False
+        self._in_fit = False
+        self._last_commit_time = time.monotonic()
+
+    # --------------------------------------------------------------- public API
+
+    def fit(
+        self,
+        train_stream: Iterable[Any],
+        test_stream: Iterable[Any] | None = None,
+        *,
+        max_experiences: int | None = None,
+    ) -> list[list[float]]:
+        """Train on every experience of ``train_stream`` not yet trained, evaluating on
+        ``test_stream`` after each, and commit each experience with its accuracies.
+
+        Args:
+            max_experiences: train at most this many (not yet trained) experiences now.
+
+        Returns:
+            The accuracy matrix: row i holds the accuracy on each test experience after
+            training experience i.
+        """
+        train_list = list(train_stream)
+        test_list = list(test_stream) if test_stream is not None else []
+        self.restore(train_list + test_list)
+        trained = 0
+        self._in_fit = True
+        try:
+            for index, experience in enumerate(train_list):
+                if index < self.cursor.experience:
+                    continue
+                if max_experiences is not None and trained >= max_experiences:
+                    break
+                self.cursor.experience = index
+                self.train(experience)
+                self.accuracy_matrix.append(self.evaluate(test_list))
+                self._finish_experience(index)
+                trained += 1
+        finally:
+            self._in_fit = False
+        return self.accuracy_matrix
+
+    def evaluate(self, test_stream: Iterable[Any]) -> list[float]:
+        """Accuracy of the current model on each experience of ``test_stream``."""
+        row = []
+        for experience in test_stream:
+            self.eval(experience)
+            row.append(self._recorder.correct / max(self._recorder.seen, 1))
+        return row
+
+    def close(self) -> None:
+        """Close the store if this template opened it."""
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> DurableTemplate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, experiences: Sequence[Any] = ()) -> bool:
+        """Restore HEAD of the store (once); returns False for an empty store.
+
+        ``experiences``: every experience the run may have adapted the model to (train
+        and test streams), to rebuild dynamically grown modules.
+        """
+        if self._restored:
+            return self._snapshot is not None or self.store.head is not None
+        self._restored = True
+        head = self.store.head
+        if head is None:
+            return False
+        self._check_hparams(head.meta.get("hparams", {}))
+        snapshot = self.store.load()
+        self._replay_adaptations(snapshot.state["adaptations"], experiences)
+        self._check_architecture(snapshot.model or {})
+        # The optimizer must know the grown modules' parameters before its state loads;
+        # Avalanche's first make_optimizer would otherwise reset that state.
+        self.make_optimizer(reset_optimizer_state=True)
+        self._apply(snapshot)
+        cursor = snapshot.state["cursor"]
+        self.cursor = Cursor(cursor["experience"], cursor["epoch"], cursor["iteration"])
+        self.accuracy_matrix = [list(row) for row in snapshot.state["metrics"]["accuracy_matrix"]]
+        self._adaptations = [list(a) for a in snapshot.state["adaptations"]]
+        if self.cursor.mid_experience:
+            self._snapshot = snapshot  # re-applied after the resumed epoch's hooks
+        return True
+
+    def _replay_adaptations(self, recorded: list, experiences: Sequence[Any]) -> None:
+        by_key = {}
+        for exp in experiences:
+            by_key[(exp.origin_stream.name, exp.current_experience)] = exp
+        was_training = self.model.training
+        self._replaying = True
+        try:
+            for stream, index, training in recorded:
+                exp = by_key.get((stream, index))
+                if exp is None:
+                    raise EngramError(
+                        f"the store's model was adapted to experience {index} of stream "
+                        f"{stream!r}, which this run was not given; pass the same streams"
+                    )
+                self.model.train(training)
+                avalanche_model_adaptation(self.model, exp)
+        finally:
+            self._replaying = False
+            self.model.train(was_training)
+        self.model.to(self.device)
+
+    def _check_architecture(self, weights: Mapping[str, torch.Tensor]) -> None:
+        current = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        stored = {k: tuple(v.shape) for k, v in weights.items()}
+        problems = [f"missing in the model: {k}" for k in sorted(stored.keys() - current.keys())]
+        problems += [f"not in the store: {k}" for k in sorted(current.keys() - stored.keys())]
+        problems += [
+            f"{k}: model {current[k]} vs store {stored[k]}"
+            for k in sorted(current.keys() & stored.keys())
+            if current[k] != stored[k]
+        ]
+        if problems:
+            raise ArchitectureMismatchError(
+                f"the model does not match the checkpoint in {self.store.path} "
+                f"(HEAD {self.store.head.name}): "
+                + "; ".join(problems[:20])
+                + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+                + ". Use the architecture that produced the store, or a new store."
+            )
+
+    def _check_hparams(self, stored: Mapping[str, Any]) -> None:
+        current = self.hparams()
+        diffs = _diff(stored, current)
+        if diffs and not self.branch:
+            raise HyperparameterMismatchError(
+                f"the hyperparameters differ from those that produced {self.store.path} "
+                f"(HEAD {self.store.head.name}): "
+                + "; ".join(diffs[:20])
+                + ". Use the same settings to resume, a new store, or branch=True to "
+                "continue from HEAD with the new settings."
+            )
+
+    # -------------------------------------------------------------------- state
+
+    def hparams(self) -> dict[str, Any]:
+        """Everything that must not silently change between a run and its resumption."""
+        plugins = {}
+        for key, plugin in self._stateful_plugins().items():
+            if hasattr(plugin, "hparams"):
+                plugins[key] = plugin.hparams()
+        optimizer = {
+            k: v for k, v in self.optimizer.defaults.items() if isinstance(v, int | float | str)
+        }
+        return _jsonable(
+            {
+                "strategy": self.name,
+                "optimizer": {"class": type(self.optimizer).__name__, **optimizer},
+                "train_mb_size": self.train_mb_size,
+                "train_epochs": self.train_epochs,
+                "seed": self.seed,
+                "plugins": plugins,
+                **self.extra_hparams,
+            }
+        )
+
+    def _stateful_plugins(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for plugin in self.plugins:
+            if plugin is self._recorder or plugin is self.clock:
+                continue
+            if isinstance(plugin, LRSchedulerPlugin):
+                key = "lr_scheduler"
+            elif isinstance(plugin, Stateful):
+                key = getattr(plugin, "engram_name", type(plugin).__name__.lower())
+            else:
+                continue
+            base, n = key, 1
+            while key in found:
+                n += 1
+                key = f"{base}{n}"
+            found[key] = plugin
+        return found
+
+    def state_dict(self) -> dict[str, Any]:
+        """The template's whole state except the model weights (committed separately)."""
+        plugins = {}
+        for key, plugin in self._stateful_plugins().items():
+            if isinstance(plugin, LRSchedulerPlugin):
+                plugins[key] = plugin.scheduler.state_dict()
+            else:
+                plugins[key] = plugin.state_dict()
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "plugins": plugins,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+            "clock": {f: getattr(self.clock, f) for f in _CLOCK_FIELDS},
+            "cursor": {
+                "experience": self.cursor.experience,
+                "epoch": self.cursor.epoch,
+                "iteration": self.cursor.iteration,
+            },
+            "adaptations": self._adaptations,
+            "metrics": {"accuracy_matrix": self.accuracy_matrix},
+        }
+
+    def _apply(self, snapshot: Snapshot) -> None:
+        state = snapshot.state
+        self.model.load_state_dict(snapshot.model or {})
+        self.optimizer.load_state_dict(state["optimizer"])
+        stored = state["plugins"]
+        for key, plugin in self._stateful_plugins().items():
+            if key not in stored:
+                continue
+            if isinstance(plugin, LRSchedulerPlugin):
+                plugin.scheduler.load_state_dict(stored[key])
+            else:
+                plugin.load_state_dict(stored[key])
+        for f in _CLOCK_FIELDS:
+            setattr(self.clock, f, state["clock"][f])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        version, internal, gauss = state["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+    def commit(self, message: str = "") -> None:
+        """Commit the current state now (the template also commits by itself)."""
+        kind = "mid-experience" if self.cursor.mid_experience else "experience"
+        meta = {
+            "experience": self.cursor.experience - (0 if self.cursor.mid_experience else 1),
+            "epoch": self.cursor.epoch,
+            "iteration": self.cursor.iteration,
+            "kind": kind,
+            "strategy": self.name,
+            "hparams": self.hparams(),
+        }
+        meta["experience"] = max(meta["experience"], 0)
+        if self.accuracy_matrix and kind == "experience":
+            meta["accuracy"] = self.accuracy_matrix[-1]
+        self.store.commit(self.state_dict(), model=self.model, message=message, meta=meta)
+        self._last_commit_time = time.monotonic()
+
+    # ------------------------------------------------- hooks into the Avalanche loop
+
+    def model_adaptation(self, model: nn.Module | None = None) -> nn.Module:
+        if not self._replaying and self.experience is not None:
+            entry = [self.experience.origin_stream.name, self.experience.current_experience,
+                     bool(self.is_training)]  # fmt: skip
+            if entry not in self._adaptations:
+                self._adaptations.append(entry)
+        return super().model_adaptation(model)
+
+    def make_train_dataloader(
+        self, num_workers: int = 0, shuffle: bool = True, pin_memory: bool | None = None,
+        persistent_workers: bool = False, drop_last: bool = False, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        # Replaces Avalanche's loaders (shuffled by the global RNG) with one whose order
+        # is a function of (seed, experience, epoch): see engram.training.sampler.
+        dataset = self.adapted_dataset
+        sampler = ResumableBatchSampler(
+            len(dataset), self.train_mb_size, self.seed, self.cursor.experience, drop_last
+        )
+        # Its own generator: a DataLoader draws its workers' base seed from the global
+        # RNG each epoch otherwise, one draw a resumed epoch would repeat.
+        self.dataloader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=getattr(dataset, "collate_fn", None),
+            pin_memory=bool(pin_memory),
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def _train_exp(self, experience: Any, eval_streams: Any = None, **kwargs: Any) -> None:
+        start_epoch = self.cursor.epoch
+        for epoch in range(start_epoch, self.train_epochs):
+            resuming = epoch == start_epoch and self._snapshot is not None
+            start = self.cursor.iteration if resuming else 0
+            self.cursor.epoch, self.cursor.iteration = epoch, start
+            self.dataloader.batch_sampler.set_epoch(epoch, start)
+            # Workers' base seed (data augmentation in workers) per epoch, not per process.
+            self.dataloader.generator.manual_seed(
+                epoch_seed(self.seed, self.cursor.experience, epoch)
+            )
+            self._before_training_epoch(**kwargs)
+            if resuming:
+                self._apply(self._snapshot)  # after the hooks that reset counters
+                self._snapshot = None
+            if self._stop_training:
+                self._stop_training = False
+                break
+            self.training_epoch(**kwargs)
+            self._after_training_epoch(**kwargs)
+        # The experience's training is done: the next commit is an experience boundary.
+        self.cursor = Cursor(self.cursor.experience + 1, 0, 0)
+
+    def _after_training_iteration(self, **kwargs: Any) -> None:
+        super()._after_training_iteration(**kwargs)
+        self.cursor.iteration += 1
+        if self.cursor.iteration >= len(self.dataloader.batch_sampler):
+            # The epoch's after-hooks (clock, LR schedule) have not run yet: a commit
+            # here would resume without them. The next due commit comes later.
+            return
+        due = (
+            self.commit_every_iterations is not None
+            and self.clock.train_iterations % self.commit_every_iterations == 0
+        ) or (
+            self.commit_every_seconds is not None
+            and time.monotonic() - self._last_commit_time >= self.commit_every_seconds
+        )
+        if due:
+            self.commit(f"experience {self.cursor.experience} epoch {self.cursor.epoch} "
+                        f"iteration {self.cursor.iteration}")  # fmt: skip
+
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        super()._after_training_exp(**kwargs)
+        if not self._in_fit:  # plain Avalanche-style strategy.train(exp)
+            self._finish_experience(self.cursor.experience - 1)
+
+    def _finish_experience(self, index: int) -> None:
+        before = {v.id for v in self.store.versions()}
+        self.commit(f"after experience {index}")
+        if self.keep_mid_experience:
+            return
+        stale = [
+            v.id
+            for v in self.store.versions()
+            if v.id in before
+            and v.meta.get("kind") == "mid-experience"
+            and v.meta.get("experience") == index
+            and not v.tags
+        ]
+        if stale:
+            self.store.gc(drop=stale)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _diff(stored: Any, current: Any, path: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(stored) | set(current), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in stored:
+                out.append(f"{sub}: new ({current[key]!r})")
+            elif key not in current:
+                out.append(f"{sub}: missing (store has {stored[key]!r})")
+            else:
+                out += _diff(stored[key], current[key], sub)
+        return out
+    return [] if stored == current else [f"{path}: store {stored!r} vs now {current!r}"]
+
+
+def config_hash(hparams: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(hparams, sort_keys=True).encode()).hexdigest()[:16]

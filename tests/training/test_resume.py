@@ -1,0 +1,127 @@
+"""The central guarantee: a run split across processes, or killed and re-run, ends
+bit-identical to a run that never stopped (weights, accuracy matrix, strategy state)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engram.store import Store
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import scenario  # noqa: E402
+
+STRATEGIES = ["naive", "ewc", "ewc_true_fisher", "online_ewc", "si", "mas", "lwf"]
+
+
+def child(*args: object, expect_kill: bool = False) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "scenario.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if expect_kill:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def assert_same_tree(a, b, path: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and np.array_equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tree(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path
+
+
+def assert_equivalent(reference: Path, other: Path) -> None:
+    with Store.open(reference) as ref, Store.open(other) as oth:
+        a, b = ref.load(), oth.load()
+        assert oth.verify(all=True).ok
+    assert a.state["cursor"] == b.state["cursor"] == {"experience": 3, "epoch": 0, "iteration": 0}
+    assert a.state["metrics"]["accuracy_matrix"] == b.state["metrics"]["accuracy_matrix"]
+    assert_same_tree(a.model, b.model, "model")
+    assert_same_tree(a.state["plugins"], b.state["plugins"], "plugins")
+    assert_same_tree(a.state["optimizer"], b.state["optimizer"], "optimizer")
+    assert_same_tree(a.state["rng"], b.state["rng"], "rng")
+    assert a.state["clock"] == b.state["clock"]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted in-process run per strategy (computed once)."""
+    root = tmp_path_factory.mktemp("reference")
+    out = {}
+    for name in STRATEGIES:
+        out[name] = root / name
+        scenario.run(name, out[name])
+    return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_process_per_experience(references, tmp_path: Path, strategy: str) -> None:
+    store = tmp_path / "store"
+    for _ in range(scenario.N_EXPERIENCES):
+        child(strategy, store, "--max-experiences", 1)
+    assert_equivalent(references[strategy], store)
+    with Store.open(store) as s:  # one version per experience, mid-experience ones pruned
+        assert [v.meta["kind"] for v in s.versions()] == ["experience"] * 3
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sigkill_mid_experience_then_rerun(references, tmp_path: Path, strategy: str) -> None:
+    store = tmp_path / "store"
+    # 9 minibatches an epoch, 2 epochs, 3 experiences: 54 iterations in all.
+    kill_at = random.Random(strategy).randint(5, 50)
+    child(strategy, store, "--commit-every", 4, "--kill-at-iteration", kill_at, expect_kill=True)
+    child(strategy, store, "--commit-every", 4)
+    assert_equivalent(references[strategy], store)
+
+
+def test_sigkill_during_a_commit_then_rerun(references, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    child("ewc", store, "--commit-every", 5, "--kill-in-commit", 3, expect_kill=True)
+    with Store.open(store) as s:
+        assert len(s.versions()) == 2  # the third commit never became visible
+    child("ewc", store, "--commit-every", 5)
+    assert_equivalent(references["ewc"], store)
+
+
+def test_multihead_task_incremental_resumes_with_all_heads(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    scenario.run("ewc", reference, multihead=True)
+    store = tmp_path / "store"
+    child(
+        "ewc",
+        store,
+        "--multihead",
+        "--commit-every",
+        4,
+        "--kill-at-iteration",
+        23,
+        expect_kill=True,
+    )
+    for _ in range(2):
+        child("ewc", store, "--multihead", "--max-experiences", 1)
+    assert_equivalent(reference, store)
+    with Store.open(store) as s:
+        heads = {k.split(".")[2] for k in s.load().model if k.startswith("classifier.classifiers")}
+    assert heads == {"0", "1", "2"}
