@@ -80,7 +80,7 @@ def build(
     )
     return DurableTemplate(
         model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         store=store,
         plugins=[*STRATEGIES[strategy](), *(extra_plugins or [])],
         train_mb_size=32,

@@ -33,6 +33,7 @@ import hashlib
 import json
 import random
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,9 @@ class DurableTemplate(SupervisedTemplate):
         name: str = "naive",
     ) -> None:
         self._recorder = _AccuracyRecorder()
+        with warnings.catch_warnings():  # "no loggers": on purpose, metrics are ours
+            warnings.simplefilter("ignore", UserWarning)
+            evaluator = EvaluationPlugin(loggers=[])
         super().__init__(
             model=model,
             optimizer=optimizer,
@@ -140,7 +144,7 @@ class DurableTemplate(SupervisedTemplate):
             eval_mb_size=eval_mb_size,
             device=device,
             plugins=[*plugins, self._recorder],
-            evaluator=EvaluationPlugin(loggers=[]),
+            evaluator=evaluator,
             eval_every=-1,
         )
         if commit_every_iterations is not None and commit_every_iterations < 1:
