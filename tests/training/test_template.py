@@ -56,8 +56,11 @@ def test_different_hyperparameters_are_refused_unless_branching(tmp_path: Path) 
     train, test = streams()
     with template(tmp_path / "s") as t:
         t.fit(train, test, max_experiences=1)
-    with template(tmp_path / "s", plugins=[EWCPlugin(ewc_lambda=2.0)]) as t, pytest.raises(
-        HyperparameterMismatchError, match=r"plugins\.ewc\.ewc_lambda: store 1\.0 vs now 2\.0"
+    with (
+        template(tmp_path / "s", plugins=[EWCPlugin(ewc_lambda=2.0)]) as t,
+        pytest.raises(
+            HyperparameterMismatchError, match=r"plugins\.ewc\.ewc_lambda: store 1\.0 vs now 2\.0"
+        ),
     ):
         t.fit(train, test)
     with template(tmp_path / "s", plugins=[EWCPlugin(ewc_lambda=2.0)], branch=True) as t:
@@ -146,3 +149,29 @@ def test_scenario_reference_learns(tmp_path: Path) -> None:
     matrix = scenario.run("naive", tmp_path / "s")
     assert matrix[0][0] > 0.9 and matrix[1][1] > 0.9 and matrix[2][2] > 0.5
     assert matrix[2][0] < 0.1  # and naive fine-tuning forgets, as it should
+
+
+def test_lwf_teacher_is_stored_once_across_versions(tmp_path: Path) -> None:
+    from engram.strategies import LwFPlugin
+
+    train, test = streams(3)
+    with template(tmp_path / "s", plugins=[LwFPlugin()], commit_every_iterations=2,
+                  keep_mid_experience=True) as t:  # fmt: skip
+        t.fit(train, test)
+    with Store.open(tmp_path / "s") as s:
+        versions = [
+            v
+            for v in s.versions()
+            if v.meta["experience"] == 2 and v.meta["kind"] == "mid-experience"
+        ]
+        assert len(versions) >= 3
+
+        def teacher_digests(v):
+            teacher = s.manifest(v.id)["state"]["plugins"]["lwf"]["teacher"]
+            return [c[0] for rec in teacher.values() for c in rec["__tensor__"]["chunks"]]
+
+        first = teacher_digests(versions[0])
+        assert first and all(teacher_digests(v) == first for v in versions[1:])
+        # the digests name the stored blobs: equal digests, one copy; and the mid versions
+        # after the first write nothing for the teacher (all write the same amount)
+        assert len({v.new_bytes for v in versions}) == 1
