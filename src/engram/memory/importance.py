@@ -91,28 +91,15 @@ def fisher_diagonal(
     """
     if estimator not in ("empirical", "true"):
         raise ValueError(f"estimator must be 'empirical' or 'true', not {estimator!r}")
-    was_training = model.training
-    model.eval()
-    total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
-    count = 0
-    try:
-        for batch in batches:
-            for x, y, task in _task_groups(batch):
-                if not len(x):
-                    continue
-                if estimator == "true":
-                    with torch.no_grad():
-                        probs = F.softmax(_outputs(model, x, task), dim=-1)  # (B, C)
-                    y = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-                grads = per_sample_grads(model, x, y, F.cross_entropy, task)
-                for name, g in grads.items():
-                    total[name] += g.pow(2).sum(dim=0)
-                count += len(x)
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("cannot estimate a Fisher matrix from an empty dataset")
-    return {name: value / count for name, value in total.items()}
+
+    def targets(x: Tensor, y: Tensor, task: int | None) -> Tensor:
+        if estimator == "empirical":
+            return y
+        with torch.no_grad():
+            probs = F.softmax(_outputs(model, x, task), dim=-1)  # (B, C)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+
+    return _mean_per_sample(model, batches, targets, F.cross_entropy, torch.square, "a Fisher")
 
 
 def mas_importance(model: nn.Module, batches: Iterable[Batch]) -> dict[str, Tensor]:
@@ -121,27 +108,41 @@ def mas_importance(model: nn.Module, batches: Iterable[Batch]) -> dict[str, Tens
     Per sample, like the paper; Avalanche's MAS takes the gradient of a batch's mean
     norm instead.
     """
-    was_training = model.training
-    model.eval()
-    total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
-    count = 0
 
     def squared_norm(out: Tensor, _: Tensor) -> Tensor:
         return out.pow(2).sum()
 
+    return _mean_per_sample(
+        model, batches, lambda x, y, task: y, squared_norm, torch.abs, "MAS importance"
+    )
+
+
+def _mean_per_sample(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    targets: Callable[[Tensor, Tensor, int | None], Tensor],
+    loss_fn: LossFn,
+    transform: Callable[[Tensor], Tensor],
+    what: str,
+) -> dict[str, Tensor]:
+    """Mean over all samples of ``transform(per-sample gradient of loss_fn)``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
+    count = 0
     try:
         for batch in batches:
             for x, y, task in _task_groups(batch):
                 if not len(x):
                     continue
-                grads = per_sample_grads(model, x, y, squared_norm, task)
+                grads = per_sample_grads(model, x, targets(x, y, task), loss_fn, task)
                 for name, g in grads.items():
-                    total[name] += g.abs().sum(dim=0)
+                    total[name] += transform(g).sum(dim=0)
                 count += len(x)
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("cannot estimate MAS importance from an empty dataset")
+        raise ValueError(f"cannot estimate {what} from an empty dataset")
     return {name: value / count for name, value in total.items()}
 
 

@@ -29,7 +29,6 @@ committed state is applied after them, so hooks that reset counters cannot undo 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -395,16 +394,18 @@ class DurableTemplate(SupervisedTemplate):
 
     def commit(self, message: str = "") -> None:
         """Commit the current state now (the template also commits by itself)."""
-        kind = "mid-experience" if self.cursor.mid_experience else "experience"
+        mid = self.cursor.mid_experience
+        # a boundary cursor points at the next experience; the version is the last one's
+        experience = self.cursor.experience if mid else max(self.cursor.experience - 1, 0)
+        kind = "mid-experience" if mid else "experience"
         meta = {
-            "experience": self.cursor.experience - (0 if self.cursor.mid_experience else 1),
+            "experience": experience,
             "epoch": self.cursor.epoch,
             "iteration": self.cursor.iteration,
             "kind": kind,
             "strategy": self.name,
             "hparams": self.hparams(),
         }
-        meta["experience"] = max(meta["experience"], 0)
         if self.accuracy_matrix and kind == "experience":
             meta["accuracy"] = self.accuracy_matrix[-1]
         self.store.commit(self.state_dict(), model=self.model, message=message, meta=meta)
@@ -521,7 +522,3 @@ def _diff(stored: Any, current: Any, path: str = "") -> list[str]:
                 out += _diff(stored[key], current[key], sub)
         return out
     return [] if stored == current else [f"{path}: store {stored!r} vs now {current!r}"]
-
-
-def config_hash(hparams: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(hparams, sort_keys=True).encode()).hexdigest()[:16]
