@@ -3,6 +3,7 @@
 Independent of Avalanche and Hydra: a plain PyTorch loop can persist its state with it.
 """
 
+from engram.store.codec import SampleIds
 from engram.store.format import FORMAT_VERSION
 from engram.store.store import (
     GcReport,
@@ -18,6 +19,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GcReport",
     "Problem",
+    "SampleIds",
     "Snapshot",
     "Store",
     "VerifyReport",

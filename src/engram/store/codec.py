@@ -45,13 +45,36 @@ NUMPY_DTYPES: dict[str, np.dtype] = {name: np.dtype(name) for name in _NUMPY_DTY
 
 TAG_TENSOR = "__tensor__"
 TAG_NDARRAY = "__ndarray__"
+TAG_SAMPLES = "__samples__"
 TAG_TUPLE = "__tuple__"
 TAG_MAP = "__map__"
-_TAGS = (TAG_TENSOR, TAG_NDARRAY, TAG_TUPLE, TAG_MAP)
+_TAGS = (TAG_TENSOR, TAG_NDARRAY, TAG_SAMPLES, TAG_TUPLE, TAG_MAP)
+_ARRAY_TAGS = (TAG_TENSOR, TAG_NDARRAY, TAG_SAMPLES)
+
+
+class SampleIds(torch.Tensor):
+    """An int64 tensor of replay-sample ids that a committed state references.
+
+    Wrap a buffer's slot table in it (``SampleIds.of(ids)``) so ``gc`` keeps those
+    samples (see :mod:`engram.store.samples`). It loads back as a plain int64 tensor.
+    """
+
+    @staticmethod
+    def of(ids: Any) -> SampleIds:
+        return torch.as_tensor(ids, dtype=torch.int64).reshape(-1).as_subclass(SampleIds)
+
 
 MAX_DEPTH = 100  # deeper trees are refused: they are never real state, and recursion is bounded
 MAX_NDIM = 64
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The store's name of a torch dtype (``"float32"``, ``"bfloat16"``, ...)."""
+    name = _DTYPE_NAME.get(dtype)
+    if name is None:
+        raise EncodingError(f"dtype {dtype} cannot be stored")
+    return name
 
 
 def checksum(data: Any) -> int:
@@ -130,6 +153,11 @@ def encode_tree(obj: Any) -> tuple[Any, list[PendingArray]]:
             return value
         if isinstance(value, int | float):
             return int(value) if isinstance(value, int) else float(value)
+        if isinstance(value, SampleIds):
+            plain = value.as_subclass(torch.Tensor)
+            if plain.dtype != torch.int64 or plain.dim() != 1:
+                raise EncodingError(f"SampleIds at {path!r} must be a 1-d int64 tensor")
+            return array_record(TAG_SAMPLES, tensor_bytes(plain, path))
         if isinstance(value, torch.Tensor):
             return array_record(TAG_TENSOR, tensor_bytes(value, path))
         if isinstance(value, np.ndarray):
@@ -170,7 +198,7 @@ def encode_tree(obj: Any) -> tuple[Any, list[PendingArray]]:
 class ArrayRecord:
     """A validated array record from a manifest."""
 
-    kind: str  # TAG_TENSOR or TAG_NDARRAY
+    kind: str  # TAG_TENSOR, TAG_NDARRAY or TAG_SAMPLES
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
@@ -194,9 +222,11 @@ def parse_array_record(kind: str, record: Any, where: str = "") -> ArrayRecord:
     if not isinstance(record, dict) or set(record) != {"dtype", "shape", "chunks"}:
         raise bad("expected an object with keys dtype, shape, chunks")
     dtype, shape, chunks = record["dtype"], record["shape"], record["chunks"]
-    table = TORCH_DTYPES if kind == TAG_TENSOR else NUMPY_DTYPES
+    table = NUMPY_DTYPES if kind == TAG_NDARRAY else TORCH_DTYPES
     if not isinstance(dtype, str) or dtype not in table:
         raise bad(f"unknown dtype {dtype!r}")
+    if kind == TAG_SAMPLES and (dtype != "int64" or not isinstance(shape, list) or len(shape) != 1):
+        raise bad("sample ids must be a 1-d int64 tensor")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise bad("shape must be a list of at most 64 dimensions")
     if not all(_is_int(d) and d >= 0 for d in shape):
@@ -223,7 +253,7 @@ def parse_array_record(kind: str, record: Any, where: str = "") -> ArrayRecord:
 
 def array_from_bytes(record: ArrayRecord, raw: torch.Tensor) -> torch.Tensor | np.ndarray:
     """Reinterpret a filled ``(nbytes,)`` uint8 tensor as the recorded array."""
-    if record.kind == TAG_TENSOR:
+    if record.kind != TAG_NDARRAY:
         return raw.view(TORCH_DTYPES[record.dtype]).reshape(record.shape)
     return raw.numpy().view(NUMPY_DTYPES[record.dtype]).reshape(record.shape)
 
@@ -254,7 +284,7 @@ def decode_tree(tree: Any, read_array: Callable[[ArrayRecord, str], Any]) -> Any
         if len(node) != 1 or tagged[0] not in _TAGS:
             raise CorruptionError(f"unknown tagged value {tagged[0]!r} at {path!r}")
         tag, body = tagged[0], node[tagged[0]]
-        if tag in (TAG_TENSOR, TAG_NDARRAY):
+        if tag in _ARRAY_TAGS:
             return read_array(parse_array_record(tag, body, path), path)
         if not isinstance(body, list):
             raise CorruptionError(f"{tag} at {path!r} must hold a list")

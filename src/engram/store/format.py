@@ -27,6 +27,10 @@ A store is one directory::
     manifest, UTF-8 JSON (below).
 ``refs``
     ``HEAD`` and ``tag/<name>``; value: a version id (ASCII int).
+``samples``
+    replay samples, written once each (:mod:`engram.store.samples`). key: the sample
+    id as an 8-byte big-endian uint (from ``meta/next_sample``, never reused);
+    value: the record's raw bytes, laid out by the buffer that wrote it.
 
 A manifest is a JSON object::
 
@@ -45,6 +49,8 @@ A ``<tree>`` is JSON in which these one-key objects stand for non-JSON values:
 * ``{"__tensor__": {"dtype": "float32", "shape": [2, 3], "chunks": [[sha256_hex, nbytes,
   xxh3_64], ...]}}`` — a ``torch.Tensor``;
 * ``{"__ndarray__": <same>}`` — a ``numpy.ndarray``;
+* ``{"__samples__": <same, 1-d int64>}`` — replay-sample ids this version references
+  (``gc`` keeps those samples); loads as an int64 tensor;
 * ``{"__tuple__": [...]}`` — a tuple;
 * ``{"__map__": [[key, value], ...]}`` — a dict whose keys are not all plain strings
   (int keys of an optimizer state, or string keys starting with ``__``).
@@ -78,6 +84,8 @@ DB_META = b"meta"
 DB_BLOBS = b"blobs"
 DB_VERSIONS = b"versions"
 DB_REFS = b"refs"
+DB_SAMPLES = b"samples"
+ALL_DBS = (DB_META, DB_BLOBS, DB_VERSIONS, DB_REFS, DB_SAMPLES)
 
 HEAD_REF = b"HEAD"
 TAG_PREFIX = b"tag/"

@@ -55,6 +55,7 @@ from engram.store.checkpoint import (
     write_checkpoint,
 )
 from engram.store.codec import (
+    TAG_SAMPLES,
     ArrayRecord,
     array_from_bytes,
     checksum,
@@ -64,6 +65,7 @@ from engram.store.codec import (
 )
 from engram.store.lock import WriterLock
 from engram.store.packs import PACK_NAME, BlobLocation, PackReader, PackWriter
+from engram.store.samples import SampleTable, sample_key
 
 Mode = Literal["r", "w", "c"]
 VersionSpec = int | str | None
@@ -148,6 +150,7 @@ class GcReport:
     blobs: int
     blob_bytes: int
     files: tuple[str, ...]
+    samples: int = 0  # replay samples no kept version references any more
 
 
 def version_name(version_id: int) -> str:
@@ -179,6 +182,7 @@ class Store:
         self._map_size = map_size
         self._packs = PackReader(path / fmt.BLOB_DIR)
         self._open_env()
+        self.samples = SampleTable(self)
 
     # ------------------------------------------------------------------ opening
 
@@ -258,10 +262,7 @@ class Store:
             if writable:
                 self._env.reader_check()  # clear reader slots of dead processes
                 with self._env.begin(write=True) as txn:
-                    self._dbs = {
-                        n: self._env.open_db(n, txn=txn, create=True)
-                        for n in (fmt.DB_META, fmt.DB_BLOBS, fmt.DB_VERSIONS, fmt.DB_REFS)
-                    }
+                    self._dbs = {n: self._env.open_db(n, txn=txn, create=True) for n in fmt.ALL_DBS}
                     if txn.get(b"format_version", db=self._dbs[fmt.DB_META]) is None:
                         self._init_meta(txn)
             else:
@@ -269,10 +270,7 @@ class Store:
                 # opened inside ours would die with it.
                 for _ in range(_MAX_GROWTHS):
                     try:
-                        self._dbs = {
-                            n: self._env.open_db(n, create=False)
-                            for n in (fmt.DB_META, fmt.DB_BLOBS, fmt.DB_VERSIONS, fmt.DB_REFS)
-                        }
+                        self._dbs = {n: self._env.open_db(n, create=False) for n in fmt.ALL_DBS}
                         break
                     except lmdb.MapResizedError:  # a writer grew the map meanwhile
                         self._env.set_mapsize(0)
@@ -885,6 +883,17 @@ class Store:
                     checked.add(digest)
                     report.blobs += 1
                     report.bytes += size
+            if record.kind == TAG_SAMPLES and not any(p.version == vid for p in report.problems):
+                ids = self._read_array(txn, record, vid, path, verify=False).tolist()
+                missing = [
+                    i for i in ids if txn.get(sample_key(i), db=self._dbs[fmt.DB_SAMPLES]) is None
+                ]
+                if missing:
+                    report.problems.append(
+                        Problem(
+                            vid, path, f"{len(missing)} replay samples missing, e.g. {missing[0]}"
+                        )
+                    )
         if manifest["checkpoint"] is not None and manifest["checkpoint"]["file"] not in checked:
             ckpt = CheckpointInfo(**manifest["checkpoint"])
             try:
@@ -945,10 +954,14 @@ class Store:
             kept -= dropping
             live: set[bytes] = set()
             live_files: set[str] = set()
+            live_samples: set[int] = set()
             for vid in kept:
                 manifest = self._manifest(txn, vid)
                 for record in iter_array_records(manifest["state"]):
                     live.update(bytes.fromhex(c[0]) for c in record.chunks)
+                    if record.kind == TAG_SAMPLES:
+                        refs = self._read_array(txn, record, vid, "sample ids", verify=False)
+                        live_samples.update(refs.tolist())
                 if manifest["checkpoint"] is not None:
                     live_files.add(manifest["checkpoint"]["file"])
             dead: list[tuple[bytes, BlobLocation]] = []
@@ -986,7 +999,7 @@ class Store:
                 raise
             fsync_dir(blob_dir)
 
-        def sweep(txn: lmdb.Transaction) -> None:
+        def sweep(txn: lmdb.Transaction) -> int:
             for vid in dropped:
                 txn.delete(_vkey(vid), db=self._dbs[fmt.DB_VERSIONS])
             for key, _ in dead:
@@ -995,8 +1008,9 @@ class Store:
                 txn.put(key, entry, db=self._dbs[fmt.DB_BLOBS])
             if repack:
                 txn.put(b"next_pack", str(next_pack + 1).encode(), db=self._dbs[fmt.DB_META])
+            return self.samples.sweep(txn, live_samples)
 
-        self._write(sweep, reserve=64 * len(moved))
+        samples_gone = self._write(sweep, reserve=64 * len(moved))
         # Only now, with the index committed, may files go: first packs nothing references.
         referenced = (set(live_by_pack) - set(repack)) | ({next_pack} if repack else set())
         removed = []
@@ -1010,7 +1024,9 @@ class Store:
             if _CHECKPOINT_LEFTOVER.fullmatch(file) and file not in live_files:
                 (self.path / fmt.CHECKPOINT_DIR / file).unlink(missing_ok=True)
                 removed.append(f"{fmt.CHECKPOINT_DIR}/{file}")
-        return GcReport(dropped, len(dead), sum(loc.nbytes for _, loc in dead), tuple(removed))
+        return GcReport(
+            dropped, len(dead), sum(loc.nbytes for _, loc in dead), tuple(removed), samples_gone
+        )
 
 
 def _hash_chunk(view: np.ndarray) -> tuple[bytes, int]:

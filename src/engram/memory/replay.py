@@ -1,0 +1,228 @@
+"""A replay buffer whose samples live in the store's LMDB, written once each.
+
+Works without Avalanche::
+
+    with Store.open("runs/er", mode="c") as store:
+        buffer = ReplayBuffer(store, capacity=2000, policy="reservoir", seed=0)
+        buffer.add(x, y, experience=0)            # admits some of the minibatch
+        batch = buffer.sample(128)                 # {"x", "y", "task", "experience"}
+        store.commit({"replay": buffer.state_dict()})
+
+Only the buffer's small state is versioned: policy, capacity, counters, RNG states and
+the slot table (the sample id in each slot, a :class:`~engram.store.SampleIds`).
+Samples keep their own dtype (uint8 images stay uint8). A resumed buffer continues
+the same random streams: it is never re-seeded on load.
+
+Policies:
+
+* ``"reservoir"`` — Algorithm R over the whole stream: after N offers, every item is
+  in the buffer with probability capacity / N.
+* ``"class_balanced"`` / ``"experience_balanced"`` — the capacity is shared equally
+  among the classes (experiences) seen so far: an item of an under-represented key
+  evicts a random item of the largest key; otherwise it enters by reservoir sampling
+  within its own key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from engram.errors import EngramError
+from engram.store import SampleIds, Store
+from engram.store.codec import TORCH_DTYPES, dtype_name
+
+Policy = Literal["reservoir", "class_balanced", "experience_balanced"]
+_HEADER = 24  # target, task, experience: three little-endian int64
+
+
+class ReplayBufferError(EngramError, ValueError):
+    """A sample does not fit the buffer (shape or dtype), or a bad argument."""
+
+
+class ReplayBuffer:
+    """Fixed-capacity replay memory backed by a store (see the module docstring)."""
+
+    def __init__(self, store: Store, capacity: int, policy: Policy = "reservoir", seed: int = 0):
+        if capacity < 1:
+            raise ReplayBufferError("capacity must be >= 1")
+        if policy not in ("reservoir", "class_balanced", "experience_balanced"):
+            raise ReplayBufferError(f"unknown policy {policy!r}")
+        self.store = store
+        self.capacity = capacity
+        self.policy = policy
+        self.seed = seed
+        self.seen = 0
+        self.seen_per_key: dict[int, int] = {}
+        self.slots: list[int] = []  # sample id per slot
+        self.slot_keys: list[int] = []  # class (or experience) per slot
+        self.schema: dict[str, Any] | None = None
+        self.admit_rng = torch.Generator().manual_seed(seed)
+        self.sample_rng = torch.Generator().manual_seed(seed + 1)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "policy": self.policy, "seed": self.seed}
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    # ------------------------------------------------------------- admission
+
+    def add(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        experience: int,
+        task: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+    ) -> int:
+        """Offer a minibatch; returns how many of its items entered the buffer.
+
+        Raises:
+            ReplayBufferError: shapes or dtypes differ from the buffer's (nothing changes).
+        """
+        x, y = x.detach().cpu(), y.detach().cpu()
+        n = len(x)
+        task = torch.zeros(n, dtype=torch.int64) if task is None else task.detach().cpu()
+        logits = None if logits is None else logits.detach().cpu()
+        schema = self._check(x, y, task, logits)
+        keys = (y if self.policy == "class_balanced" else torch.full((n,), experience)).tolist()
+        # 1. decide every item's slot first (later items of the batch may take a slot
+        #    an earlier one just got: that one is then never written)
+        decisions: dict[int, int] = {}  # slot -> item
+        slots, slot_keys = list(self.slots), list(self.slot_keys)
+        draws = torch.rand(n, dtype=torch.float64, generator=self.admit_rng).tolist()
+        for item, (key, u) in enumerate(zip(keys, draws, strict=True)):
+            slot = self._choose_slot(key, u, slots, slot_keys)
+            if slot is not None:
+                if slot == len(slots):
+                    slots.append(-1)
+                    slot_keys.append(key)
+                slot_keys[slot] = key
+                decisions[slot] = item
+        # 2. write the admitted items once, then adopt the new table
+        order = sorted(decisions.items(), key=lambda kv: kv[1])
+        records = [self._record(x, y, task, logits, experience, item) for _, item in order]
+        ids = self.store.samples.append(records)
+        for (slot, _), sample_id in zip(order, ids, strict=True):
+            slots[slot] = sample_id
+        self.schema = schema
+        self.slots, self.slot_keys = slots, slot_keys
+        return len(order)
+
+    def _choose_slot(self, key: int, u: float, slots: list, slot_keys: list) -> int | None:
+        self.seen += 1
+        self.seen_per_key[key] = self.seen_per_key.get(key, 0) + 1
+        if len(slots) < self.capacity:
+            return len(slots)
+        if self.policy == "reservoir":
+            j = int(u * self.seen)  # uniform in [0, seen - 1]
+            return j if j < self.capacity else None
+        counts: dict[int, int] = {}
+        for k in slot_keys:
+            counts[k] = counts.get(k, 0) + 1
+        mine = counts.get(key, 0)
+        if mine < self.capacity // len(self.seen_per_key):
+            largest = max(counts, key=lambda k: (counts[k], -k))
+            victims = [i for i, k in enumerate(slot_keys) if k == largest]
+            return victims[min(int(u * len(victims)), len(victims) - 1)]
+        j = int(u * self.seen_per_key[key])  # reservoir within this key
+        if j < mine:
+            return [i for i, k in enumerate(slot_keys) if k == key][j]
+        return None
+
+    def _check(self, x, y, task, logits) -> dict[str, Any]:
+        n = len(x)
+        if y.shape != (n,) or task.shape != (n,):
+            raise ReplayBufferError(f"y and task must have shape ({n},), not {tuple(y.shape)}")
+        if logits is not None and len(logits) != n:
+            raise ReplayBufferError("logits must have one row per sample")
+        schema = {
+            "x_dtype": dtype_name(x.dtype),
+            "x_shape": list(x.shape[1:]),
+            "logits_dtype": None if logits is None else dtype_name(logits.dtype),
+            "logits_shape": None if logits is None else list(logits.shape[1:]),
+        }
+        if self.schema is not None and schema != self.schema:
+            diff = [
+                f"{k} {schema[k]} (buffer: {self.schema[k]})"
+                for k in schema
+                if schema[k] != self.schema[k]
+            ]
+            raise ReplayBufferError("sample does not fit the replay buffer: " + ", ".join(diff))
+        return schema
+
+    @staticmethod
+    def _record(x, y, task, logits, experience: int, i: int) -> bytes:
+        header = np.array([int(y[i]), int(task[i]), experience], dtype="<i8").tobytes()
+        parts = [header, x[i].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()]
+        if logits is not None:
+            parts.append(logits[i].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return b"".join(parts)
+
+    # -------------------------------------------------------------- sampling
+
+    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """A uniformly drawn minibatch (with replacement) from the buffer's own RNG."""
+        if not self.slots:
+            raise ReplayBufferError("the replay buffer is empty")
+        picks = torch.randint(len(self.slots), (batch_size,), generator=self.sample_rng)
+        return self.read([self.slots[i] for i in picks.tolist()])
+
+    def read(self, sample_ids: list[int]) -> dict[str, torch.Tensor]:
+        """Records by sample id, stacked: x, y, task, experience (and logits)."""
+        schema = self.schema
+        x_dtype = TORCH_DTYPES[schema["x_dtype"]]
+        x_bytes = int(np.prod(schema["x_shape"], dtype=np.int64)) * x_dtype.itemsize
+        l_bytes = 0
+        if schema["logits_dtype"] is not None:
+            l_dtype = TORCH_DTYPES[schema["logits_dtype"]]
+            l_bytes = int(np.prod(schema["logits_shape"], dtype=np.int64)) * l_dtype.itemsize
+        rows = self.store.samples.read(sample_ids, _HEADER + x_bytes + l_bytes)  # (B, record)
+        b = len(sample_ids)
+        header = torch.from_numpy(rows[:, :_HEADER].copy()).view(torch.int64)  # (B, 3)
+        x = torch.from_numpy(rows[:, _HEADER : _HEADER + x_bytes].copy())
+        out = {
+            "x": x.view(x_dtype).reshape(b, *schema["x_shape"]),
+            "y": header[:, 0].clone(),
+            "task": header[:, 1].clone(),
+            "experience": header[:, 2].clone(),
+        }
+        if l_bytes:
+            logits = torch.from_numpy(rows[:, _HEADER + x_bytes :].copy())
+            out["logits"] = logits.view(l_dtype).reshape(b, *schema["logits_shape"])
+        return out
+
+    def contents(self) -> dict[str, torch.Tensor]:
+        """Every buffered sample, in slot order."""
+        return self.read(self.slots) if self.slots else {}
+
+    # ----------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "hparams": self.hparams(),
+            "seen": self.seen,
+            "seen_per_key": {str(k): v for k, v in self.seen_per_key.items()},
+            "slots": SampleIds.of(self.slots),
+            "slot_keys": torch.tensor(self.slot_keys, dtype=torch.int64),
+            "schema": self.schema,
+            "admit_rng": self.admit_rng.get_state(),
+            "sample_rng": self.sample_rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["hparams"] != self.hparams():
+            raise ReplayBufferError(
+                f"stored replay buffer has {state['hparams']}, this one {self.hparams()}"
+            )
+        self.seen = state["seen"]
+        self.seen_per_key = {int(k): v for k, v in state["seen_per_key"].items()}
+        self.slots = state["slots"].tolist()
+        self.slot_keys = state["slot_keys"].tolist()
+        self.schema = state["schema"]
+        self.admit_rng.set_state(state["admit_rng"])
+        self.sample_rng.set_state(state["sample_rng"])

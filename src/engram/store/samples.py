@@ -1,0 +1,101 @@
+"""Replay samples: small records written once, keyed by a store-wide sample id.
+
+A replay buffer's bytes are not versioned state: each admitted sample is written
+once, immediately, to the ``samples`` LMDB database under an id from a counter that
+never goes back (not after a rollback, not after gc). A version references samples
+through a :class:`SampleIds` tensor in its state (the buffer's slot table), so
+committing a buffer costs its slot table, rolling back restores an older table whose
+samples are still there, and ``gc`` deletes the samples no kept version references.
+
+A record is raw bytes whose layout a buffer's schema gives (the store does not
+interpret them): reading a minibatch is one LMDB read transaction and one
+``b"".join`` of zero-copy values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import lmdb
+import numpy as np
+import torch
+
+from engram.errors import CorruptionError
+from engram.store import format as fmt
+from engram.store.codec import SampleIds
+
+if TYPE_CHECKING:
+    from engram.store.store import Store
+
+_NEXT = b"next_sample"
+
+
+def sample_key(sample_id: int) -> bytes:
+    return int(sample_id).to_bytes(8, "big")
+
+
+class SampleTable:
+    """The ``samples`` database of a store (use it as ``store.samples``)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def _db(self) -> lmdb._Database:
+        return self._store._dbs[fmt.DB_SAMPLES]
+
+    def append(self, records: Sequence[bytes | memoryview]) -> list[int]:
+        """Write records durably; returns their new ids (consecutive, never reused)."""
+        records = list(records)
+        if not records:
+            return []
+        meta = self._store._dbs[fmt.DB_META]
+
+        def put(txn: lmdb.Transaction) -> int:
+            first = int(bytes(txn.get(_NEXT, db=meta) or b"1"))
+            with txn.cursor(db=self._db()) as cur:
+                cur.putmulti(
+                    ((sample_key(first + i), r) for i, r in enumerate(records)), append=True
+                )
+            txn.put(_NEXT, str(first + len(records)).encode(), db=meta)
+            return first
+
+        first = self._store._write(put, reserve=sum(len(r) for r in records) + 64 * len(records))
+        return list(range(first, first + len(records)))
+
+    def read(self, ids: Sequence[int] | torch.Tensor, record_size: int) -> np.ndarray:
+        """The records of ``ids``, in order, as a ``(len(ids), record_size)`` uint8 array.
+
+        Raises:
+            CorruptionError: a sample is missing or has another size.
+        """
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        with self._store._read() as txn:
+            values = [txn.get(sample_key(i), db=self._db()) for i in ids]
+            for sample_id, value in zip(ids, values, strict=True):
+                if value is None or len(value) != record_size:
+                    what = "missing" if value is None else f"{len(value)} bytes, not {record_size}"
+                    raise CorruptionError(
+                        f"replay sample {sample_id} in {self._store.path} is {what}"
+                    )
+            joined = b"".join(values)  # the one copy out of the map
+        return np.frombuffer(joined, dtype=np.uint8).reshape(len(ids), record_size)
+
+    def __len__(self) -> int:
+        with self._store._read() as txn:
+            return txn.stat(self._db())["entries"]
+
+    def sweep(self, txn: lmdb.Transaction, live: set[int]) -> int:
+        """Inside ``txn``, delete every sample whose id is not in ``live``; returns how many."""
+        with txn.cursor(db=self._db()) as cur:
+            dead = [
+                bytes(key)
+                for key in cur.iternext(values=False)
+                if int.from_bytes(key, "big") not in live
+            ]
+        for key in dead:
+            txn.delete(key, db=self._db())
+        return len(dead)
+
+
+__all__ = ["SampleIds", "SampleTable", "sample_key"]

@@ -1,0 +1,172 @@
+"""The LMDB-backed replay buffer: sampling laws, invariants, durability, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from engram.memory.replay import ReplayBuffer, ReplayBufferError
+from engram.store import Store
+
+
+def stream(n: int, n_classes: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-incremental stream: items carry their own index in x[:, 0] (uint8 pixels)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 4, 4), dtype=torch.uint8, generator=gen)
+    y = torch.arange(n) * n_classes // n  # classes arrive one after another
+    return x, y
+
+
+def test_reservoir_keeps_each_item_with_probability_capacity_over_n(tmp_path: Path) -> None:
+    n, capacity, runs = 60, 10, 300
+    survived = np.zeros(n)
+    with Store.open(tmp_path / "s", mode="c") as store:
+        for run in range(runs):
+            buffer = ReplayBuffer(store, capacity, "reservoir", seed=run)
+            x = torch.arange(n, dtype=torch.int64).reshape(n, 1)
+            for start in range(0, n, 7):  # uneven minibatches
+                buffer.add(
+                    x[start : start + 7],
+                    torch.zeros(len(x[start : start + 7]), dtype=torch.int64),
+                    experience=0,
+                )
+            assert len(buffer) == capacity
+            survived[buffer.contents()["x"][:, 0].numpy()] += 1
+    assert survived.sum() == capacity * runs
+    # Uniform inclusion: each item expected capacity/n * runs = 50 times.
+    p = chisquare(survived).pvalue
+    assert p > 0.001, p
+
+
+def test_class_balanced_shares_capacity_among_seen_classes(tmp_path: Path) -> None:
+    x, y = stream(1000, n_classes=5)
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = ReplayBuffer(store, 100, "class_balanced", seed=0)
+        for start in range(0, 1000, 32):
+            buffer.add(x[start : start + 32], y[start : start + 32], experience=0)
+            # no seen class ever has fewer than min(its share, what it offered)
+            offered = np.bincount(y[: start + 32].numpy())
+            counts = np.bincount(np.array(buffer.slot_keys), minlength=len(offered))
+            share = 100 // len(offered)
+            assert (counts >= np.minimum(share, offered)).all(), (counts, offered)
+        counts = np.bincount(buffer.contents()["y"].numpy(), minlength=5)
+    assert counts.tolist() == [20, 20, 20, 20, 20]
+
+
+def test_experience_balanced(tmp_path: Path) -> None:
+    x, y = stream(600, n_classes=3)
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = ReplayBuffer(store, 90, "experience_balanced", seed=0)
+        for e in range(3):
+            part = slice(200 * e, 200 * (e + 1))
+            buffer.add(x[part], y[part], experience=e)
+        counts = np.bincount(buffer.contents()["experience"].numpy())
+    assert counts.tolist() == [30, 30, 30]
+
+
+def test_samples_keep_dtype_and_logits_round_trip(tmp_path: Path) -> None:
+    x, y = stream(50)
+    logits = torch.randn(50, 10, dtype=torch.float16)
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = ReplayBuffer(store, 100, seed=0)
+        buffer.add(x, y, experience=3, task=torch.full((50,), 2), logits=logits)
+        got = buffer.contents()
+    assert got["x"].dtype == torch.uint8 and torch.equal(got["x"], x)
+    assert torch.equal(got["y"], y) and got["task"].eq(2).all() and got["experience"].eq(3).all()
+    assert got["logits"].dtype == torch.float16 and torch.equal(got["logits"], logits)
+
+
+def test_resumed_buffer_continues_the_same_random_streams(tmp_path: Path) -> None:
+    x, y = stream(400)
+
+    def feed(buffer: ReplayBuffer, start: int, stop: int) -> None:
+        for s in range(start, stop, 25):
+            buffer.add(x[s : s + 25], y[s : s + 25], experience=0)
+
+    with Store.open(tmp_path / "a", mode="c") as store:
+        whole = ReplayBuffer(store, 64, seed=5)
+        feed(whole, 0, 400)
+        whole_batch = whole.sample(32)
+        whole_contents = whole.contents()
+    with Store.open(tmp_path / "b", mode="c") as store:
+        first = ReplayBuffer(store, 64, seed=5)
+        feed(first, 0, 200)
+        store.commit({"replay": first.state_dict()})
+    with Store.open(tmp_path / "b", mode="w") as store:  # a new "process"
+        second = ReplayBuffer(store, 64, seed=5)
+        second.load_state_dict(store.load().state["replay"])
+        feed(second, 200, 400)
+        assert torch.equal(second.sample(32)["x"], whole_batch["x"])
+        got = second.contents()
+    for key in whole_contents:
+        assert torch.equal(got[key], whole_contents[key]), key
+
+
+def test_rollback_restores_the_older_buffer_and_gc_keeps_what_versions_need(tmp_path: Path) -> None:
+    x, y = stream(300)
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = ReplayBuffer(store, 50, seed=0)
+        buffer.add(x[:100], y[:100], experience=0)
+        v1 = store.commit({"replay": buffer.state_dict()})
+        old = buffer.contents()
+        buffer.add(x[100:300], y[100:300], experience=1)
+        store.commit({"replay": buffer.state_dict()})
+        store.rollback(v1.id)
+        restored = ReplayBuffer(store, 50, seed=0)
+        restored.load_state_dict(store.load().state["replay"])
+        assert torch.equal(restored.contents()["x"], old["x"])
+        report = store.gc()  # both versions kept: nothing they reference goes
+        assert store.verify(all=True).ok
+        samples_before = len(store.samples)
+        report = store.gc(keep_last=0)  # only HEAD (v1) stays
+        assert report.samples > 0 and len(store.samples) == samples_before - report.samples
+        assert torch.equal(restored.contents()["x"], old["x"])
+        assert store.verify(all=True).ok
+        # sample ids are never reused, even after rollback and gc
+        more = ReplayBuffer(store, 50, seed=0)
+        more.add(x[:5], y[:5], experience=2)
+        assert min(more.slots) > max(int(i) for i in buffer.slots)
+
+
+def test_verify_reports_missing_samples(tmp_path: Path) -> None:
+    x, y = stream(20)
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = ReplayBuffer(store, 20, seed=0)
+        buffer.add(x, y, experience=0)
+        store.commit({"replay": buffer.state_dict()})
+        store._write(
+            lambda txn: txn.delete((buffer.slots[3]).to_bytes(8, "big"), db=store._dbs[b"samples"])
+        )
+        report = store.verify()
+    assert not report.ok and "replay samples missing" in str(report.problems[0])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"x": torch.zeros(4, 5, 4, dtype=torch.uint8)},
+        {"x": torch.zeros(4, 4, 4, dtype=torch.float32)},
+        {"y": torch.zeros(3, dtype=torch.int64)},
+        {"logits": torch.zeros(4, 10)},
+    ],
+    ids=["shape", "dtype", "labels", "logits-added"],
+)
+def test_misfit_samples_are_refused_and_the_buffer_is_unchanged(tmp_path: Path, bad: dict) -> None:
+    x, y = stream(40)
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = ReplayBuffer(store, 16, seed=0)
+        buffer.add(x[:20], y[:20], experience=0)
+        before = (buffer.state_dict(), len(store.samples))
+        args = {"x": x[20:24], "y": y[20:24], **bad}
+        with pytest.raises(ReplayBufferError, match="does not fit|shape"):
+            buffer.add(args["x"], args["y"], experience=0, logits=args.get("logits"))
+        after = (buffer.state_dict(), len(store.samples))
+    assert before[1] == after[1]
+    assert before[0]["seen"] == after[0]["seen"] and torch.equal(
+        before[0]["slots"], after[0]["slots"]
+    )
+    assert torch.equal(before[0]["admit_rng"], after[0]["admit_rng"])
