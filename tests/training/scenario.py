@@ -26,7 +26,15 @@ from avalanche.models import MultiHeadClassifier, MultiTaskModule  # noqa: E402
 from torch import nn  # noqa: E402
 
 from engram.benchmarks.digits import split_digits  # noqa: E402
-from engram.strategies import EWCPlugin, LwFPlugin, MASPlugin, SIPlugin  # noqa: E402
+from engram.strategies import (  # noqa: E402
+    AGEMPlugin,
+    DERPlugin,
+    ERPlugin,
+    EWCPlugin,
+    LwFPlugin,
+    MASPlugin,
+    SIPlugin,
+)
 from engram.training.template import DurableTemplate  # noqa: E402
 
 N_EXPERIENCES = 3
@@ -38,6 +46,11 @@ STRATEGIES = {
     "si": lambda: [SIPlugin(si_lambda=1.0)],
     "mas": lambda: [MASPlugin(lambda_reg=0.01)],  # larger values diverge at this lr
     "lwf": lambda: [LwFPlugin(alpha=1.0, temperature=2.0)],
+    "er": lambda: [ERPlugin(mem_size=100, seed=1)],
+    "derpp": lambda: [DERPlugin(mem_size=100, alpha=0.1, beta=0.5, seed=2)],
+    "agem": lambda: [AGEMPlugin(mem_size=100, sample_size=32, seed=3)],
+    "ewc_replay": lambda: [EWCPlugin(ewc_lambda=5.0), ERPlugin(mem_size=100, seed=4)],
+    "si_replay": lambda: [SIPlugin(si_lambda=1.0), ERPlugin(mem_size=100, policy="class_balanced")],
 }
 
 
@@ -100,7 +113,7 @@ def run(strategy: str, store: Path, *, multihead: bool = False, max_experiences:
         return template.fit(train, test, max_experiences=max_experiences)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("strategy", choices=sorted(STRATEGIES))
     parser.add_argument("store", type=Path)
@@ -109,7 +122,7 @@ def main() -> None:
     parser.add_argument("--kill-at-iteration", type=int)
     parser.add_argument("--kill-in-commit", type=int, help="SIGKILL inside the Nth commit")
     parser.add_argument("--multihead", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     extra = [KillAt(args.kill_at_iteration)] if args.kill_at_iteration else []
     if args.kill_in_commit:
         from engram.store import checkpoint

@@ -1,0 +1,72 @@
+"""Averaged GEM (Chaudhry et al. 2019): project the update so it does not increase the
+loss on a reference minibatch drawn from the replay buffer in the store.
+
+If g . g_ref < 0, the gradient becomes g - (g . g_ref / g_ref . g_ref) g_ref.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from avalanche.models import avalanche_forward
+
+from engram.memory.replay import Policy
+from engram.strategies.replay import BufferPlugin
+
+
+class AGEMPlugin(BufferPlugin):
+    engram_name = "agem"
+
+    def __init__(
+        self,
+        mem_size: int = 200,
+        sample_size: int = 64,
+        policy: Policy = "experience_balanced",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(mem_size, policy, seed)
+        self.sample_size = sample_size
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "sample_size": self.sample_size}
+
+    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if not len(self.buffer):
+            return
+        params = [p for p in strategy.model.parameters() if p.requires_grad]
+        grads = [
+            p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params
+        ]
+        memory = self.buffer.sample(self.sample_size)
+        x = memory["x"].to(strategy.device, strategy.mb_x.dtype)
+        out = avalanche_forward(strategy.model, x, memory["task"].to(strategy.device))
+        reference = torch.autograd.grad(
+            F.cross_entropy(out, memory["y"].to(strategy.device)), params, allow_unused=True
+        )
+        g = torch.cat([t.reshape(-1) for t in grads])
+        g_ref = torch.cat(
+            [
+                (r if r is not None else torch.zeros_like(p)).reshape(-1)
+                for r, p in zip(reference, params, strict=True)
+            ]
+        )
+        dot = torch.dot(g, g_ref)
+        if dot < 0:
+            g = g - dot / torch.dot(g_ref, g_ref) * g_ref
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = g[offset : offset + n].view_as(p).clone()
+            offset += n
+
+
+def _flat(grads: Any, params: list[torch.Tensor]) -> torch.Tensor:
+    """One flat vector of gradients; a missing gradient counts as zeros."""
+    return torch.cat(
+        [
+            (g.detach() if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )

@@ -1,0 +1,96 @@
+"""Experience replay (ER) over an LMDB-backed buffer: each step trains on the current
+minibatch concatenated with a minibatch drawn from the buffer.
+
+Avalanche's ReplayPlugin keeps index views into the original datasets (pickling one
+pickles the whole dataset) and rebuilds its loader every experience; here the buffer's
+samples are written once to the store and only its slot table is committed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from avalanche.core import SupervisedPlugin
+
+from engram.memory.replay import Policy, ReplayBuffer
+
+
+class BufferPlugin(SupervisedPlugin):
+    """Owns a :class:`ReplayBuffer` in the strategy's store; persists it; admits samples.
+
+    The buffer needs the store, which a plugin first sees in ``before_training``; a
+    state loaded before that is kept and applied then.
+    """
+
+    engram_name = "replay"
+
+    def __init__(self, mem_size: int, policy: Policy = "reservoir", seed: int = 0) -> None:
+        super().__init__()
+        self.mem_size = mem_size
+        self.policy = policy
+        self.seed = seed
+        self.buffer: ReplayBuffer | None = None
+        self._pending: dict[str, Any] | None = None
+        self._current: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def hparams(self) -> dict[str, Any]:
+        return {"mem_size": self.mem_size, "policy": self.policy, "seed": self.seed}
+
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        if self.buffer is None:
+            self.buffer = ReplayBuffer(strategy.store, self.mem_size, self.policy, self.seed)
+        if self._pending is not None:
+            self.buffer.load_state_dict(self._pending)
+            self._pending = None
+
+    def before_forward(self, strategy: Any, **kwargs: Any) -> None:
+        # what this step admits: the experience's own samples, not replayed ones
+        self._current = (strategy.mb_x, strategy.mb_y, strategy.mb_task_id)
+
+    def admit(self, strategy: Any, logits: torch.Tensor | None = None) -> None:
+        x, y, task = self._current
+        self.buffer.add(x, y, task=task, experience=strategy.clock.train_exp_counter, logits=logits)
+
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self.admit(strategy)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.buffer is None:
+            return dict(self._pending or {})
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self.buffer is None:
+            self._pending = state
+        else:
+            self.buffer.load_state_dict(state)
+
+
+class ERPlugin(BufferPlugin):
+    """Experience replay: the minibatch is extended with ``batch_size_mem`` buffer samples."""
+
+    def __init__(
+        self,
+        mem_size: int = 200,
+        batch_size_mem: int | None = None,
+        policy: Policy = "reservoir",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(mem_size, policy, seed)
+        self.batch_size_mem = batch_size_mem
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "batch_size_mem": self.batch_size_mem}
+
+    def before_forward(self, strategy: Any, **kwargs: Any) -> None:
+        super().before_forward(strategy)
+        if not len(self.buffer):
+            return
+        memory = self.buffer.sample(self.batch_size_mem or len(strategy.mb_x))
+        x, y, task = self._current
+        strategy.mbatch[0] = torch.cat([x, memory["x"].to(x.device, x.dtype)])
+        strategy.mbatch[1] = torch.cat([y, memory["y"].to(y.device)])
+        strategy.mbatch[-1] = torch.cat([task, memory["task"].to(task.device)])
