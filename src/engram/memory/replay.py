@@ -56,8 +56,10 @@ class ReplayBuffer:
         self.seed = seed
         self.seen = 0
         self.seen_per_key: dict[int, int] = {}
-        self.slots: list[int] = []  # sample id per slot
-        self.slot_keys: list[int] = []  # class (or experience) per slot
+        self.size = 0
+        self.slots = np.full(capacity, -1, dtype=np.int64)  # sample id per slot
+        self.slot_keys = np.full(capacity, -1, dtype=np.int64)  # class/experience per slot
+        self.key_slots: dict[int, list[int]] = {}  # balanced policies: slots of each key
         self.schema: dict[str, Any] | None = None
         self.admit_rng = torch.Generator().manual_seed(seed)
         self.sample_rng = torch.Generator().manual_seed(seed + 1)
@@ -66,7 +68,7 @@ class ReplayBuffer:
         return {"capacity": self.capacity, "policy": self.policy, "seed": self.seed}
 
     def __len__(self) -> int:
-        return len(self.slots)
+        return self.size
 
     # ------------------------------------------------------------- admission
 
@@ -90,49 +92,24 @@ class ReplayBuffer:
         logits = None if logits is None else logits.detach().cpu()
         schema = self._check(x, y, task, logits)
         keys = (y if self.policy == "class_balanced" else torch.full((n,), experience)).tolist()
-        # 1. decide every item's slot first (later items of the batch may take a slot
-        #    an earlier one just got: that one is then never written)
-        decisions: dict[int, int] = {}  # slot -> item
-        slots, slot_keys = list(self.slots), list(self.slot_keys)
         draws = torch.rand(n, dtype=torch.float64, generator=self.admit_rng).tolist()
+        # 1. decide every item's slot on local copies (a later item of the batch may take
+        #    the slot an earlier one just got: that one is never written); the buffer
+        #    changes only once the admitted samples are durably written.
+        plan = _Admission(self)
         for item, (key, u) in enumerate(zip(keys, draws, strict=True)):
-            slot = self._choose_slot(key, u, slots, slot_keys)
-            if slot is not None:
-                if slot == len(slots):
-                    slots.append(-1)
-                    slot_keys.append(key)
-                slot_keys[slot] = key
-                decisions[slot] = item
-        # 2. write the admitted items once, then adopt the new table
-        order = sorted(decisions.items(), key=lambda kv: kv[1])
-        records = [self._record(x, y, task, logits, experience, item) for _, item in order]
+            plan.offer(item, key, u)
+        order = sorted(plan.decisions.items(), key=lambda kv: kv[1][0])
+        records = [self._record(x, y, task, logits, experience, item) for _, (item, _) in order]
         ids = self.store.samples.append(records)
-        for (slot, _), sample_id in zip(order, ids, strict=True):
-            slots[slot] = sample_id
+        # 2. adopt the plan
+        for (slot, (_, key)), sample_id in zip(order, ids, strict=True):
+            self.slots[slot] = sample_id
+            self.slot_keys[slot] = key
+        self.size, self.seen, self.seen_per_key = plan.size, plan.seen, plan.seen_per_key
+        self.key_slots.update(plan.key_slots)
         self.schema = schema
-        self.slots, self.slot_keys = slots, slot_keys
         return len(order)
-
-    def _choose_slot(self, key: int, u: float, slots: list, slot_keys: list) -> int | None:
-        self.seen += 1
-        self.seen_per_key[key] = self.seen_per_key.get(key, 0) + 1
-        if len(slots) < self.capacity:
-            return len(slots)
-        if self.policy == "reservoir":
-            j = int(u * self.seen)  # uniform in [0, seen - 1]
-            return j if j < self.capacity else None
-        counts: dict[int, int] = {}
-        for k in slot_keys:
-            counts[k] = counts.get(k, 0) + 1
-        mine = counts.get(key, 0)
-        if mine < self.capacity // len(self.seen_per_key):
-            largest = max(counts, key=lambda k: (counts[k], -k))
-            victims = [i for i, k in enumerate(slot_keys) if k == largest]
-            return victims[min(int(u * len(victims)), len(victims) - 1)]
-        j = int(u * self.seen_per_key[key])  # reservoir within this key
-        if j < mine:
-            return [i for i, k in enumerate(slot_keys) if k == key][j]
-        return None
 
     def _check(self, x, y, task, logits) -> dict[str, Any]:
         n = len(x)
@@ -167,10 +144,10 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         """A uniformly drawn minibatch (with replacement) from the buffer's own RNG."""
-        if not self.slots:
+        if not self.size:
             raise ReplayBufferError("the replay buffer is empty")
-        picks = torch.randint(len(self.slots), (batch_size,), generator=self.sample_rng)
-        return self.read([self.slots[i] for i in picks.tolist()])
+        picks = torch.randint(self.size, (batch_size,), generator=self.sample_rng).numpy()
+        return self.read(self.slots[picks].tolist())
 
     def read(self, sample_ids: list[int]) -> dict[str, torch.Tensor]:
         """Records by sample id, stacked: x, y, task, experience (and logits)."""
@@ -198,7 +175,7 @@ class ReplayBuffer:
 
     def contents(self) -> dict[str, torch.Tensor]:
         """Every buffered sample, in slot order."""
-        return self.read(self.slots) if self.slots else {}
+        return self.read(self.slots[: self.size].tolist()) if self.size else {}
 
     # ----------------------------------------------------------------- state
 
@@ -207,8 +184,8 @@ class ReplayBuffer:
             "hparams": self.hparams(),
             "seen": self.seen,
             "seen_per_key": {str(k): v for k, v in self.seen_per_key.items()},
-            "slots": SampleIds.of(self.slots),
-            "slot_keys": torch.tensor(self.slot_keys, dtype=torch.int64),
+            "slots": SampleIds.of(torch.from_numpy(self.slots[: self.size].copy())),
+            "slot_keys": torch.from_numpy(self.slot_keys[: self.size].copy()),
             "schema": self.schema,
             "admit_rng": self.admit_rng.get_state(),
             "sample_rng": self.sample_rng.get_state(),
@@ -221,8 +198,69 @@ class ReplayBuffer:
             )
         self.seen = state["seen"]
         self.seen_per_key = {int(k): v for k, v in state["seen_per_key"].items()}
-        self.slots = state["slots"].tolist()
-        self.slot_keys = state["slot_keys"].tolist()
+        slots, keys = state["slots"].numpy(), state["slot_keys"].numpy()
+        self.size = len(slots)
+        self.slots[:] = -1
+        self.slot_keys[:] = -1
+        self.slots[: self.size] = slots
+        self.slot_keys[: self.size] = keys
+        self.key_slots = {}
+        if self.policy != "reservoir":
+            for slot, key in enumerate(keys.tolist()):
+                self.key_slots.setdefault(key, []).append(slot)
         self.schema = state["schema"]
         self.admit_rng.set_state(state["admit_rng"])
         self.sample_rng.set_state(state["sample_rng"])
+
+
+class _Admission:
+    """One minibatch's admission decisions, on copies of what they change."""
+
+    def __init__(self, buffer: ReplayBuffer) -> None:
+        self.buffer = buffer
+        self.size = buffer.size
+        self.seen = buffer.seen
+        self.seen_per_key = dict(buffer.seen_per_key)
+        self.key_slots: dict[int, list[int]] = {}  # copied on first change, per key
+        self.decisions: dict[int, tuple[int, int]] = {}  # slot -> (item, key)
+
+    def slots_of(self, key: int) -> list[int]:
+        if key not in self.key_slots:
+            self.key_slots[key] = list(self.buffer.key_slots.get(key, []))
+        return self.key_slots[key]
+
+    def count(self, key: int) -> int:
+        slots = self.key_slots[key] if key in self.key_slots else self.buffer.key_slots.get(key)
+        return len(slots or ())
+
+    def offer(self, item: int, key: int, u: float) -> None:
+        capacity, balanced = self.buffer.capacity, self.buffer.policy != "reservoir"
+        self.seen += 1
+        self.seen_per_key[key] = self.seen_per_key.get(key, 0) + 1
+        if self.size < capacity:
+            slot = self.size
+            self.size += 1
+            if balanced:
+                self.slots_of(key).append(slot)
+        elif not balanced:
+            j = int(u * self.seen)  # Algorithm R: uniform in [0, seen - 1]
+            if j >= capacity:
+                return
+            slot = j
+        else:
+            slot = self._balanced_slot(key, u)
+            if slot is None:
+                return
+        self.decisions[slot] = (item, key)
+
+    def _balanced_slot(self, key: int, u: float) -> int | None:
+        keys = set(self.buffer.key_slots) | set(self.key_slots)
+        mine = self.count(key)
+        if mine < self.buffer.capacity // len(self.seen_per_key):
+            largest = max(keys, key=lambda k: (self.count(k), -k))
+            victims = self.slots_of(largest)
+            slot = victims.pop(min(int(u * len(victims)), len(victims) - 1))
+            self.slots_of(key).append(slot)
+            return slot
+        j = int(u * self.seen_per_key[key])  # reservoir sampling within this key
+        return self.slots_of(key)[j] if j < mine else None
