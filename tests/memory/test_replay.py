@@ -80,26 +80,27 @@ def test_samples_keep_dtype_and_logits_round_trip(tmp_path: Path) -> None:
     assert got["logits"].dtype == torch.float16 and torch.equal(got["logits"], logits)
 
 
-def test_resumed_buffer_continues_the_same_random_streams(tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced", "experience_balanced"])
+def test_resumed_buffer_continues_the_same_random_streams(tmp_path: Path, policy: str) -> None:
     x, y = stream(400)
 
     def feed(buffer: ReplayBuffer, start: int, stop: int) -> None:
         for s in range(start, stop, 25):
-            buffer.add(x[s : s + 25], y[s : s + 25], experience=0)
+            buffer.add(x[s : s + 25], y[s : s + 25], experience=s // 100)
 
     with Store.open(tmp_path / "a", mode="c") as store:
-        whole = ReplayBuffer(store, 64, seed=5)
+        whole = ReplayBuffer(store, 64, policy, seed=5)
         feed(whole, 0, 400)
         whole_batch = whole.sample(32)
         whole_contents = whole.contents()
     with Store.open(tmp_path / "b", mode="c") as store:
-        first = ReplayBuffer(store, 64, seed=5)
-        feed(first, 0, 200)
+        first = ReplayBuffer(store, 64, policy, seed=5)
+        feed(first, 0, 150)
         store.commit({"replay": first.state_dict()})
     with Store.open(tmp_path / "b", mode="w") as store:  # a new "process"
-        second = ReplayBuffer(store, 64, seed=5)
+        second = ReplayBuffer(store, 64, policy, seed=5)
         second.load_state_dict(store.load().state["replay"])
-        feed(second, 200, 400)
+        feed(second, 150, 400)
         assert torch.equal(second.sample(32)["x"], whole_batch["x"])
         got = second.contents()
     for key in whole_contents:
@@ -139,7 +140,9 @@ def test_verify_reports_missing_samples(tmp_path: Path) -> None:
         buffer.add(x, y, experience=0)
         store.commit({"replay": buffer.state_dict()})
         store._write(
-            lambda txn: txn.delete(int(buffer.slots[3]).to_bytes(8, "big"), db=store._dbs[b"samples"])
+            lambda txn: txn.delete(
+                int(buffer.slots[3]).to_bytes(8, "big"), db=store._dbs[b"samples"]
+            )
         )
         report = store.verify()
     assert not report.ok and "replay samples missing" in str(report.problems[0])

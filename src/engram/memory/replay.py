@@ -25,6 +25,7 @@ Policies:
 
 from __future__ import annotations
 
+import bisect
 from typing import Any, Literal
 
 import numpy as np
@@ -59,7 +60,7 @@ class ReplayBuffer:
         self.size = 0
         self.slots = np.full(capacity, -1, dtype=np.int64)  # sample id per slot
         self.slot_keys = np.full(capacity, -1, dtype=np.int64)  # class/experience per slot
-        self.key_slots: dict[int, list[int]] = {}  # balanced policies: slots of each key
+        self.key_slots: dict[int, list[int]] = {}  # balanced policies: sorted slots per key
         self.schema: dict[str, Any] | None = None
         self.admit_rng = torch.Generator().manual_seed(seed)
         self.sample_rng = torch.Generator().manual_seed(seed + 1)
@@ -260,7 +261,10 @@ class _Admission:
             largest = max(keys, key=lambda k: (self.count(k), -k))
             victims = self.slots_of(largest)
             slot = victims.pop(min(int(u * len(victims)), len(victims) - 1))
-            self.slots_of(key).append(slot)
+            # Each key's slots stay sorted: the order is then a function of the slot
+            # table alone, as rebuilt by load_state_dict, and a resumed run picks the
+            # same victims.
+            bisect.insort(self.slots_of(key), slot)
             return slot
         j = int(u * self.seen_per_key[key])  # reservoir sampling within this key
         return self.slots_of(key)[j] if j < mine else None
