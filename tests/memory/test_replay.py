@@ -173,3 +173,20 @@ def test_misfit_samples_are_refused_and_the_buffer_is_unchanged(tmp_path: Path, 
         before[0]["slots"], after[0]["slots"]
     )
     assert torch.equal(before[0]["admit_rng"], after[0]["admit_rng"])
+
+
+def test_samples_become_durable_with_the_commit_that_references_them(tmp_path: Path) -> None:
+    x, y = stream(40)
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = ReplayBuffer(store, 30, seed=0)
+        buffer.add(x, y, experience=0)
+        assert len(buffer.sample(8)["x"]) == 8  # readable at once
+        with Store.open(tmp_path / "s") as reader:
+            assert len(reader.samples) == 0  # not written yet: no version needs them
+        store.commit({"replay": buffer.state_dict()})
+        with Store.open(tmp_path / "s") as reader:
+            assert len(reader.samples) == 30
+            again = ReplayBuffer(reader, 30, seed=0)
+            again.load_state_dict(reader.load().state["replay"])
+            assert torch.equal(again.contents()["x"], buffer.contents()["x"])
+        assert store.verify(all=True).ok

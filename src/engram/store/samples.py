@@ -36,32 +36,68 @@ def sample_key(sample_id: int) -> bytes:
 
 
 class SampleTable:
-    """The ``samples`` database of a store (use it as ``store.samples``)."""
+    """The ``samples`` database of a store (use it as ``store.samples``).
+
+    Writes are buffered in memory until :meth:`flush`, which ``Store.commit`` calls
+    before publishing a version: a sample only has to be durable once a version
+    references it, and one synced transaction per commit costs far less than one per
+    minibatch. Ids are reserved from the store's counter in blocks, so they stay unique
+    across processes and crashes (an id reserved but never flushed is simply unused).
+    """
+
+    _BLOCK = 4096
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._pending: dict[int, bytes] = {}
+        self._next = self._limit = 0  # the reserved, not yet used block [next, limit)
 
     def _db(self) -> lmdb._Database:
         return self._store._dbs[fmt.DB_SAMPLES]
 
+    def _reserve(self, n: int) -> int:
+        if self._limit - self._next < n:
+            meta = self._store._dbs[fmt.DB_META]
+            block = max(n, self._BLOCK)
+
+            def bump(txn: lmdb.Transaction) -> int:
+                first = int(bytes(txn.get(_NEXT, db=meta) or b"1"))
+                txn.put(_NEXT, str(first + block).encode(), db=meta)
+                return first
+
+            self._next = self._store._write(bump)
+            self._limit = self._next + block
+        first = self._next
+        self._next += n
+        return first
+
     def append(self, records: Sequence[bytes | memoryview]) -> list[int]:
-        """Write records durably; returns their new ids (consecutive, never reused)."""
-        records = list(records)
+        """Add records; returns their new ids (consecutive, never reused).
+
+        They are readable at once and durable after the next :meth:`flush` (every
+        commit flushes first).
+        """
+        records = [bytes(r) for r in records]
         if not records:
             return []
-        meta = self._store._dbs[fmt.DB_META]
+        first = self._reserve(len(records))
+        ids = list(range(first, first + len(records)))
+        self._pending.update(zip(ids, records, strict=True))
+        return ids
 
-        def put(txn: lmdb.Transaction) -> int:
-            first = int(bytes(txn.get(_NEXT, db=meta) or b"1"))
+    def flush(self) -> int:
+        """Write pending records in one transaction; returns how many."""
+        if not self._pending:
+            return 0
+        items = sorted(self._pending.items())
+
+        def put(txn: lmdb.Transaction) -> None:
             with txn.cursor(db=self._db()) as cur:
-                cur.putmulti(
-                    ((sample_key(first + i), r) for i, r in enumerate(records)), append=True
-                )
-            txn.put(_NEXT, str(first + len(records)).encode(), db=meta)
-            return first
+                cur.putmulti(((sample_key(i), r) for i, r in items), append=True)
 
-        first = self._store._write(put, reserve=sum(len(r) for r in records) + 64 * len(records))
-        return list(range(first, first + len(records)))
+        self._store._write(put, reserve=sum(len(r) for _, r in items) + 64 * len(items))
+        self._pending.clear()
+        return len(items)
 
     def read(self, ids: Sequence[int] | torch.Tensor, record_size: int) -> np.ndarray:
         """The records of ``ids``, in order, as a ``(len(ids), record_size)`` uint8 array.
@@ -70,8 +106,11 @@ class SampleTable:
             CorruptionError: a sample is missing or has another size.
         """
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        pending = self._pending
         with self._store._read() as txn:
-            values = [txn.get(sample_key(i), db=self._db()) for i in ids]
+            values = [
+                pending[i] if i in pending else txn.get(sample_key(i), db=self._db()) for i in ids
+            ]
             for sample_id, value in zip(ids, values, strict=True):
                 if value is None or len(value) != record_size:
                     what = "missing" if value is None else f"{len(value)} bytes, not {record_size}"
@@ -83,7 +122,7 @@ class SampleTable:
 
     def __len__(self) -> int:
         with self._store._read() as txn:
-            return txn.stat(self._db())["entries"]
+            return txn.stat(self._db())["entries"] + len(self._pending)
 
     def sweep(self, txn: lmdb.Transaction, live: set[int]) -> int:
         """Inside ``txn``, delete every sample whose id is not in ``live``; returns how many."""

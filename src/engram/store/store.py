@@ -181,8 +181,8 @@ class Store:
         self._env: lmdb.Environment | None = None
         self._map_size = map_size
         self._packs = PackReader(path / fmt.BLOB_DIR)
-        self._open_env()
         self.samples = SampleTable(self)
+        self._open_env()
 
     # ------------------------------------------------------------------ opening
 
@@ -309,12 +309,16 @@ class Store:
 
     def close(self) -> None:
         """Close the LMDB environment and release the writer lock."""
-        if self._env is not None:
-            self._env.close()
-            self._env = None
-        self._packs.close()
-        if self._lock is not None:
-            self._lock.release()
+        try:
+            if self._env is not None and self.mode != "r" and os.getpid() == self._pid:
+                self.samples.flush()
+        finally:
+            if self._env is not None:
+                self._env.close()
+                self._env = None
+            self._packs.close()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> Store:
         return self
@@ -652,6 +656,7 @@ class Store:
             ) from e
 
     def _commit(self, tree, pending, weights, message, meta) -> VersionInfo:
+        self.samples.flush()  # replay samples this version may reference become durable
         meta_db = self._dbs[fmt.DB_META]
         with self._read() as txn:
             vid = int(bytes(txn.get(b"next_version", db=meta_db)))
