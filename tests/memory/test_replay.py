@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from engram.errors import EngramError
 from engram.memory.replay import ReplayBuffer, ReplayBufferError
 from engram.store import Store
 
@@ -175,18 +178,28 @@ def test_misfit_samples_are_refused_and_the_buffer_is_unchanged(tmp_path: Path, 
     assert torch.equal(before[0]["admit_rng"], after[0]["admit_rng"])
 
 
+def samples_seen_by_another_process(path: Path) -> int:
+    code = "import sys; from engram.store import Store; print(len(Store.open(sys.argv[1]).samples))"
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
 def test_samples_become_durable_with_the_commit_that_references_them(tmp_path: Path) -> None:
     x, y = stream(40)
     with Store.open(tmp_path / "s", mode="c") as store:
         buffer = ReplayBuffer(store, 30, seed=0)
         buffer.add(x, y, experience=0)
         assert len(buffer.sample(8)["x"]) == 8  # readable at once
-        with Store.open(tmp_path / "s") as reader:
-            assert len(reader.samples) == 0  # not written yet: no version needs them
+        assert samples_seen_by_another_process(tmp_path / "s") == 0  # no version needs them yet
         store.commit({"replay": buffer.state_dict()})
-        with Store.open(tmp_path / "s") as reader:
-            assert len(reader.samples) == 30
-            again = ReplayBuffer(reader, 30, seed=0)
-            again.load_state_dict(reader.load().state["replay"])
-            assert torch.equal(again.contents()["x"], buffer.contents()["x"])
+        assert samples_seen_by_another_process(tmp_path / "s") == 30
         assert store.verify(all=True).ok
+
+
+def test_a_second_handle_in_the_same_process_gets_a_clear_error(tmp_path: Path) -> None:
+    with (
+        Store.open(tmp_path / "s", mode="c"),
+        pytest.raises(EngramError, match="already open in this process"),
+    ):
+        Store.open(tmp_path / "s")

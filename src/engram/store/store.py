@@ -257,6 +257,11 @@ class Store:
                 max_readers=1024,
             )
         except lmdb.Error as e:
+            if "already open in this process" in str(e):
+                raise EngramError(
+                    f"store {self.path} is already open in this process (LMDB allows one "
+                    "handle per process); use that Store object, or read from another process"
+                ) from None
             raise NotAStoreError(f"{self.path} is not a readable engram store: {e}") from e
         try:
             if writable:
