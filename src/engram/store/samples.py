@@ -38,18 +38,20 @@ def sample_key(sample_id: int) -> bytes:
 class SampleTable:
     """The ``samples`` database of a store (use it as ``store.samples``).
 
-    Writes are buffered in memory until :meth:`flush`, which ``Store.commit`` calls
-    before publishing a version: a sample only has to be durable once a version
-    references it, and one synced transaction per commit costs far less than one per
-    minibatch. Ids are reserved from the store's counter in blocks, so they stay unique
+    Writes are buffered in memory (at most 32 MiB) until :meth:`flush`, which
+    ``Store.commit`` calls before publishing a version: a sample only has to be durable
+    once a version references it, and one synced transaction per commit costs far less
+    than one per minibatch. Ids are reserved from the store's counter in blocks, so they stay unique
     across processes and crashes (an id reserved but never flushed is simply unused).
     """
 
     _BLOCK = 4096
+    _MAX_PENDING_BYTES = 32 * 1024 * 1024  # memory bound: flush earlier than the commit
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self._pending: dict[int, bytes] = {}
+        self._pending_bytes = 0
         self._next = self._limit = 0  # the reserved, not yet used block [next, limit)
 
     def _db(self) -> lmdb._Database:
@@ -83,6 +85,9 @@ class SampleTable:
         first = self._reserve(len(records))
         ids = list(range(first, first + len(records)))
         self._pending.update(zip(ids, records, strict=True))
+        self._pending_bytes += sum(len(r) for r in records)
+        if self._pending_bytes > self._MAX_PENDING_BYTES:
+            self.flush()
         return ids
 
     def flush(self) -> int:
@@ -97,6 +102,7 @@ class SampleTable:
 
         self._store._write(put, reserve=sum(len(r) for _, r in items) + 64 * len(items))
         self._pending.clear()
+        self._pending_bytes = 0
         return len(items)
 
     def read(self, ids: Sequence[int] | torch.Tensor, record_size: int) -> np.ndarray:
