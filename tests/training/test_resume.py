@@ -118,13 +118,14 @@ def test_sigkill_mid_experience_then_rerun(references, tmp_path: Path, strategy:
     assert_equivalent(references[strategy], store)
 
 
-def test_sigkill_during_a_commit_then_rerun(references, tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ewc", "er"])
+def test_sigkill_during_a_commit_then_rerun(references, tmp_path: Path, strategy: str) -> None:
     store = tmp_path / "store"
-    child("ewc", store, "--commit-every", 5, "--kill-in-commit", 3, expect_kill=True)
+    child(strategy, store, "--commit-every", 5, "--kill-in-commit", 3, expect_kill=True)
     with Store.open(store) as s:
         assert len(s.versions()) == 2  # the third commit never became visible
-    child("ewc", store, "--commit-every", 5)
-    assert_equivalent(references["ewc"], store)
+    child(strategy, store, "--commit-every", 5)
+    assert_equivalent(references[strategy], store)
 
 
 def test_multihead_task_incremental_resumes_with_all_heads(tmp_path: Path) -> None:
