@@ -79,6 +79,9 @@ LMDB_DIR = "memory.lmdb"
 BLOB_DIR = "blobs"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = "writer.lock"
+# Written beside the store by engram-train (resolved configs, TensorBoard events): a
+# directory holding only these may still become a store.
+RUN_DIRS = ("hydra", "tb")
 
 DB_META = b"meta"
 DB_BLOBS = b"blobs"

@@ -220,7 +220,7 @@ class Store:
                         f"no store at {root}; open it with mode='c' to create one"
                     )
                 raise NotAStoreError(f"{root} is not an engram store (it has no {fmt.LMDB_DIR}/)")
-            ours = {fmt.LMDB_DIR, fmt.BLOB_DIR, fmt.CHECKPOINT_DIR, fmt.LOCK_FILE}
+            ours = {fmt.LMDB_DIR, fmt.BLOB_DIR, fmt.CHECKPOINT_DIR, fmt.LOCK_FILE, *fmt.RUN_DIRS}
             # Names of ours may be there: a creation cut short, or one racing with us
             # (the writer lock below then decides who proceeds).
             if root.exists() and any(p.name not in ours for p in root.iterdir()):

@@ -33,7 +33,7 @@ import json
 import random
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,12 +174,14 @@ class DurableTemplate(SupervisedTemplate):
         test_stream: Iterable[Any] | None = None,
         *,
         max_experiences: int | None = None,
+        on_experience: Callable[[int, list[float]], None] | None = None,
     ) -> list[list[float]]:
         """Train on every experience of ``train_stream`` not yet trained, evaluating on
         ``test_stream`` after each, and commit each experience with its accuracies.
 
         Args:
             max_experiences: train at most this many (not yet trained) experiences now.
+            on_experience: called with (index, accuracy row) after each experience's commit.
 
         Returns:
             The accuracy matrix: row i holds the accuracy on each test experience after
@@ -201,6 +203,8 @@ class DurableTemplate(SupervisedTemplate):
                 self.accuracy_matrix.append(self.evaluate(test_list))
                 self._finish_experience(index)
                 trained += 1
+                if on_experience is not None:
+                    on_experience(index, self.accuracy_matrix[-1])
         finally:
             self._in_fit = False
         return self.accuracy_matrix

@@ -1,0 +1,138 @@
+"""Structured configuration schemas for ``engram-train`` (registered in Hydra's ConfigStore).
+
+Every group's YAML is validated against these dataclasses when Hydra composes the
+config, so a misspelt key or a value of the wrong type fails at start-up with a message
+naming it, not deep inside training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "split_digits"
+    n_experiences: int = 5
+    task_labels: bool = False
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [256])
+    multihead: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EWCConfig:
+    ewc_lambda: float = 50.0
+    mode: str = "separate"
+    decay_factor: float | None = None
+    estimator: str = "empirical"
+    fisher_mb_size: int = 64
+
+
+@dataclass
+class SIConfig:
+    si_lambda: float = 1.0
+    eps: float = 0.1
+
+
+@dataclass
+class MASConfig:
+    lambda_reg: float = 0.01
+    alpha: float = 0.5
+
+
+@dataclass
+class LwFConfig:
+    alpha: float = 1.0
+    temperature: float = 2.0
+
+
+@dataclass
+class ReplayConfig:
+    mem_size: int = 200
+    batch_size_mem: int | None = None
+    policy: str = "reservoir"
+
+
+@dataclass
+class DERConfig:
+    mem_size: int = 200
+    alpha: float = 0.1
+    beta: float = 0.0
+    policy: str = "reservoir"
+
+
+@dataclass
+class AGEMConfig:
+    mem_size: int = 200
+    sample_size: int = 64
+    policy: str = "experience_balanced"
+
+
+@dataclass
+class StrategyConfig:
+    """A strategy is the set of plugins that are not null; composition is configuration."""
+
+    name: str = "naive"
+    ewc: EWCConfig | None = None
+    si: SIConfig | None = None
+    mas: MASConfig | None = None
+    lwf: LwFConfig | None = None
+    replay: ReplayConfig | None = None
+    der: DERConfig | None = None
+    agem: AGEMConfig | None = None
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    commit_every_iterations: int | None = None
+    commit_every_seconds: float | None = None
+
+
+@dataclass
+class RunConfig:
+    max_experiences: int | None = None  # train at most N not-yet-trained experiences now
+    quiet: bool = False
+
+
+@dataclass
+class TrainConfig:
+    benchmark: BenchmarkConfig = MISSING
+    model: ModelConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    store: str = MISSING
+    seed: int = 0
+    branch: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="optimizer", name="optimizer_schema", node=OptimizerConfig)
+    cs.store(group="strategy", name="strategy_schema", node=StrategyConfig)

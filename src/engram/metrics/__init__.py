@@ -1,0 +1,5 @@
+"""Continual-learning metrics computed from the persisted accuracy matrix."""
+
+from engram.metrics.forgetting import average_accuracy, backward_transfer, forgetting
+
+__all__ = ["average_accuracy", "backward_transfer", "forgetting"]
