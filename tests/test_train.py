@@ -91,3 +91,29 @@ def test_cli_error_is_one_line(tmp_path: Path) -> None:
         and "locked by pid" in out.stderr
     )
     assert "Traceback" not in out.stderr
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag != "store/commit_seconds"  # a measurement, not a function of the history
+    }
+
+
+def test_tensorboard_history_after_a_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    common = ["benchmark.n_experiences=5", "strategy=ewc"]
+    train(config(tmp_path / "whole", *common))
+    for _ in range(3):
+        train(config(tmp_path / "split", *common, "run.max_experiences=2"))
+    whole, split = scalars(tmp_path / "whole" / "tb"), scalars(tmp_path / "split" / "tb")
+    assert {"accuracy/exp0", "metrics/forgetting", "metrics/bwt", "store/version_bytes"} <= set(
+        whole
+    )
+    assert whole == split
+    assert [step for step, _ in whole["accuracy/exp0"]] == [0, 1, 2, 3, 4]
+    assert (tmp_path / "split" / "tb" / "hparams").is_dir()

@@ -110,6 +110,11 @@ class TrainingConfig:
 
 
 @dataclass
+class LoggerConfig:
+    tensorboard: bool = True  # events in <store>/tb: tensorboard --logdir runs
+
+
+@dataclass
 class RunConfig:
     max_experiences: int | None = None  # train at most N not-yet-trained experiences now
     quiet: bool = False
@@ -123,6 +128,7 @@ class TrainConfig:
     strategy: StrategyConfig = MISSING
     training: TrainingConfig = field(default_factory=TrainingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     store: str = MISSING
     seed: int = 0
     branch: bool = False

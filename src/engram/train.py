@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -87,6 +88,7 @@ def train(cfg: DictConfig) -> list[list[float]]:
     import torch
 
     from engram.metrics import average_accuracy, backward_transfer, forgetting
+    from engram.metrics.tensorboard import ForgettingWriter
     from engram.training.template import DurableTemplate
 
     torch.manual_seed(cfg.seed)
@@ -106,8 +108,13 @@ def train(cfg: DictConfig) -> list[list[float]]:
     else:
         raise EngramError(f"unknown optimizer {cfg.optimizer.name!r}; available: sgd, adam")
     quiet = cfg.run.quiet
+    board = ForgettingWriter(Path(cfg.store) / "tb") if cfg.logger.tensorboard else None
 
     def report(index: int, row: list[float]) -> None:
+        if board is not None:
+            board.experience(
+                strategy.accuracy_matrix, strategy.last_commit_seconds, strategy.last_commit_bytes
+            )
         if not quiet:
             print(f"experience {index}: accuracy " + " ".join(f"{a:.2f}" for a in row), flush=True)
 
@@ -129,6 +136,14 @@ def train(cfg: DictConfig) -> list[list[float]]:
     ) as strategy:  # fmt: skip
         done_before = strategy.restore(list(bench.train_stream) + list(bench.test_stream))
         already = strategy.cursor.experience
+        if board is not None:  # from the store: the same after a resume
+            written = {
+                v.meta["experience"]: v.new_bytes
+                for v in strategy.store.versions()
+                if v.meta.get("kind") == "experience"
+            }
+            sizes = [written.get(i, 0) for i in range(len(strategy.accuracy_matrix))]
+            board.history(strategy.accuracy_matrix, sizes)
         if done_before and not quiet:
             print(f"resuming {cfg.store} after experience {already - 1}")
         matrix = strategy.fit(
@@ -137,6 +152,9 @@ def train(cfg: DictConfig) -> list[list[float]]:
         )  # fmt: skip
         if already >= len(bench.train_stream):
             print(f"{cfg.store}: all {already} experiences are already trained")
+        if board is not None:
+            board.hparams(_flat_hparams(cfg), matrix)
+            board.close()
     if not quiet and matrix:
         print("\naccuracy matrix (row i: after training experience i; column j: tested on j)")
         for i, row in enumerate(matrix):
@@ -146,6 +164,23 @@ def train(cfg: DictConfig) -> list[list[float]]:
             f"  BWT {backward_transfer(matrix):+.3f}"
         )
     return matrix
+
+
+def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """strategy.ewc.ewc_lambda=50.0 style keys, for the HParams dashboard."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif node is not None:
+            out[prefix] = node
+
+    for group in ("benchmark", "model", "optimizer", "strategy", "training"):
+        walk(OmegaConf.to_container(cfg[group]), group)
+    out["seed"] = cfg.seed
+    return out
 
 
 def _hydra_main() -> None:

@@ -165,6 +165,8 @@ class DurableTemplate(SupervisedTemplate):
         self._replaying = False
         self._in_fit = False
         self._last_commit_time = time.monotonic()
+        self.last_commit_seconds: float | None = None  # the latest commit's duration
+        self.last_commit_bytes: int | None = None  # and the bytes it wrote
 
     # --------------------------------------------------------------- public API
 
@@ -412,7 +414,10 @@ class DurableTemplate(SupervisedTemplate):
         }
         if self.accuracy_matrix and kind == "experience":
             meta["accuracy"] = self.accuracy_matrix[-1]
-        self.store.commit(self.state_dict(), model=self.model, message=message, meta=meta)
+        start = time.perf_counter()
+        version = self.store.commit(self.state_dict(), model=self.model, message=message, meta=meta)
+        self.last_commit_seconds = time.perf_counter() - start
+        self.last_commit_bytes = version.new_bytes
         self._last_commit_time = time.monotonic()
 
     # ------------------------------------------------- hooks into the Avalanche loop

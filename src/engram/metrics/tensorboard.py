@@ -1,0 +1,92 @@
+"""TensorBoard review of forgetting, written from the accuracy matrix the store persists.
+
+Per (trained-on i, evaluated-on j): ``accuracy/exp{j}`` at step i (one curve per test
+experience, so forgetting shows as a falling curve); ``metrics/average_accuracy``,
+``metrics/forgetting`` and ``metrics/bwt`` at step i; an ``accuracy_matrix`` heatmap;
+``store/commit_seconds`` and ``store/version_bytes``; and the run's hyperparameters with
+its final metrics in the HParams dashboard.
+
+A resumed run rewrites the history from the persisted matrix (older events are purged),
+so the dashboard after a restart shows exactly what an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engram.metrics.forgetting import average_accuracy, backward_transfer, forgetting
+
+
+class ForgettingWriter:
+    def __init__(self, log_dir: Path | str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step=0: events of earlier processes are hidden; history is rewritten below.
+        self.writer = SummaryWriter(str(log_dir), purge_step=0)
+
+    def history(self, matrix: list[list[float]], version_bytes: list[int] | None = None) -> None:
+        """Write every row of ``matrix`` (once at start: the persisted history).
+
+        ``version_bytes[i]``: what experience i's version wrote (from the store). Commit
+        durations are not persisted, so they are only plotted by the run that measured them.
+        """
+        for i in range(len(matrix)):
+            nbytes = version_bytes[i] if version_bytes and i < len(version_bytes) else None
+            self.experience(matrix[: i + 1], nbytes=nbytes)
+
+    def experience(
+        self,
+        matrix: list[list[float]],
+        commit_seconds: float | None = None,
+        nbytes: int | None = None,
+    ) -> None:
+        """Write the metrics after experience ``len(matrix) - 1``."""
+        step = len(matrix) - 1
+        for j, accuracy in enumerate(matrix[-1]):
+            self.writer.add_scalar(f"accuracy/exp{j}", accuracy, step)
+        self.writer.add_scalar("metrics/average_accuracy", average_accuracy(matrix), step)
+        self.writer.add_scalar("metrics/forgetting", forgetting(matrix), step)
+        self.writer.add_scalar("metrics/bwt", backward_transfer(matrix), step)
+        if commit_seconds is not None:
+            self.writer.add_scalar("store/commit_seconds", commit_seconds, step)
+        if nbytes is not None:
+            self.writer.add_scalar("store/version_bytes", nbytes, step)
+        self.writer.add_figure("accuracy_matrix", heatmap(matrix), step)
+        self.writer.flush()
+
+    def hparams(self, hparams: dict[str, Any], matrix: list[list[float]]) -> None:
+        if not matrix:
+            return
+        final = {
+            "hparam/average_accuracy": average_accuracy(matrix),
+            "hparam/forgetting": forgetting(matrix),
+            "hparam/bwt": backward_transfer(matrix),
+        }
+        flat = {
+            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()
+        }
+        self.writer.add_hparams(flat, final, run_name="hparams")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def heatmap(matrix: list[list[float]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(matrix), len(matrix[0])
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * cols, 1 + 0.5 * rows))
+    ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    for i in range(rows):
+        for j in range(cols):
+            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xlabel("evaluated on experience")
+    ax.set_ylabel("after training experience")
+    ax.set_xticks(range(cols))
+    ax.set_yticks(range(rows))
+    fig.tight_layout()
+    return fig
