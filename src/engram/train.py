@@ -89,6 +89,7 @@ def train(cfg: DictConfig) -> list[list[float]]:
 
     from engram.metrics import average_accuracy, backward_transfer, forgetting
     from engram.metrics.tensorboard import ForgettingWriter
+    from engram.training.progress import ProgressBar
     from engram.training.template import DurableTemplate
 
     torch.manual_seed(cfg.seed)
@@ -122,7 +123,7 @@ def train(cfg: DictConfig) -> list[list[float]]:
         model=model,
         optimizer=optimizer,
         store=cfg.store,
-        plugins=build_plugins(cfg.strategy),
+        plugins=build_plugins(cfg.strategy) + ([] if quiet else [ProgressBar()]),
         train_mb_size=cfg.training.batch_size,
         train_epochs=cfg.training.epochs,
         eval_mb_size=cfg.training.eval_batch_size,
