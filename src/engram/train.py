@@ -25,24 +25,19 @@ register()
 
 
 def build_plugins(strategy: DictConfig) -> list[Any]:
+    """One plugin per non-null section of the strategy config, in a fixed order."""
     from engram import strategies as s
 
-    plugins: list[Any] = []
-    if strategy.ewc is not None:
-        plugins.append(s.EWCPlugin(**strategy.ewc))
-    if strategy.si is not None:
-        plugins.append(s.SIPlugin(**strategy.si))
-    if strategy.mas is not None:
-        plugins.append(s.MASPlugin(**strategy.mas))
-    if strategy.lwf is not None:
-        plugins.append(s.LwFPlugin(**strategy.lwf))
-    if strategy.replay is not None:
-        plugins.append(s.ERPlugin(**strategy.replay))
-    if strategy.der is not None:
-        plugins.append(s.DERPlugin(**strategy.der))
-    if strategy.agem is not None:
-        plugins.append(s.AGEMPlugin(**strategy.agem))
-    return plugins
+    sections = {
+        "ewc": s.EWCPlugin,
+        "si": s.SIPlugin,
+        "mas": s.MASPlugin,
+        "lwf": s.LwFPlugin,
+        "replay": s.ERPlugin,
+        "der": s.DERPlugin,
+        "agem": s.AGEMPlugin,
+    }
+    return [plugin(**strategy[k]) for k, plugin in sections.items() if strategy[k] is not None]
 
 
 def build_model(cfg: DictConfig, n_inputs: int, n_classes: int) -> Any:

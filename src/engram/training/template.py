@@ -448,7 +448,7 @@ class DurableTemplate(SupervisedTemplate):
             num_workers=num_workers,
             collate_fn=getattr(dataset, "collate_fn", None),
             pin_memory=bool(pin_memory),
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator(),  # seeded per epoch in _train_exp
         )
 
     def _train_exp(self, experience: Any, eval_streams: Any = None, **kwargs: Any) -> None:
