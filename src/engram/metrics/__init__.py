@@ -1,5 +1,10 @@
 """Continual-learning metrics computed from the persisted accuracy matrix."""
 
-from engram.metrics.forgetting import average_accuracy, backward_transfer, forgetting
+from engram.metrics.forgetting import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+)
 
-__all__ = ["average_accuracy", "backward_transfer", "forgetting"]
+__all__ = ["average_accuracy", "backward_transfer", "forgetting", "forward_transfer"]

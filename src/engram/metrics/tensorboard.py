@@ -2,7 +2,8 @@
 
 Per (trained-on i, evaluated-on j): ``accuracy/exp{j}`` at step i (one curve per test
 experience, so forgetting shows as a falling curve); ``metrics/average_accuracy``,
-``metrics/forgetting`` and ``metrics/bwt`` at step i; an ``accuracy_matrix`` heatmap;
+``metrics/forgetting``, ``metrics/bwt`` and ``metrics/fwt`` at step i; an
+``accuracy_matrix`` heatmap;
 ``store/commit_seconds`` and ``store/version_bytes``; and the run's hyperparameters with
 its final metrics in the HParams dashboard.
 
@@ -15,13 +16,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engram.metrics.forgetting import average_accuracy, backward_transfer, forgetting
+from engram.metrics.forgetting import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+)
 
 
 class ForgettingWriter:
-    def __init__(self, log_dir: Path | str) -> None:
+    def __init__(self, log_dir: Path | str, initial: list[float] | None = None) -> None:
+        """``initial``: accuracies of the untrained model per test experience (for FWT)."""
         from torch.utils.tensorboard import SummaryWriter
 
+        self.initial = initial
         # purge_step=0: events of earlier processes are hidden; history is rewritten below.
         self.writer = SummaryWriter(str(log_dir), purge_step=0)
 
@@ -48,6 +56,7 @@ class ForgettingWriter:
         self.writer.add_scalar("metrics/average_accuracy", average_accuracy(matrix), step)
         self.writer.add_scalar("metrics/forgetting", forgetting(matrix), step)
         self.writer.add_scalar("metrics/bwt", backward_transfer(matrix), step)
+        self.writer.add_scalar("metrics/fwt", forward_transfer(matrix, self.initial), step)
         if commit_seconds is not None:
             self.writer.add_scalar("store/commit_seconds", commit_seconds, step)
         if nbytes is not None:
@@ -62,6 +71,7 @@ class ForgettingWriter:
             "hparam/average_accuracy": average_accuracy(matrix),
             "hparam/forgetting": forgetting(matrix),
             "hparam/bwt": backward_transfer(matrix),
+            "hparam/fwt": forward_transfer(matrix, self.initial),
         }
         flat = {
             k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()
@@ -78,11 +88,12 @@ def heatmap(matrix: list[list[float]]) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, cols = len(matrix), len(matrix[0])
+    rows, cols = len(matrix), max(len(r) for r in matrix)
+    grid = [list(r) + [float("nan")] * (cols - len(r)) for r in matrix]  # ragged: blank
     fig, ax = plt.subplots(figsize=(1 + 0.6 * cols, 1 + 0.5 * rows))
-    ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
     for i in range(rows):
-        for j in range(cols):
+        for j in range(len(matrix[i])):
             ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7, color="w")
     ax.set_xlabel("evaluated on experience")
     ax.set_ylabel("after training experience")

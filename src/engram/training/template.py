@@ -108,6 +108,9 @@ class DurableTemplate(SupervisedTemplate):
         hparams: extra hyperparameters recorded with, and checked against, the store.
         branch: resume even if the hyperparameters differ from the store's lineage.
         name: the strategy's name, recorded in every version.
+        model_spec: how to rebuild the model, ``{"name": ..., "args": {...}}`` (see
+            :mod:`engram.models`), recorded in every version so
+            :func:`engram.load_model` can rebuild it for inference.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class DurableTemplate(SupervisedTemplate):
         hparams: Mapping[str, Any] | None = None,
         branch: bool = False,
         name: str = "naive",
+        model_spec: Mapping[str, Any] | None = None,
     ) -> None:
         self._recorder = _AccuracyRecorder()
         with warnings.catch_warnings():  # "no loggers": on purpose, metrics are ours
@@ -156,9 +160,12 @@ class DurableTemplate(SupervisedTemplate):
         self.keep_mid_experience = keep_mid_experience
         self.branch = branch
         self.name = name
+        self.model_spec = _jsonable(dict(model_spec)) if model_spec is not None else None
         self.extra_hparams = dict(hparams or {})
         self.cursor = Cursor()
         self.accuracy_matrix: list[list[float]] = []
+        # accuracy of the untrained model on each test experience (the FWT baseline)
+        self.initial_accuracy: list[float] | None = None
         self._adaptations: list[list[Any]] = []  # [stream, experience index, training]
         self._snapshot: Snapshot | None = None  # the state being resumed, until applied
         self._restored = False
@@ -192,6 +199,9 @@ class DurableTemplate(SupervisedTemplate):
         train_list = list(train_stream)
         test_list = list(test_stream) if test_stream is not None else []
         self.restore(train_list + test_list)
+        fresh = self.cursor.experience == 0 and not self.cursor.mid_experience
+        if fresh and self.initial_accuracy is None and test_list:
+            self.initial_accuracy = self.evaluate(test_list)
         trained = 0
         self._in_fit = True
         try:
@@ -254,7 +264,10 @@ class DurableTemplate(SupervisedTemplate):
         self._apply(snapshot)
         cursor = snapshot.state["cursor"]
         self.cursor = Cursor(cursor["experience"], cursor["epoch"], cursor["iteration"])
-        self.accuracy_matrix = [list(row) for row in snapshot.state["metrics"]["accuracy_matrix"]]
+        metrics = snapshot.state["metrics"]
+        self.accuracy_matrix = [list(row) for row in metrics["accuracy_matrix"]]
+        initial = metrics.get("initial_accuracy")
+        self.initial_accuracy = list(initial) if initial is not None else None
         self._adaptations = [list(a) for a in snapshot.state["adaptations"]]
         if self.cursor.mid_experience:
             self._snapshot = snapshot  # re-applied after the resumed epoch's hooks
@@ -376,7 +389,10 @@ class DurableTemplate(SupervisedTemplate):
                 "iteration": self.cursor.iteration,
             },
             "adaptations": self._adaptations,
-            "metrics": {"accuracy_matrix": self.accuracy_matrix},
+            "metrics": {
+                "accuracy_matrix": self.accuracy_matrix,
+                "initial_accuracy": self.initial_accuracy,
+            },
         }
 
     def _apply(self, snapshot: Snapshot) -> None:
@@ -412,8 +428,18 @@ class DurableTemplate(SupervisedTemplate):
             "strategy": self.name,
             "hparams": self.hparams(),
         }
+        if self.model_spec is not None:
+            meta["model_spec"] = self.model_spec
         if self.accuracy_matrix and kind == "experience":
+            from engram import metrics as m
+
             meta["accuracy"] = self.accuracy_matrix[-1]
+            meta["metrics"] = {
+                "average_accuracy": m.average_accuracy(self.accuracy_matrix),
+                "forgetting": m.forgetting(self.accuracy_matrix),
+                "bwt": m.backward_transfer(self.accuracy_matrix),
+                "fwt": m.forward_transfer(self.accuracy_matrix, self.initial_accuracy),
+            }
         start = time.perf_counter()
         version = self.store.commit(self.state_dict(), model=self.model, message=message, meta=meta)
         self.last_commit_seconds = time.perf_counter() - start
