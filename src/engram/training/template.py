@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader
 from engram.errors import ArchitectureMismatchError, EngramError, HyperparameterMismatchError
 from engram.stateful import Stateful
 from engram.store import Snapshot, Store
+from engram.store.background import BackgroundCommitter
 from engram.training.sampler import ResumableBatchSampler, epoch_seed
 
 _CLOCK_FIELDS = (
@@ -105,12 +106,20 @@ class DurableTemplate(SupervisedTemplate):
         commit_every_seconds: also commit when this many seconds passed since the last.
         keep_mid_experience: keep the mid-experience versions of a finished experience
             (default: they are deleted once the experience's own version is committed).
+        async_commit: persist mid-experience checkpoints in a background thread while
+            training continues (see :mod:`engram.store.background`): the training thread
+            only copies the state; at most one commit is in flight, and the next commit
+            waits for it. Experience-end commits stay synchronous (they wait for the one
+            in flight first), so ``fit`` returns with everything durable; ``close`` waits.
+            An error of a background commit is raised by the next commit or ``close``.
         hparams: extra hyperparameters recorded with, and checked against, the store.
         branch: resume even if the hyperparameters differ from the store's lineage.
         name: the strategy's name, recorded in every version.
         model_spec: how to rebuild the model, ``{"name": ..., "args": {...}}`` (see
             :mod:`engram.models`), recorded in every version so
             :func:`engram.load_model` can rebuild it for inference.
+        meta: extra JSON metadata recorded in every version (e.g. what the stream's
+            experiences are).
     """
 
     def __init__(
@@ -133,6 +142,8 @@ class DurableTemplate(SupervisedTemplate):
         branch: bool = False,
         name: str = "naive",
         model_spec: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        async_commit: bool = False,
     ) -> None:
         self._recorder = _AccuracyRecorder()
         with warnings.catch_warnings():  # "no loggers": on purpose, metrics are ours
@@ -154,6 +165,7 @@ class DurableTemplate(SupervisedTemplate):
             raise ValueError("commit_every_iterations must be >= 1 or None")
         self._owns_store = not isinstance(store, Store)
         self.store = Store.open(store, mode="c") if self._owns_store else store
+        self._committer = BackgroundCommitter(self.store) if async_commit else None
         self.seed = seed
         self.commit_every_iterations = commit_every_iterations
         self.commit_every_seconds = commit_every_seconds
@@ -162,6 +174,7 @@ class DurableTemplate(SupervisedTemplate):
         self.name = name
         self.model_spec = _jsonable(dict(model_spec)) if model_spec is not None else None
         self.extra_hparams = dict(hparams or {})
+        self.extra_meta = _jsonable(dict(meta)) if meta is not None else {}
         self.cursor = Cursor()
         self.accuracy_matrix: list[list[float]] = []
         # accuracy of the untrained model on each test experience (the FWT baseline)
@@ -219,6 +232,7 @@ class DurableTemplate(SupervisedTemplate):
                     on_experience(index, self.accuracy_matrix[-1])
         finally:
             self._in_fit = False
+        self._wait_for_commit()
         return self.accuracy_matrix
 
     def evaluate(self, test_stream: Iterable[Any]) -> list[float]:
@@ -230,9 +244,21 @@ class DurableTemplate(SupervisedTemplate):
         return row
 
     def close(self) -> None:
-        """Close the store if this template opened it."""
-        if self._owns_store:
-            self.store.close()
+        """Wait for a background commit in flight, then close the store if this template
+        opened it."""
+        try:
+            if self._committer is not None:
+                self._committer.close()
+        finally:
+            if self._owns_store:
+                self.store.close()
+
+    def _wait_for_commit(self) -> None:
+        """Wait for the background commit in flight, if any (raising its error)."""
+        if self._committer is not None:
+            version = self._committer.wait()
+            if version is not None:
+                self.last_commit_bytes = version.new_bytes
 
     def __enter__(self) -> DurableTemplate:
         return self
@@ -430,6 +456,7 @@ class DurableTemplate(SupervisedTemplate):
         }
         if self.model_spec is not None:
             meta["model_spec"] = self.model_spec
+        meta.update(self.extra_meta)
         if self.accuracy_matrix and kind == "experience":
             from engram import metrics as m
 
@@ -441,9 +468,19 @@ class DurableTemplate(SupervisedTemplate):
                 "fwt": m.forward_transfer(self.accuracy_matrix, self.initial_accuracy),
             }
         start = time.perf_counter()
-        version = self.store.commit(self.state_dict(), model=self.model, message=message, meta=meta)
+        if self._committer is not None and mid:
+            # Staged (copied) here, persisted in the background; last_commit_seconds is
+            # then the training thread's stall, last_commit_bytes follows on the next wait.
+            self._committer.submit(
+                self.state_dict(), self.model.state_dict(), message=message, meta=meta
+            )
+        else:
+            self._wait_for_commit()
+            version = self.store.commit(
+                self.state_dict(), model=self.model, message=message, meta=meta
+            )
+            self.last_commit_bytes = version.new_bytes
         self.last_commit_seconds = time.perf_counter() - start
-        self.last_commit_bytes = version.new_bytes
         self._last_commit_time = time.monotonic()
 
     # ------------------------------------------------- hooks into the Avalanche loop
@@ -524,6 +561,7 @@ class DurableTemplate(SupervisedTemplate):
             self._finish_experience(self.cursor.experience - 1)
 
     def _finish_experience(self, index: int) -> None:
+        self._wait_for_commit()  # a mid-experience version in flight is pruned below too
         before = {v.id for v in self.store.versions()}
         self.commit(f"after experience {index}")
         if self.keep_mid_experience:
