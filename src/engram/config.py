@@ -19,14 +19,24 @@ class BenchmarkConfig:
     name: str = "split_digits"
     n_experiences: int = 5
     task_labels: bool = False
-    seed: int = 0
+    seed: int = 0  # the train/test split and the class order or permutations
+    max_angle: float = 90.0  # rotated_digits: the last experience's rotation
+    data_dir: str | None = None  # classic datasets: where the files are (or go)
+    download: bool = True  # classic datasets: download missing files
+    path: str | None = None  # files: the directory of .npz files, one per experience
+    n_classes: int | None = None  # files: classes the model is built for (None: inferred)
+    test_fraction: float = 0.2  # files without x_test/y_test: held-out fraction
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
+    """Built by :mod:`engram.models` (an allowlist); input size and classes follow the data."""
+
+    name: str = "mlp"  # mlp, cnn, avalanche.<Model>, torchvision.<model>, or registered
     hidden: list[int] = field(default_factory=lambda: [256])
-    multihead: bool = False
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn
+    multihead: bool | None = None  # one head per task; None: when the data has task labels
+    args: dict[str, Any] = field(default_factory=dict)  # extra builder arguments
 
 
 @dataclass
@@ -115,6 +125,22 @@ class LoggerConfig:
 
 
 @dataclass
+class StoreConfig:
+    path: str = MISSING  # re-running with the same store resumes it
+    lock_timeout: float = 0.0  # seconds to wait for another run holding the store
+    keep_mid_experience: bool = False  # keep mid-experience versions of finished experiences
+
+
+@dataclass
+class GateConfig:
+    """A regression gate checked after each experience (None: not checked)."""
+
+    max_forgetting: float | None = None
+    min_average_accuracy: float | None = None
+    promote: str | None = None  # move this tag (e.g. prod) to each version that passes
+
+
+@dataclass
 class RunConfig:
     max_experiences: int | None = None  # train at most N not-yet-trained experiences now
     quiet: bool = False
@@ -128,8 +154,9 @@ class TrainConfig:
     strategy: StrategyConfig = MISSING
     training: TrainingConfig = field(default_factory=TrainingConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    store: str = MISSING
+    logger: LoggerConfig = MISSING
+    store: StoreConfig = MISSING
+    gate: GateConfig = field(default_factory=GateConfig)
     seed: int = 0
     branch: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -142,3 +169,5 @@ def register() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="optimizer", name="optimizer_schema", node=OptimizerConfig)
     cs.store(group="strategy", name="strategy_schema", node=StrategyConfig)
+    cs.store(group="store", name="store_schema", node=StoreConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)

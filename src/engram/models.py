@@ -133,12 +133,19 @@ class Reshape(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """Two 3x3 conv blocks (with 2x2 pooling where the image is large enough), then MLP."""
+    """3x3 conv blocks (2x2 pooling while the image is large enough), then an MLP.
+
+    Inputs are (C, H, W) images, (H, W) grey images, or flat vectors of a square number
+    of pixels (scikit-learn's 8x8 digits are 64 values).
+    """
 
     def __init__(self, input_shape: Sequence[int], n_classes: int, channels: Sequence[int],
-                 hidden: int) -> None:  # fmt: skip
+                 hidden: Sequence[int]) -> None:  # fmt: skip
         super().__init__()
         shape = tuple(input_shape)
+        side = math.isqrt(shape[0]) if len(shape) == 1 else 0
+        if len(shape) == 1 and side * side == shape[0]:
+            shape = (1, side, side)
         if len(shape) == 2:
             shape = (1, *shape)
         if len(shape) != 3:
@@ -151,10 +158,14 @@ class ConvNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
             c = out
-        layers += [nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU()]
+        layers.append(nn.Flatten())
+        width = c * h * w
+        for units in hidden:
+            layers += [nn.Linear(width, units), nn.ReLU()]
+            width = units
         self.body = nn.Sequential(*layers)
-        self.features = hidden
-        self.classifier = nn.Linear(hidden, n_classes)
+        self.features = width
+        self.classifier = nn.Linear(width, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.body(x))
@@ -183,7 +194,7 @@ def mlp(input_shape: Sequence[int], n_classes: int, hidden: Sequence[int] = (256
 
 
 def cnn(input_shape: Sequence[int], n_classes: int, channels: Sequence[int] = (32, 64),
-        hidden: int = 128, multihead: bool = False) -> nn.Module:  # fmt: skip
+        hidden: Sequence[int] = (128,), multihead: bool = False) -> nn.Module:  # fmt: skip
     net = ConvNet(input_shape, n_classes, channels, hidden)
     return _multihead(net.body, net.features) if multihead else net
 

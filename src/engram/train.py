@@ -40,41 +40,50 @@ def build_plugins(strategy: DictConfig) -> list[Any]:
     return [plugin(**strategy[k]) for k, plugin in sections.items() if strategy[k] is not None]
 
 
-def build_model(cfg: DictConfig, n_inputs: int, n_classes: int) -> Any:
-    from torch import nn
-
-    if cfg.model.name != "mlp":
-        raise EngramError(f"unknown model {cfg.model.name!r}; available: mlp")
-    layers: list[nn.Module] = []
-    width = n_inputs
-    for hidden in cfg.model.hidden:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    if not cfg.model.multihead:
-        return nn.Sequential(*layers, nn.Linear(width, n_classes))
-    from avalanche.models import MultiHeadClassifier, MultiTaskModule
-
-    class MultiHeadMLP(MultiTaskModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = nn.Sequential(*layers)
-            self.classifier = MultiHeadClassifier(width, initial_out_features=2)
-
-        def forward_single_task(self, x: Any, task_label: int) -> Any:
-            return self.classifier(self.body(x), task_label)
-
-    return MultiHeadMLP()
+def model_spec(cfg: DictConfig, input_shape: tuple[int, ...], n_classes: int,
+               task_labels: bool) -> dict[str, Any]:  # fmt: skip
+    """The model's spec (see engram.models): what the config asks for, sized by the data."""
+    m = cfg.model
+    multihead = task_labels if m.multihead is None else bool(m.multihead)
+    args: dict[str, Any] = {}
+    if m.name == "mlp":
+        args = {"hidden": list(m.hidden), "multihead": multihead}
+    elif m.name == "cnn":
+        args = {"channels": list(m.channels), "hidden": list(m.hidden), "multihead": multihead}
+    if m.name in ("mlp", "cnn"):
+        args = {"input_shape": list(input_shape), "n_classes": n_classes, **args}
+    args.update(OmegaConf.to_container(m.args) or {})
+    return {"name": m.name, "args": args}
 
 
-def build_benchmark(cfg: DictConfig) -> Any:
-    from engram.benchmarks.digits import split_digits
+def _stored_spec(path: str) -> dict[str, Any] | None:
+    """The model spec of an existing store's HEAD (None for a new store)."""
+    from engram.errors import NotAStoreError, StoreNotFoundError
+    from engram.store import Store
 
-    if cfg.benchmark.name not in ("split_digits", "split_digits_task"):
-        raise EngramError(
-            f"unknown benchmark {cfg.benchmark.name!r}; available: split_digits, split_digits_task"
+    try:
+        with Store.open(path, mode="r") as store:
+            head = store.head
+            return None if head is None else head.meta.get("model_spec")
+    except (StoreNotFoundError, NotAStoreError):  # not yet a store: opened for writing below
+        return None
+
+
+def build_optimizer(cfg: DictConfig, model: Any) -> Any:
+    import torch
+
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
         )
-    b = cfg.benchmark
-    return split_digits(b.n_experiences, task_labels=b.task_labels, seed=b.seed)
+    if o.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    raise EngramError(f"unknown optimizer {o.name!r}; available: sgd, adam")
+
+
+class GateFailed(EngramError):
+    """The regression gate rejected an experience; HEAD was rolled back."""
 
 
 def train(cfg: DictConfig) -> list[list[float]]:
@@ -82,29 +91,40 @@ def train(cfg: DictConfig) -> list[list[float]]:
     import numpy as np
     import torch
 
-    from engram.metrics import average_accuracy, backward_transfer, forgetting
+    from engram.benchmarks import build_benchmark
+    from engram.metrics import average_accuracy, backward_transfer, forgetting, forward_transfer
     from engram.metrics.tensorboard import ForgettingWriter
+    from engram.models import build_model
+    from engram.store import Store
     from engram.training.progress import ProgressBar
     from engram.training.template import DurableTemplate
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    bench = build_benchmark(cfg)
-    model = build_model(cfg, n_inputs=64, n_classes=10)
-    if cfg.optimizer.name == "sgd":
-        optimizer: Any = torch.optim.SGD(
-            model.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
-            weight_decay=cfg.optimizer.weight_decay,
-        )  # fmt: skip
-    elif cfg.optimizer.name == "adam":
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay
+    path = cfg.store.path
+    stored = _stored_spec(path)
+    stored_classes = (stored or {}).get("args", {}).get("n_classes")
+    bench = build_benchmark(OmegaConf.to_container(cfg.benchmark), n_classes=stored_classes)
+    spec = model_spec(cfg, bench.input_shape, bench.n_classes, bench.task_labels)
+    if stored is not None and stored != spec:
+        changed = sorted(
+            k for k in set(stored.get("args", {})) | set(spec["args"])
+            if stored.get("args", {}).get(k) != spec["args"].get(k)
+        ) or ["name"]  # fmt: skip
+        raise EngramError(
+            f"the model this run would build differs from the one in {path}: "
+            + "; ".join(
+                f"{k}: store {stored.get('args', {}).get(k)!r} vs now {spec['args'].get(k)!r}"
+                for k in changed
+            )
+            + ". Use the data and model settings that created the store, or a new store.path"
         )
-    else:
-        raise EngramError(f"unknown optimizer {cfg.optimizer.name!r}; available: sgd, adam")
+    model = build_model(spec)
+    optimizer = build_optimizer(cfg, model)
     quiet = cfg.run.quiet
-    board = ForgettingWriter(Path(cfg.store) / "tb") if cfg.logger.tensorboard else None
+    store = Store.open(path, mode="c", lock_timeout=cfg.store.lock_timeout)
+    board = None
 
     def report(index: int, row: list[float]) -> None:
         if board is not None:
@@ -113,11 +133,12 @@ def train(cfg: DictConfig) -> list[list[float]]:
             )
         if not quiet:
             print(f"experience {index}: accuracy " + " ".join(f"{a:.2f}" for a in row), flush=True)
+        _gate(cfg, strategy, index)
 
-    with DurableTemplate(
+    with store, DurableTemplate(
         model=model,
         optimizer=optimizer,
-        store=cfg.store,
+        store=store,
         plugins=build_plugins(cfg.strategy) + ([] if quiet else [ProgressBar()]),
         train_mb_size=cfg.training.batch_size,
         train_epochs=cfg.training.epochs,
@@ -125,41 +146,113 @@ def train(cfg: DictConfig) -> list[list[float]]:
         seed=cfg.seed,
         commit_every_iterations=cfg.training.commit_every_iterations,
         commit_every_seconds=cfg.training.commit_every_seconds,
-        hparams={"benchmark": OmegaConf.to_container(cfg.benchmark),
-                 "model": OmegaConf.to_container(cfg.model)},
+        keep_mid_experience=cfg.store.keep_mid_experience,
+        hparams={"benchmark": _benchmark_hparams(cfg), "model": spec},
         branch=cfg.branch,
         name=cfg.strategy.name,
+        model_spec=spec,
+        meta={"experience_ids": bench.experience_ids} if bench.experience_ids else None,
     ) as strategy:  # fmt: skip
-        done_before = strategy.restore(list(bench.train_stream) + list(bench.test_stream))
+        train_list, test_list = list(bench.train_stream), list(bench.test_stream)
+        done_before = strategy.restore(train_list + test_list)
+        _check_stream(store, bench.experience_ids, strategy.cursor.experience)
         already = strategy.cursor.experience
-        if board is not None:  # from the store: the same after a resume
+        if cfg.logger.tensorboard:
+            board = ForgettingWriter(Path(path) / "tb", initial=strategy.initial_accuracy)
             written = {
                 v.meta["experience"]: v.new_bytes
-                for v in strategy.store.versions()
+                for v in store.versions()
                 if v.meta.get("kind") == "experience"
             }
             sizes = [written.get(i, 0) for i in range(len(strategy.accuracy_matrix))]
-            board.history(strategy.accuracy_matrix, sizes)
+            board.history(strategy.accuracy_matrix, sizes)  # from the store: same after resume
         if done_before and not quiet:
-            print(f"resuming {cfg.store} after experience {already - 1}")
-        matrix = strategy.fit(
-            bench.train_stream, bench.test_stream,
-            max_experiences=cfg.run.max_experiences, on_experience=report,
-        )  # fmt: skip
-        if already >= len(bench.train_stream):
-            print(f"{cfg.store}: all {already} experiences are already trained")
-        if board is not None:
-            board.hparams(_flat_hparams(cfg), matrix)
-            board.close()
+            print(f"resuming {path} after experience {already - 1}")
+        try:
+            matrix = strategy.fit(
+                train_list, test_list,
+                max_experiences=cfg.run.max_experiences, on_experience=report,
+            )  # fmt: skip
+        finally:
+            if board is not None:
+                board.initial = strategy.initial_accuracy
+                board.hparams(_flat_hparams(cfg), strategy.accuracy_matrix)
+                board.close()
+        if already >= len(train_list):
+            print(f"{path}: all {already} experiences are already trained")
     if not quiet and matrix:
+        initial = strategy.initial_accuracy
         print("\naccuracy matrix (row i: after training experience i; column j: tested on j)")
         for i, row in enumerate(matrix):
             print(f"  {i}: " + " ".join(f"{a:.3f}" for a in row))
         print(
             f"average accuracy {average_accuracy(matrix):.3f}  forgetting {forgetting(matrix):.3f}"
-            f"  BWT {backward_transfer(matrix):+.3f}"
+            f"  BWT {backward_transfer(matrix):+.3f}  FWT {forward_transfer(matrix, initial):+.3f}"
         )
     return matrix
+
+
+def _benchmark_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The benchmark settings a resumed run must share (not where the data lives)."""
+    b = OmegaConf.to_container(cfg.benchmark)
+    for key in ("data_dir", "download", "path"):
+        b.pop(key, None)
+    return b
+
+
+def _check_stream(store: Any, ids: list[str], trained: int) -> None:
+    """With ``files``, the files already trained must be the same, in the same order."""
+    head = store.head
+    if not ids or head is None:
+        return
+    before = head.meta.get("experience_ids") or []
+    for i in range(min(trained, len(before))):
+        if i >= len(ids) or ids[i] != before[i]:
+            was = before[i].split(":")[0]
+            now = ids[i].split(":")[0] if i < len(ids) else "nothing"
+            raise EngramError(
+                f"experience {i} was trained on {was!r}, but the data now gives {now!r} "
+                "(a file was changed, removed or renamed ahead of it). Trained files must "
+                "stay as they were; add new data as new files that sort after them"
+            )
+
+
+def _gate(cfg: DictConfig, strategy: Any, index: int) -> None:
+    """Check the regression gate after experience ``index`` has been committed."""
+    from engram.metrics import average_accuracy, forgetting
+
+    gate = cfg.gate
+    matrix = strategy.accuracy_matrix
+    failures = []
+    if gate.max_forgetting is not None and forgetting(matrix) > gate.max_forgetting:
+        failures.append(f"forgetting {forgetting(matrix):.3f} > max {gate.max_forgetting}")
+    acc = average_accuracy(matrix)
+    if gate.min_average_accuracy is not None and acc < gate.min_average_accuracy:
+        failures.append(f"average accuracy {acc:.3f} < min {gate.min_average_accuracy}")
+    store = strategy.store
+    failed = store.head
+    if not failures:
+        if gate.promote:
+            store.tag(gate.promote, failed.id)
+        return
+    tag = f"gate-failed-{failed.name}"
+    store.tag(tag, failed.id)
+    good = None  # the nearest ancestor that is an experience boundary
+    parent = failed.parent
+    while parent is not None and good is None:
+        info = store.info(parent)
+        good = info if info.meta.get("kind") == "experience" else None
+        parent = info.parent
+    if good is not None:
+        store.rollback(good.id)
+        where = f"HEAD rolled back to {good.name} (experience {good.meta['experience']})"
+    else:
+        where = "no earlier version to roll back to; HEAD stays"
+    raise GateFailed(
+        f"regression gate failed after experience {index}: {'; '.join(failures)}. "
+        f"{where}; the failed version {failed.name} is kept as tag {tag!r} "
+        f"(inspect: engram show {cfg.store.path} {tag})"
+    )
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -173,7 +266,7 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
         elif node is not None:
             out[prefix] = node
 
-    for group in ("benchmark", "model", "optimizer", "strategy", "training"):
+    for group in ("benchmark", "model", "optimizer", "strategy", "training", "gate"):
         walk(OmegaConf.to_container(cfg[group]), group)
     out["seed"] = cfg.seed
     return out
@@ -187,6 +280,9 @@ def _hydra_main() -> None:
         warnings.filterwarnings("ignore")
         try:
             train(cfg)
+        except GateFailed as e:
+            print(f"engram-train: {e}", file=sys.stderr)
+            sys.exit(3)
         except EngramError as e:
             print(f"engram-train: error: {e}", file=sys.stderr)
             sys.exit(2)
