@@ -113,9 +113,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_one_experience_per_call_equals_one_full_run(tmp_path: Path) -> None:
-    common = ["strategy=derpp", "benchmark.n_experiences=3"]
+    common = ["strategy=derpp", "benchmark.n_experiences=5"]
     whole = train(config(tmp_path / "whole", *common))
-    for _ in range(3):
+    for _ in range(5):
         split = train(config(tmp_path / "split", *common, "run.max_experiences=1"))
     assert split == whole
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
@@ -161,15 +161,15 @@ def test_files_malformed_new_file_leaves_the_store_untouched(tmp_path: Path) -> 
             train(config(tmp_path / "s", *args))
         with Store.open(tmp_path / "s") as store:
             assert ([(v.id, v.tags) for v in store.versions()], store.head.id) == before
+    (data / "002.npz").unlink()
     (data / "001.npz").rename(data / "009.npz")  # a trained file moved after new ones
-    digit_files(data, range(1, 2))
     np.savez(data / "001.npz", x=np.ones((9, 64), np.float32), y=np.arange(9) % 4)
     with pytest.raises(EngramError, match="experience 1 was trained on '001.npz'"):
         train(config(tmp_path / "s", *args))
 
 
 def test_gate_rolls_back_tags_the_failure_and_promotes_passing_versions(tmp_path: Path) -> None:
-    args = ["gate.max_forgetting=0.2", "gate.promote=prod", "benchmark.n_experiences=3"]
+    args = ["gate.max_forgetting=0.2", "gate.promote=prod"]
     with pytest.raises(GateFailed, match="regression gate failed after experience 1: forgetting"):
         train(config(tmp_path / "s", *args))  # naive forgets experience 0 at once
     with Store.open(tmp_path / "s") as store:
@@ -231,7 +231,7 @@ def test_cli_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path: Pat
     import signal
     import time
 
-    args = ["strategy=replay", "benchmark.n_experiences=3", "training.epochs=2",
+    args = ["strategy=replay", "training.epochs=2",
             "training.commit_every_iterations=5", "run.quiet=true"]  # fmt: skip
     train(config(tmp_path / "whole", *args[:-1]))
     cmd = [sys.executable, "-m", "engram.train", f"store.path={tmp_path / 'cut'}", *args]
@@ -252,6 +252,11 @@ def test_cli_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path: Pat
     assert again.returncode == 0, again.stderr
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_stream_setting_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EngramError, match="cannot be divided by n_experiences"):
+        train(config(tmp_path / "s", "benchmark.n_experiences=3"))
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
@@ -287,5 +292,6 @@ def test_tensorboard_history_after_a_resume_equals_an_uninterrupted_run(tmp_path
                 "metrics/average_accuracy", "store/version_bytes"}  # fmt: skip
     assert expected <= set(whole)
     assert whole == split
+    assert any(v != 0.0 for _, v in whole["metrics/fwt"])  # the untrained model's baseline
     assert [step for step, _ in whole["accuracy/exp0"]] == [0, 1, 2, 3, 4]
     assert (tmp_path / "split" / "tb" / "hparams").is_dir()

@@ -128,6 +128,7 @@ def train(cfg: DictConfig) -> list[list[float]]:
 
     def report(index: int, row: list[float]) -> None:
         if board is not None:
+            board.initial = strategy.initial_accuracy  # measured by fit() before training
             board.experience(
                 strategy.accuracy_matrix, strategy.last_commit_seconds, strategy.last_commit_bytes
             )

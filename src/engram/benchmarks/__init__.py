@@ -37,6 +37,13 @@ def build_benchmark(cfg: Mapping[str, Any], *, n_classes: int | None = None) -> 
     an existing store's model was built for.
     """
     name = cfg["name"]
+    try:
+        return _build(cfg, name, n_classes)
+    except ValueError as e:  # Avalanche's checks, e.g. classes not divisible by experiences
+        raise EngramError(f"benchmark {name}: {e}") from None
+
+
+def _build(cfg: Mapping[str, Any], name: str, n_classes: int | None) -> Benchmark:
     n = cfg.get("n_experiences", 5)
     seed = cfg.get("seed", 0)
     task_labels = bool(cfg.get("task_labels", False))
