@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from engram.inference import load_model
     from engram.store import Store
 
-__all__ = ["Store", "__version__"]
+__all__ = ["Store", "__version__", "load_model"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +21,8 @@ def __getattr__(name: str) -> Any:
         from engram.store import Store
 
         return Store
+    if name == "load_model":
+        from engram.inference import load_model
+
+        return load_model
     raise AttributeError(f"module 'engram' has no attribute {name!r}")

@@ -1,0 +1,148 @@
+"""The ``engram`` command: inspect, verify, tag, roll back, collect and export a store.
+
+    engram ls runs/ewc                       # versions, HEAD marked
+    engram show runs/ewc prod                # one version: meta, state, metrics
+    engram diff runs/ewc HEAD~1 HEAD         # tensors changed, replay samples in/out
+    engram export runs/ewc prod --out model.safetensors
+
+Every read command takes ``--json`` (stable keys, for scripts). Exit codes: 0 success,
+1 ``verify`` found a problem, 2 a user error (unknown version, not a store, corrupted
+data, bad arguments), reported in one line without a traceback.
+
+This module imports nothing heavy: ``engram --help`` stays fast, and each subcommand
+imports what it needs (the store needs torch; nothing here imports Avalanche except
+exporting or loading a model whose spec needs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from engram.errors import EngramError
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(EngramError):
+    """A command-line argument that cannot be used (reported like every EngramError)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="engram",
+        description="Inspect and manage an engram store: versions, tags, integrity, "
+        "garbage collection, disk usage, and exporting a model for deployment.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str, run: str, version: str | None = None) -> _Parser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("store", metavar="STORE", help="the store directory")
+        if version is not None:
+            p.add_argument(
+                "version",
+                metavar="VERSION",
+                nargs="?",
+                default="HEAD",
+                help=f"{version} (default HEAD); an id, vNNNN, HEAD~N or a tag",
+            )
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(run=run)
+        return p
+
+    command("ls", "List the versions (HEAD marked with *).", "ls")
+    command("show", "Summarise one version: meta, model, state, metrics.", "show", "the version")
+    p = command("verify", "Re-hash what a version references.", "verify", "the version")
+    p.add_argument("--all", action="store_true", help="every version and every stored blob")
+    p = command("rollback", "Move HEAD to a version (later ones stay until gc).", "rollback")
+    p.add_argument("version", metavar="VERSION", help="the version HEAD moves to")
+    p = command("tag", "Point a tag at a version, or delete it.", "tag")
+    p.add_argument("name", metavar="NAME", help="the tag (letters, digits, . _ -)")
+    p.add_argument("version", metavar="VERSION", nargs="?", default=None, help="default HEAD")
+    p.add_argument("--delete", action="store_true", help="delete the tag")
+    p = command("diff", "What changed between two versions.", "diff")
+    p.add_argument("a", metavar="A", help="the older version")
+    p.add_argument("b", metavar="B", help="the newer version")
+    p = command("gc", "Delete unreachable data (never HEAD or tagged versions).", "gc")
+    p.add_argument("--keep-last", type=int, metavar="N", help="also drop all but the N newest")
+    command("du", "Bytes per component, logical vs on disk, deduplication ratio.", "du")
+    p = command("export", "Write a self-contained deployable model.", "export", "the version")
+    p.add_argument("--format", choices=("safetensors", "onnx"), help="default: from --out")
+    p.add_argument("--out", required=True, metavar="PATH", help="the file to write")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``engram`` command; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        return _command(args.run)(args)
+    except EngramError as e:
+        _fail(str(e))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
+    except BrokenPipeError:  # `engram ls ... | head`
+        sys.stderr.close()
+        return EXIT_OK
+
+
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    if name == "export":
+        from engram.cli.export import export
+
+        return export
+    from engram.cli import commands
+
+    return getattr(commands, name)
+
+
+def _fail(message: str) -> None:
+    print(f"engram: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ output helpers
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, allow_nan=False, default=_json_default)
+    sys.stdout.write("\n")
+
+
+def _json_default(value: Any) -> Any:
+    raise TypeError(f"not JSON: {type(value).__qualname__}")
+
+
+def human_bytes(n: int | float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def table(rows: list[Sequence[Any]], header: Sequence[str], right: set[int] = frozenset()) -> str:
+    """A plain text table; columns in ``right`` are right-aligned (numbers)."""
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for r in cells:
+        parts = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)

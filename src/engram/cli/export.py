@@ -1,0 +1,141 @@
+"""``engram export``: one self-contained, deployable model file from a stored version.
+
+* ``safetensors``: the weights, with the model spec, version, store id, experience and
+  metrics as JSON strings in the file's header metadata. Rebuild it anywhere with
+  ``engram.models.build_model(json.loads(metadata["model_spec"]))``.
+* ``onnx``: the model rebuilt by :func:`engram.load_model`, traced by ``torch.onnx``
+  with a dynamic batch axis, weights embedded, the same metadata as model properties.
+  Needs the optional ``onnx`` extra (``pip install 'engram[onnx]'``).
+
+The file is written to a temporary name beside ``--out`` and renamed into place, so a
+failed export leaves any earlier file at ``--out`` as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from engram import __version__
+from engram.cli import EXIT_OK, UsageError, emit_json, human_bytes
+from engram.cli.commands import open_store
+from engram.errors import EngramError
+
+
+def export(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    fmt_name = args.format or ("onnx" if out.suffix == ".onnx" else "safetensors")
+    if not out.parent.is_dir():
+        raise UsageError(f"cannot write {out}: directory {out.parent} does not exist")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name")
+    if fmt_name == "onnx":
+        _require_onnx()
+    with open_store(args.store) as store:
+        info = store.info(args.version)
+        metadata = {
+            "format": "engram-export",
+            "engram_version": __version__,
+            "version": info.name,
+            "store_id": store.store_id,
+            "created_at": info.created_at,
+            "model_spec": json.dumps(info.meta.get("model_spec")),
+            "experience": json.dumps(info.meta.get("experience")),
+            "strategy": json.dumps(info.meta.get("strategy")),
+            "metrics": json.dumps(_finite(info.meta.get("metrics"))),
+        }
+        if fmt_name == "safetensors":
+            if info.checkpoint is None:
+                raise EngramError(f"{store.path} {info.name} has no model checkpoint to export")
+            weights = store.load(info.id, state=False).model or {}
+            _atomic_write(out, lambda tmp: _save_safetensors(weights, tmp, metadata))
+        else:
+            from engram.inference import load_model
+
+            model = load_model(store, info.id)
+            spec = info.meta["model_spec"]
+            _atomic_write(out, lambda tmp: _save_onnx(model, spec, tmp, metadata))
+    size = out.stat().st_size
+    if args.json:
+        emit_json({"format": fmt_name, "out": str(out), "version": info.name, "bytes": size})
+    else:
+        print(f"exported {info.name} as {fmt_name} to {out} ({human_bytes(size)})")
+    return EXIT_OK
+
+
+def _finite(tree: Any) -> Any:
+    """JSON without NaN/inf (not valid JSON for other readers): they become null."""
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    if isinstance(tree, dict):
+        return {k: _finite(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_finite(v) for v in tree]
+    return tree
+
+
+def _atomic_write(out: Path, write: Any) -> None:
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_safetensors(weights: dict, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(weights, path, metadata=metadata)
+
+
+def _require_onnx() -> None:
+    # torch.onnx's exporter (dynamo=True, the default) needs both
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise EngramError(
+            f"ONNX export needs the packages onnx and onnxscript ({e}); "
+            "run: pip install 'engram[onnx]'"
+        ) from None
+
+
+def _save_onnx(model: Any, spec: dict, path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+    import torch
+
+    if hasattr(model, "forward_single_task"):
+        raise EngramError(
+            "ONNX export of a multi-head (task-incremental) model is not supported: its "
+            "forward takes task labels; export --format safetensors instead"
+        )
+    input_shape = (spec.get("args") or {}).get("input_shape")
+    if not (isinstance(input_shape, list) and all(isinstance(d, int) for d in input_shape)):
+        raise EngramError(
+            f"model spec {spec.get('name')!r} has no input_shape arg; ONNX export needs it "
+            "to trace the model (record it in the spec's args)"
+        )
+    example = torch.zeros(2, *input_shape)  # (B, *input_shape), B dynamic
+    try:
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as e:  # the exporter raises many types; the cause is in its message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EngramError(f"torch.onnx could not export {spec.get('name')!r}: {first}") from e
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save_model(proto, str(path))

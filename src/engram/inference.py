@@ -1,0 +1,105 @@
+"""Loading a stored version for inference: architecture from its spec, weights from the store.
+
+    import engram
+
+    model = engram.load_model("runs/ewc", "prod")      # HEAD, a tag, 7, "v0007", "HEAD~1"
+    logits = model(x)
+
+The architecture is rebuilt from the version's ``meta["model_spec"]`` through
+:func:`engram.models.build_model` only (an allowlist: a stored spec never makes engram
+import or call anything else), so a store from an untrusted source can be loaded
+without executing code from it. No Avalanche import happens unless the model needs it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import TYPE_CHECKING, Any
+
+from engram.errors import ArchitectureMismatchError, EngramError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from engram.store import Store
+
+
+def load_model(store: Store | str | os.PathLike[str], version: int | str = "HEAD") -> nn.Module:
+    """Rebuild a stored version's model, load its weights, and return it in eval mode.
+
+    Args:
+        store: a store path (opened read-only, so it works while a trainer writes) or
+            an open :class:`~engram.store.Store`.
+        version: ``"HEAD"``, a tag, an id (``7``), ``"v0007"`` or ``"HEAD~1"``.
+
+    Raises:
+        VersionNotFoundError: no such version or tag.
+        EngramError: the version records no model spec or no checkpoint, or the spec
+            names a builder outside :func:`engram.models.available_models`.
+        ArchitectureMismatchError: the rebuilt model does not fit the stored weights.
+        CorruptionError: the checkpoint does not match its recorded hash.
+    """
+    from engram.store import Store
+
+    if isinstance(store, Store):
+        return _load(store, version)
+    with Store.open(store, mode="r") as opened:
+        return _load(opened, version)
+
+
+def _load(store: Store, version: int | str) -> nn.Module:
+    info = store.info(version)
+    where = f"{store.path} {info.name}"
+    spec = info.meta.get("model_spec")
+    if spec is None:
+        raise EngramError(
+            f"{where} records no model spec (meta['model_spec']), so its architecture "
+            "cannot be rebuilt; commit with meta={'model_spec': {'name': ..., 'args': ...}} "
+            "(DurableTemplate(model_spec=...) does), or read the raw weights with "
+            "Store.load(version, state=False).model"
+        )
+    if info.checkpoint is None:
+        raise EngramError(f"{where} has no model checkpoint; choose a version that has one")
+    weights = store.load(info.id, state=False).model or {}
+    return build_with_weights(spec, weights, where)
+
+
+def build_with_weights(spec: Any, weights: dict[str, Any], where: str = "") -> nn.Module:
+    """Build ``spec`` through the allowlist and load ``weights`` into it (eval mode)."""
+    import torch
+
+    from engram.models import build_model
+
+    # On the meta device nothing is allocated or randomly initialised: the stored
+    # weights are assigned in place, which matters for large models.
+    with torch.device("meta"):
+        model = build_model(spec)
+    _grow(model, weights)
+    _assign(model, weights, where)
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        # Some tensor is not in the checkpoint (a non-persistent buffer): build for real.
+        model = build_model(spec)
+        _grow(model, weights)
+        _assign(model, weights, where)
+    return model.eval()
+
+
+def _grow(model: nn.Module, weights: dict[str, Any]) -> None:
+    # Dynamic (multi-head, incremental) heads are Avalanche modules; a model without
+    # them never imports Avalanche here.
+    if any(type(m).__module__.startswith("avalanche.") for m in model.modules()):
+        from engram.models import grow_to
+
+        grow_to(model, weights)
+
+
+def _assign(model: nn.Module, weights: dict[str, Any], where: str) -> None:
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise ArchitectureMismatchError(
+            f"{where}: the model rebuilt from its spec does not fit the stored weights "
+            f"({detail}); was the spec recorded for a different model?"
+        ) from None
