@@ -29,28 +29,15 @@ N_EXPERIENCES = 5
 
 
 def split_digits(seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Five experiences of two digit classes each, with a fixed 75/25 train/test split."""
-    from sklearn.datasets import load_digits
+    """Five experiences of two digit classes each (engram's embedded split, no Avalanche)."""
+    from engram.benchmarks.digits import digits_tensors
 
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)  # (1797, 64)
-    y = torch.tensor(y, dtype=torch.int64)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    n_train = int(0.75 * len(y))
+    x_train, y_train, x_test, y_test = digits_tensors(seed)
     experiences = []
     for e in range(N_EXPERIENCES):
-        classes = (2 * e, 2 * e + 1)
-        train = (y[:n_train] == classes[0]) | (y[:n_train] == classes[1])
-        test = (y[n_train:] == classes[0]) | (y[n_train:] == classes[1])
-        experiences.append(
-            {
-                "x": x[:n_train][train],
-                "y": y[:n_train][train],
-                "x_test": x[n_train:][test],
-                "y_test": y[n_train:][test],
-            }
-        )
+        train, test = (y_train // 2) == e, (y_test // 2) == e  # classes 2e and 2e + 1
+        experiences.append({"x": x_train[train], "y": y_train[train],
+                            "x_test": x_test[test], "y_test": y_test[test]})  # fmt: skip
     return experiences
 
 
@@ -151,15 +138,10 @@ def print_summary(store: Store, matrix: list[list[float]]) -> None:
     print("\naccuracy matrix (row: after training experience i, column: tested on j):")
     for i, row in enumerate(matrix):
         print(f"  exp {i}: " + " ".join(f"{a:5.2f}" for a in row))
-    seen = len(matrix)
-    final = matrix[-1][:seen]
-    avg = sum(final) / seen
-    forgetting = [
-        max(matrix[k][j] for k in range(j, seen)) - matrix[-1][j] for j in range(seen - 1)
-    ]
-    print(f"average accuracy over seen experiences: {avg:.3f}")
-    if forgetting:
-        print(f"average forgetting: {sum(forgetting) / len(forgetting):.3f}")
+    from engram.metrics import average_accuracy, forgetting
+
+    print(f"average accuracy over seen experiences: {average_accuracy(matrix):.3f}")
+    print(f"average forgetting: {forgetting(matrix):.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
