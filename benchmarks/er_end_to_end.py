@@ -11,7 +11,6 @@ average accuracy over the 5 experiences.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import command, emit, machine, parser
 from torch import nn
 
 warnings.filterwarnings("ignore")
@@ -114,9 +114,11 @@ def run_avalanche() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--rounds", type=int, default=None, help="default 5 (--quick: 1)")
+    args = p.parse_args()
+    extra = f" --rounds {args.rounds}" if args.rounds else ""
+    args.rounds = args.rounds or (1 if args.quick else 5)
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="engram-er-"))
     times: dict[str, list[float]] = {}
@@ -137,14 +139,45 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     ref = statistics.median(times["engram ER, in-memory buffer (durable)"])
-    print(
-        f"## ER end to end: split digits, 5 experiences, {EPOCHS} epochs, buffer {MEM}, 1 thread\n"
-    )
-    print("| run | seconds (median) | vs in-memory buffer | final average accuracy |")
-    print("|---|---:|---:|---:|")
+    rows = []
     for name, values in times.items():
         med = statistics.median(values)
-        print(f"| {name} | {med:.2f} | {med / ref:.2f}x | {accs[name]:.3f} |")
+        rows.append(f"| {name} | {med:.2f} | {med / ref:.2f}x | {accs[name]:.3f} |")
+    lmdb = statistics.median(times["engram ER, LMDB buffer (durable)"]) / ref
+    ours, theirs = (
+        accs["engram ER, LMDB buffer (durable)"],
+        accs["Avalanche Replay (not persisted)"],
+    )
+    table = "\n".join(rows)
+    emit(
+        args,
+        f"""
+### End-to-end ER: LMDB buffer vs in-memory buffer
+
+```bash
+{command(args, extra)}
+```
+
+Split digits, 5 experiences, {EPOCHS} epochs, minibatch {BATCH}, buffer {MEM}, MLP 64-256-10,
+SGD(0.05, momentum 0.9), one thread; median of {args.rounds} interleaved rounds.
+Machine: {machine()}.
+
+| run | seconds (median) | vs in-memory buffer | final average accuracy |
+|---|---:|---:|---:|
+{table}
+
+- engram's LMDB buffer costs {lmdb:.2f}x the time of the same ER with an in-memory tensor
+  buffer (target ≤ 1.3x), both committing every experience durably; accuracy is the same
+  (same reservoir and sampling streams). Before samples were written behind, one synced
+  LMDB transaction per minibatch made it 2.0x.
+- Avalanche's `Replay` (same model, optimizer, epochs, minibatch, buffer size; no
+  persistence) reaches {theirs:.3f} vs our {ours:.3f}. Its buffer is filled
+  experience-balanced at the end of each experience (ours admits by reservoir during
+  training) and its loader draws current and buffer samples through a different batch
+  composition: a policy difference, not a storage one (the in-memory run with our policy
+  matches ours exactly). The strategy-by-strategy comparison is in "engram vs Avalanche".
+""",
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,173 @@
+"""engram vs Avalanche end to end: EWC, ER vs Replay, DER++ vs DER, side by side.
+
+Same stream (split digits, 5 class-incremental experiences, embedded data), model (MLP
+64-256-10), optimizer (SGD 0.05, momentum 0.9), epochs, minibatch, buffer size and
+regularisation strengths, interleaved round by round, one thread. engram commits every
+experience durably to a store (fsynced); Avalanche persists nothing. Both evaluate on the
+whole test stream after every experience through Avalanche's evaluation loop (engram also
+once before training: the FWT baseline it persists).
+
+    python benchmarks/vs_avalanche.py            # 4 epochs, 3 rounds
+    python benchmarks/vs_avalanche.py --quick    # 1 epoch, 1 round
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import command, emit, interleave, machine, median, parser, scratch, table
+from torch import nn
+
+warnings.filterwarnings("ignore")
+
+from avalanche.training import DER, EWC, Replay  # noqa: E402
+from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
+
+from engram.benchmarks.digits import split_digits  # noqa: E402
+from engram.metrics import average_accuracy, forgetting  # noqa: E402
+from engram.strategies import DERPlugin, ERPlugin, EWCPlugin  # noqa: E402
+from engram.training.template import DurableTemplate, _AccuracyRecorder  # noqa: E402
+
+MEM, BATCH, EWC_LAMBDA, ALPHA, BETA = 200, 32, 100.0, 0.1, 0.5
+
+
+def model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def run_engram(store: Path, plugin: Any, name: str, epochs: int) -> list[list[float]]:
+    bench = split_digits(5)
+    model, opt = model_and_optimizer()
+    with DurableTemplate(model=model, optimizer=opt, store=store, plugins=[plugin],
+                         train_mb_size=BATCH, train_epochs=epochs, eval_mb_size=256,
+                         name=name) as t:  # fmt: skip
+        return t.fit(bench.train_stream, bench.test_stream)
+
+
+def run_avalanche(cls: Any, epochs: int, **kwargs: Any) -> list[list[float]]:
+    bench = split_digits(5)
+    model, opt = model_and_optimizer()
+    recorder = _AccuracyRecorder()  # the evaluation engram's template runs, on the same loop
+    strategy = cls(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(),
+                   train_mb_size=BATCH, train_epochs=epochs, eval_mb_size=256,
+                   evaluator=EvaluationPlugin(loggers=[]), plugins=[recorder],
+                   **kwargs)  # fmt: skip
+    matrix = []
+    for exp in bench.train_stream:
+        strategy.train(exp)
+        row = []
+        for test in bench.test_stream:
+            strategy.eval(test)
+            row.append(recorder.correct / max(recorder.seen, 1))
+        matrix.append(row)
+    return matrix
+
+
+PAIRS = [
+    ("EWC", "engram EWC", "Avalanche EWC"),
+    ("ER", "engram ER", "Avalanche Replay"),
+    ("DER++", "engram DER++", "Avalanche DER"),
+]
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--rounds", type=int, default=None, help="default 3 (--quick: 1)")
+    p.add_argument("--epochs", type=int, default=None, help="default 4 (--quick: 1)")
+    args = p.parse_args()
+    extra = "".join(f" --{k} {v}" for k in ("rounds", "epochs") if (v := getattr(args, k)))
+    rounds = args.rounds or (1 if args.quick else 3)
+    epochs = args.epochs or (1 if args.quick else 4)
+    torch.set_num_threads(1)
+    matrices: dict[str, list[list[float]]] = {}
+    with scratch("engram-vs-avalanche-") as root:
+
+        def engram(name: str, plugin: Any) -> Any:
+            def fn(r: int) -> None:
+                matrices[f"engram {name}"] = run_engram(
+                    root / f"{name}-{r}-{len(matrices)}", plugin(), name.lower(), epochs
+                )
+
+            return fn
+
+        def avalanche(label: str, cls: Any, **kwargs: Any) -> Any:
+            def fn(r: int) -> None:
+                matrices[label] = run_avalanche(cls, epochs, **kwargs)
+
+            return fn
+
+        runs = {
+            "engram EWC": engram("EWC", lambda: EWCPlugin(ewc_lambda=EWC_LAMBDA)),
+            "Avalanche EWC": avalanche("Avalanche EWC", EWC, ewc_lambda=EWC_LAMBDA),
+            "engram ER": engram("ER", lambda: ERPlugin(mem_size=MEM)),
+            "Avalanche Replay": avalanche("Avalanche Replay", Replay, mem_size=MEM),
+            "engram DER++": engram(
+                "DER++",
+                lambda: DERPlugin(mem_size=MEM, alpha=ALPHA, beta=BETA, batch_size_mem=BATCH),
+            ),
+            "Avalanche DER": avalanche(
+                "Avalanche DER", DER, mem_size=MEM, alpha=ALPHA, beta=BETA, batch_size_mem=BATCH
+            ),
+        }
+        interleave(runs, 1)  # warm-up: lazy imports, allocator, page cache
+        times = {k: median(v) for k, v in interleave(runs, rounds).items()}
+    rows = []
+    notes = []
+    for what, ours, theirs in PAIRS:
+        for name in (ours, theirs):
+            m = matrices[name]
+            ratio = times[name] / times[theirs]
+            rows.append([name, f"{times[name]:.2f}", f"{ratio:.2f}x",
+                         f"{average_accuracy(m):.3f}", f"{forgetting(m):.3f}"])  # fmt: skip
+        notes.append(
+            f"{what}: {times[ours] / times[theirs]:.2f}x the time, average accuracy "
+            f"{average_accuracy(matrices[ours]):.3f} vs {average_accuracy(matrices[theirs]):.3f}"
+        )
+    emit(
+        args,
+        f"""
+## engram vs Avalanche, end to end
+
+```bash
+{command(args, extra)}
+```
+
+Split digits (5 class-incremental experiences), MLP 64-256-10, SGD(0.05, momentum 0.9),
+{epochs} epoch(s), minibatch {BATCH}, buffer {MEM} (ER, DER), EWC λ={EWC_LAMBDA:g},
+DER α={ALPHA}, β={BETA}, one thread; median of {rounds} interleaved rounds (after a
+warm-up round). engram commits every experience durably; Avalanche does not persist.
+Accuracy and forgetting are engram.metrics over each run's accuracy matrix.
+Machine: {machine()}.
+
+{table(["run", "seconds", "vs Avalanche's", "final average accuracy", "forgetting"], rows)}
+
+In short: {"; ".join(notes)}.
+
+Why the pairs differ (target: engram ≤ 1.0x Avalanche's time with equal or better
+accuracy):
+
+- **EWC**: engram's Fisher is per-sample (E[g²], `torch.func.vmap`), Avalanche's squares
+  the minibatch-mean gradient (E[g]², one backward per minibatch): a different quantity,
+  cheaper to compute (see "Fisher diagonal"), and about a minibatch-size times smaller,
+  so the same λ regularises differently — the accuracies are not of the same estimator.
+  engram also evaluates the untrained model once (the FWT baseline) and commits
+  every experience durably. Where engram is slower here, this is why.
+- **ER vs Replay**: engram admits samples by reservoir during training into an LMDB
+  buffer (durable, write-behind until each commit) and concatenates a buffer minibatch
+  to each training minibatch; Avalanche fills its buffer experience-balanced at the end
+  of each experience and draws current and buffer samples through its own loader. The
+  accuracy gap is that policy difference, not storage (see the ER section above).
+- **DER++ vs DER**: both keep logits with the samples and add α·MSE(logits) + β·CE on
+  buffer minibatches; engram's buffer is the same LMDB reservoir, Avalanche's a
+  class-balanced buffer updated after each experience's training.
+""",
+    )
+
+
+if __name__ == "__main__":
+    main()
