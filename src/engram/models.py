@@ -214,7 +214,7 @@ def grow_to(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     this rebuilds the same modules from the checkpoint's keys and shapes instead, so
     ``model.load_state_dict(weights)`` then fits exactly.
     """
-    from avalanche.models import IncrementalClassifier, MultiHeadClassifier
+    from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
 
     for prefix, module in list(model.named_modules()):  # heads first, then their sizes
         dot = f"{prefix}." if prefix else ""
@@ -246,3 +246,12 @@ def grow_to(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
                     module.register_buffer(
                         "active_units", torch.zeros_like(weights[f"{dot}active_units"])
                     )
+    # Plain attributes adaptation keeps outside the state dict, read by forward().
+    for module in model.modules():
+        if isinstance(module, MultiTaskModule):
+            heads = [m for m in module.modules() if isinstance(m, MultiHeadClassifier)]
+            for head in heads:
+                tasks = {int(t) for t in head.classifiers}
+                widths = [c.classifier.out_features for c in head.classifiers.values()]
+                module.known_train_tasks_labels |= tasks
+                module.max_class_label = max([module.max_class_label, *widths])
