@@ -187,6 +187,17 @@ def test_show_reads_an_accuracy_matrix_stored_as_a_tensor(tmp_path, capsys) -> N
     assert [c["kind"] for c in shown["components"]] == ["other", "state"]
 
 
+def test_json_output_stays_valid_json_with_nan_metrics(tmp_path, capsys) -> None:
+    path = tmp_path / "store"
+    with Store.open(path, mode="c") as store:
+        store.commit({"x": torch.tensor([float("inf")])}, meta={"metrics": {"fwt": float("nan")}})
+        store.commit({"x": torch.tensor([1.0])}, meta={"metrics": {"fwt": float("nan")}})
+    code, out, _ = run(capsys, "show", path, "--json")
+    assert code == 0 and json.loads(out)["metrics"]["summary"] == {"fwt": None}
+    code, out, _ = run(capsys, "diff", path, "v0001", "v0002", "--json")
+    assert code == 0 and json.loads(out)["tensors"]["changed"][0]["l2"] is None
+
+
 # ------------------------------------------------------------------ verify
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -118,8 +119,19 @@ def _fail(message: str) -> None:
 
 
 def emit_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, allow_nan=False, default=_json_default)
+    json.dump(finite(obj), sys.stdout, indent=2, allow_nan=False, default=_json_default)
     sys.stdout.write("\n")
+
+
+def finite(tree: Any) -> Any:
+    """``tree`` with NaN and infinities (not valid JSON for most readers) as null."""
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    if isinstance(tree, dict):
+        return {k: finite(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [finite(v) for v in tree]
+    return tree
 
 
 def _json_default(value: Any) -> Any:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from engram import __version__
-from engram.cli import EXIT_OK, UsageError, emit_json, human_bytes
+from engram.cli import EXIT_OK, UsageError, emit_json, finite, human_bytes
 from engram.cli.commands import open_store
 from engram.errors import EngramError
 
@@ -46,7 +45,7 @@ def export(args: argparse.Namespace) -> int:
             "model_spec": json.dumps(info.meta.get("model_spec")),
             "experience": json.dumps(info.meta.get("experience")),
             "strategy": json.dumps(info.meta.get("strategy")),
-            "metrics": json.dumps(_finite(info.meta.get("metrics"))),
+            "metrics": json.dumps(finite(info.meta.get("metrics"))),
         }
         if fmt_name == "safetensors":
             if info.checkpoint is None:
@@ -65,17 +64,6 @@ def export(args: argparse.Namespace) -> int:
     else:
         print(f"exported {info.name} as {fmt_name} to {out} ({human_bytes(size)})")
     return EXIT_OK
-
-
-def _finite(tree: Any) -> Any:
-    """JSON without NaN/inf (not valid JSON for other readers): they become null."""
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    if isinstance(tree, dict):
-        return {k: _finite(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_finite(v) for v in tree]
-    return tree
 
 
 def _atomic_write(out: Path, write: Any) -> None:
