@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 from engram.errors import CorruptionError, EncodingError
 from engram.store import Store
 from engram.store.codec import TORCH_DTYPES, checksum, encode_tree
-from engram.store.format import CHUNK_BYTES, FORMAT_VERSION
+from engram.store.format import CHUNK_BYTES, FORMAT_VERSION, PLAIN_FORMAT_VERSION
 
 
 def assert_same(a, b) -> None:
@@ -148,8 +148,9 @@ def test_unstorable_values_are_refused_with_their_path(store: Store, bad) -> Non
 
 
 def test_golden_bytes() -> None:
-    """Pins format version 1: a change here breaks every existing store."""
-    assert FORMAT_VERSION == 1
+    """Pins the format (version 2, whose plain commits are version 1): a change here breaks
+    every existing store."""
+    assert FORMAT_VERSION == 2 and PLAIN_FORMAT_VERSION == 1
     assert CHUNK_BYTES == 16 * 2**20
     state = {
         "fisher": torch.tensor([1.0, -2.0]),
@@ -193,3 +194,37 @@ def test_unknown_tag_in_manifest_is_corruption() -> None:
 
     with pytest.raises(CorruptionError, match="unknown tagged value"):
         decode_tree({"x": {"__pickle__": "cos\nsystem\n"}}, lambda r, p: None)
+
+
+def test_golden_delta_coding() -> None:
+    """Pins format version 2's encoded blobs: index entries and the delta transform."""
+    import zstandard
+
+    from engram.store.delta import EncodedBlob, FileBlob, decode, decode_entry, encode
+
+    base = np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32).tobytes()
+    target = bytes.fromhex("0100803f000000c00100003f00004040")  # last-place steps of 2 floats
+    frame = encode(target, base, 4)
+    # zigzag(target - base) per uint32 (+1 -> 2), then the 4 byte planes, low byte first
+    assert zstandard.ZstdDecompressor().decompress(frame) == bytes([2, 0, 2, 0]) + bytes(12)
+    golden = bytes.fromhex("28b52ffd2010550000200200020001001c2002")  # zstd may vary: pin decode
+    assert decode(golden, base, 4, 16, "golden") == target
+    keyframe = bytes.fromhex("28b52ffd20108100000100010000000000800000403fc03f40")
+    assert decode(keyframe, None, 4, 16, "golden") == target
+    entry = EncodedBlob(1, 4, hashlib.sha256(base).digest(), 3, 128, len(golden), 42, 16)
+    raw = entry.encode()
+    assert raw.hex() == (
+        "44010401"  # "D", codec zstd, itemsize 4, has a base
+        "0300000000000000" "8000000000000000" "1300000000000000"  # pack, offset, stored size
+        "2a00000000000000" "1000000000000000"  # stored xxh3, decoded size
+        "f8788ce138a2b6e54302c09bd3d5274cb2fc3ceca6425b02c788181d332edc6d"  # base SHA-256
+    )  # fmt: skip
+    assert decode_entry(raw, "x" * 64) == entry
+    served = FileBlob("model-v0002.safetensors", 96, 16, 7)
+    assert served.encode() == (
+        b"F" + (96).to_bytes(8, "little") + (16).to_bytes(8, "little")
+        + (7).to_bytes(8, "little") + b"model-v0002.safetensors"
+    )  # fmt: skip
+    assert decode_entry(served.encode(), "x" * 64) == served
+    with pytest.raises(CorruptionError):
+        decode_entry(b"F" + bytes(24) + b"../../etc/passwd", "x" * 64)

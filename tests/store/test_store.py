@@ -274,9 +274,9 @@ def test_newer_format_is_refused(store_path: Path) -> None:
         store.commit({"x": 1})
     env = lmdb.open(str(store_path / "memory.lmdb"), max_dbs=8)
     with env.begin(write=True) as txn:
-        txn.put(b"format_version", b"2", db=env.open_db(b"meta", txn=txn))
+        txn.put(b"format_version", b"3", db=env.open_db(b"meta", txn=txn))
     env.close()
-    with pytest.raises(StoreFormatError, match="format version 2.*upgrade engram"):
+    with pytest.raises(StoreFormatError, match="format version 3.*upgrade engram"):
         Store.open(store_path)
 
 

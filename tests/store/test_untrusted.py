@@ -194,3 +194,66 @@ def test_garbage_lmdb_file(tmp_path: Path, base_store: Path) -> None:
     (path / "memory.lmdb" / "data.mdb").write_bytes(b"\0" * 8192)
     with pytest.raises(EngramError):
         load_everything(path)
+
+
+@pytest.fixture(scope="module")
+def compacted_store(tmp_path_factory) -> Path:
+    """Three versions of slowly changing tensors, compacted: v1 and v2 are delta-coded."""
+    path = tmp_path_factory.mktemp("compacted") / "store"
+    w = torch.linspace(-1, 1, 4096)
+    with Store.open(path, mode="c") as store:
+        for i in range(3):
+            store.commit({"w": w + i * 1e-6}, model={"weight": w * (1 + i * 1e-6)})
+        store.compact()
+        assert store.info(1).compacted
+    return path
+
+
+def load_every_version(path: Path) -> None:
+    with Store.open(path) as store:
+        store.verify(all=True)
+        for v in store.versions():
+            store.load(v.id)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    entry=st.binary(max_size=110)
+    | st.tuples(
+        st.sampled_from([b"D\x01\x04\x01", b"D\x01\x04\x00", b"F"]), st.binary(max_size=110)
+    ).map(b"".join)
+)
+def test_hostile_delta_entries(tmp_path: Path, compacted_store: Path, entry: bytes) -> None:
+    import shutil
+
+    path = tmp_path / f"s{abs(hash(entry)) % 10**9}"
+    if path.exists():
+        return
+    shutil.copytree(compacted_store, path)
+    with Store.open(path) as store:
+        digest = bytes.fromhex(store.manifest(1)["state"]["w"]["__tensor__"]["chunks"][0][0])
+    put_raw(path, b"blobs", digest, entry)
+    with contextlib.suppress(EngramError):
+        load_every_version(path)
+
+
+def test_cyclic_delta_chain_is_corruption(tmp_path: Path, compacted_store: Path) -> None:
+    import shutil
+
+    from engram.store.delta import EncodedBlob, decode_entry
+
+    path = tmp_path / "s"
+    shutil.copytree(compacted_store, path)
+    with Store.open(path) as store:
+        digest = bytes.fromhex(store.manifest(1)["state"]["w"]["__tensor__"]["chunks"][0][0])
+        with store._read() as txn:
+            entry = decode_entry(txn.get(digest, db=store._dbs[b"blobs"]), digest.hex())
+    assert isinstance(entry, EncodedBlob) and entry.base is not None
+    put_raw(path, b"blobs", digest, EncodedBlob(**{**entry.__dict__, "base": digest}).encode())
+    with Store.open(path) as store:
+        with pytest.raises(EngramError, match="chain"):
+            store.load(1)
+        assert not store.verify(all=True).ok
+        store.load()  # HEAD does not depend on it

@@ -6,6 +6,7 @@ Independent of Avalanche and Hydra: a plain PyTorch loop can persist its state w
 from engram.store.codec import SampleIds
 from engram.store.format import FORMAT_VERSION
 from engram.store.store import (
+    CompactReport,
     GcReport,
     Problem,
     Snapshot,
@@ -17,6 +18,7 @@ from engram.store.store import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "CompactReport",
     "GcReport",
     "Problem",
     "SampleIds",

@@ -1,4 +1,4 @@
-"""The on-disk format of an engram store, version 1.
+"""The on-disk format of an engram store, version 2 (a superset of version 1).
 
 A store is one directory::
 
@@ -11,17 +11,33 @@ A store is one directory::
 ``memory.lmdb`` holds four named databases:
 
 ``meta``
-    ``format_version`` (ASCII int), ``store_id`` (32 hex chars), ``created_at``
+    ``format_version`` (ASCII int: 1 until :meth:`~engram.store.Store.compact` first
+    writes what only format 2 has, then 2), ``store_id`` (32 hex chars), ``created_at``
     (ISO-8601 UTC), ``next_version`` and ``next_pack`` (ASCII ints; ids of
     published versions and packs are never reused).
 ``blobs``
-    the content-addressed index. key: the 32-byte SHA-256 digest of a blob;
-    value: 32 bytes, four little-endian uint64: pack id, offset, length, XXH3-64
-    of the blob. The blob's bytes are at that offset of ``blobs/pack-<id:08d>.bin``
-    (see :mod:`engram.store.packs`). A blob is at most :data:`CHUNK_BYTES`: a
+    the content-addressed index. key: the 32-byte SHA-256 digest of a blob (of its
+    plain bytes, however it is stored). A blob is at most :data:`CHUNK_BYTES`: a
     tensor's bytes are its elements in C order, little-endian, split into
     consecutive chunks of ``CHUNK_BYTES`` (the last one shorter). Equal chunks are
-    stored once.
+    stored once. The value says where the bytes are (integers little-endian):
+
+    * *plain* (format 1), 32 bytes, four uint64: pack id, offset, length, XXH3-64 of
+      the blob. The bytes are at that offset of ``blobs/pack-<id:08d>.bin`` (see
+      :mod:`engram.store.packs`).
+    * *encoded* (format 2): ``b"D"``, uint8 codec (1: zstd), uint8 itemsize (1, 2, 4,
+      8), uint8 has_base, five uint64: pack id, offset, stored length, XXH3-64 of the
+      stored bytes, length of the blob; then, if has_base, the 32-byte digest of the
+      *base* blob (45 or 77 bytes). The stored bytes are one zstd frame of the blob
+      transformed against its base (:mod:`engram.store.delta`): per ``itemsize``-byte
+      unsigned element, ``zigzag(blob - base)`` (modulo 2**(8*itemsize)), or the blob
+      itself for a *keyframe* without base; then the bytes grouped by significance
+      (all first bytes, then all second bytes, ...). A blob's chain of bases has at
+      most 16 links (``delta.MAX_CHAIN``) and no cycle.
+    * *file* (format 2): ``b"F"``, three uint64: offset, length, XXH3-64; then the
+      ASCII name of a checkpoint file (``model-vNNNN[-expN].safetensors``) that some
+      version names: the blob is that span of the file (a base can be HEAD's weights
+      without a copy).
 ``versions``
     key: the version id as an 8-byte big-endian unsigned int; value: the
     manifest, UTF-8 JSON (below).
@@ -58,6 +74,15 @@ A ``<tree>`` is JSON in which these one-key objects stand for non-JSON values:
 A version whose weights equal its parent's (same ``weights`` digest) names the
 parent's checkpoint file instead of writing a copy.
 
+A *compacted* version (format 2; its manifest says ``"format_version": 2``) has
+``"checkpoint": null`` and its weights in the blob store instead::
+
+     "model": {"file": "model-v0007-exp3.safetensors",     # the file it had
+               "weights": "<xxh3-128 hex>", "metadata": {...},  # the file's metadata
+               "tensors": {"__map__": [[name, {"__tensor__": <record>}], ...]}}
+
+in the order the file held them. Manifests of plain commits stay format 1.
+
 Every other JSON object is a dict with string keys, none starting with ``__``.
 ``xxh3_64`` is a fast checksum of the chunk checked on every load; the SHA-256
 digest is re-checked by ``verify`` and ``load(verify=True)``.
@@ -69,11 +94,22 @@ the manifest, moves ``HEAD`` and bumps ``next_version`` and ``next_pack``. LMDB
 transactions are durable on commit (fsync). A crash before (3) leaves HEAD on the
 previous version; what (1) and (2) wrote is collected by ``gc``. Nothing in a
 store is pickled and nothing stored is ever executed.
+
+Compaction: (1) encoded (and plain) blobs appended to a new pack, fsynced; (2) one
+LMDB write transaction puts their index entries (replacing those of the same digests)
+and the compacted manifests, bumps ``next_pack`` and sets ``format_version`` to 2;
+(3) as ``gc``: packs and checkpoint files nothing references any more are removed
+(after a transaction that repoints the index of rewritten packs). A crash at any
+point leaves every version loadable; leftovers are collected by the next ``gc``.
 """
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1
+# The newest format this engram reads and writes. A store (and each manifest) records
+# the oldest format that describes it: plain commits stay format 1, readable by older
+# engram versions, until compact() writes delta-coded blobs and compacted manifests.
+FORMAT_VERSION = 2
+PLAIN_FORMAT_VERSION = 1
 
 LMDB_DIR = "memory.lmdb"
 BLOB_DIR = "blobs"

@@ -15,6 +15,7 @@ The on-disk format and the commit protocol are specified in :mod:`engram.store.f
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -55,7 +56,12 @@ from engram.store.checkpoint import (
     write_checkpoint,
 )
 from engram.store.codec import (
+    NUMPY_DTYPES,
+    TAG_MAP,
+    TAG_NDARRAY,
     TAG_SAMPLES,
+    TAG_TENSOR,
+    TORCH_DTYPES,
     ArrayRecord,
     array_from_bytes,
     checksum,
@@ -63,8 +69,23 @@ from engram.store.codec import (
     encode_tree,
     iter_array_records,
 )
+from engram.store.delta import (
+    CODEC_ZSTD,
+    MAX_CHAIN,
+    MIN_SAVING,
+    EncodedBlob,
+    FileBlob,
+    FileReader,
+    IndexEntry,
+    checkpoint_spans,
+    compaction_order,
+    decode,
+    decode_entry,
+    encode,
+    itemsize_for,
+)
 from engram.store.lock import WriterLock
-from engram.store.packs import PACK_NAME, BlobLocation, PackReader, PackWriter
+from engram.store.packs import ALIGN, PACK_NAME, BlobLocation, PackReader, PackWriter, pack_name
 from engram.store.samples import SampleTable, sample_key
 
 Mode = Literal["r", "w", "c"]
@@ -95,8 +116,9 @@ class VersionInfo:
     meta: dict[str, Any]
     nbytes: int  # logical bytes of the state and the checkpoint
     new_bytes: int  # bytes this commit actually wrote (new blobs + checkpoint)
-    checkpoint: str | None
+    checkpoint: str | None  # None: no model, or its weights were compacted
     tags: tuple[str, ...] = ()
+    compacted: bool = False  # model weights delta-coded in the blob store (no plain file)
 
     @property
     def name(self) -> str:
@@ -153,6 +175,28 @@ class GcReport:
     samples: int = 0  # replay samples no kept version references any more
 
 
+@dataclass(frozen=True)
+class CompactReport:
+    """What :meth:`Store.compact` did."""
+
+    versions: tuple[int, ...]  # versions whose blobs and weights were (newly) delta-coded
+    blobs: int  # blobs written encoded (or, for weights leaving their file, plain)
+    raw_bytes: int  # their size decoded
+    stored_bytes: int  # their size as written
+    files: tuple[str, ...]  # checkpoint and pack files removed
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One chunk of a version's tensor, as compaction sees it."""
+
+    digest: bytes
+    nbytes: int
+    xxh3: int
+    itemsize: int
+    source: FileBlob | None  # where the bytes are when the blob index lacks them
+
+
 def version_name(version_id: int) -> str:
     return f"v{version_id:04d}"
 
@@ -181,6 +225,7 @@ class Store:
         self._env: lmdb.Environment | None = None
         self._map_size = map_size
         self._packs = PackReader(path / fmt.BLOB_DIR)
+        self._files = FileReader(path / fmt.CHECKPOINT_DIR)
         self.samples = SampleTable(self)
         self._open_env()
 
@@ -290,7 +335,8 @@ class Store:
 
     def _init_meta(self, txn: lmdb.Transaction) -> None:
         db = self._dbs[fmt.DB_META]
-        txn.put(b"format_version", str(fmt.FORMAT_VERSION).encode(), db=db)
+        # A store says format 2 only once compact() wrote something format 1 lacks.
+        txn.put(b"format_version", str(fmt.PLAIN_FORMAT_VERSION).encode(), db=db)
         txn.put(b"store_id", uuid.uuid4().hex.encode(), db=db)
         txn.put(b"created_at", _now().encode(), db=db)
         txn.put(b"next_version", b"1", db=db)
@@ -322,6 +368,7 @@ class Store:
                 self._env.close()
                 self._env = None
             self._packs.close()
+            self._files.close()
             if self._lock is not None:
                 self._lock.release()
 
@@ -512,12 +559,42 @@ class Store:
             new_bytes=m["new_bytes"],
             checkpoint=None if ckpt is None else ckpt["file"],
             tags=tuple(sorted(name for name, t in tags.items() if t == vid)),
+            compacted=m.get("model") is not None,
         )
 
     def checkpoint_path(self, version: VersionSpec = "HEAD") -> Path | None:
-        """Path of a version's safetensors checkpoint file (None if it has none)."""
+        """Path of a version's plain safetensors checkpoint file.
+
+        None if the version has no model weights or if :meth:`compact` delta-coded
+        them (its :attr:`VersionInfo.compacted` is then true): read those with
+        ``load(version, state=False).model``, or write a plain file with
+        :meth:`export_checkpoint`. HEAD always has its plain file.
+        """
         ckpt = self.manifest(version)["checkpoint"]
         return None if ckpt is None else self.path / fmt.CHECKPOINT_DIR / ckpt["file"]
+
+    def export_checkpoint(
+        self, version: VersionSpec, path: str | os.PathLike[str]
+    ) -> CheckpointInfo | None:
+        """Write a version's model weights to ``path`` as a plain safetensors file.
+
+        For a compacted version this rebuilds the file it had: the same tensors, bit
+        for bit, and the same safetensors metadata (the header's key order may differ).
+        None if the version has no model.
+        """
+        snap = self.load(version, state=False)
+        if snap.model is None:
+            return None
+        manifest = self.manifest(snap.version.id)
+        if manifest.get("model") is not None:
+            metadata = manifest["model"]["metadata"]
+        else:
+            _, metadata = checkpoint_spans(self.path / fmt.CHECKPOINT_DIR / snap.version.checkpoint)
+        dest = Path(path)
+        digest = weights_digest(snap.model)
+        info = write_checkpoint(dest.parent, dest.name, snap.model, metadata, digest)
+        fsync_dir(dest.parent)
+        return info
 
     def load(
         self,
@@ -564,6 +641,13 @@ class Store:
                     manifest["state"],
                     lambda record, path: self._read_array(txn, record, vid, path, verify),
                 )
+            compacted = manifest.get("model")
+            if model and compacted is not None:
+                weights = decode_tree(
+                    compacted["tensors"],
+                    lambda record, path: self._read_array(txn, record, vid, f"model{path}", verify),
+                )
+                return Snapshot(info, loaded_state, weights)
         weights = None
         if model and manifest["checkpoint"] is not None:
             ckpt = CheckpointInfo(**manifest["checkpoint"])
@@ -575,12 +659,37 @@ class Store:
             )
         return Snapshot(info, loaded_state, weights)
 
-    def _blob(self, txn: lmdb.Transaction, digest: str) -> memoryview | None:
-        """Zero-copy view of a blob's bytes, or None if the index has no such blob."""
+    def _blob(self, txn: lmdb.Transaction, digest: str) -> memoryview | bytes | None:
+        """A blob's bytes (zero-copy unless delta-coded), or None if the index lacks it."""
         raw = txn.get(bytes.fromhex(digest), db=self._dbs[fmt.DB_BLOBS])
         if raw is None:
             return None
-        return self._packs.view(BlobLocation.decode(raw, digest), digest)
+        return self._entry_bytes(txn, decode_entry(raw, digest), digest)
+
+    def _entry_bytes(
+        self, txn: lmdb.Transaction, entry: IndexEntry, digest: str, hops: int = 0
+    ) -> memoryview | bytes:
+        if isinstance(entry, BlobLocation):
+            return self._packs.view(entry, digest)
+        if isinstance(entry, FileBlob):
+            return self._files.view(entry, digest)
+        stored = self._packs.view(entry.stored, digest)
+        if checksum(stored) != entry.stored_xxh3:
+            raise CorruptionError(f"encoded blob {digest[:12]} fails its checksum")
+        base = None
+        if entry.base is not None:
+            if hops >= MAX_CHAIN:
+                raise CorruptionError(
+                    f"blob {digest[:12]}: delta chain longer than {MAX_CHAIN} (or cyclic)"
+                )
+            base_digest = entry.base.hex()
+            raw = txn.get(entry.base, db=self._dbs[fmt.DB_BLOBS])
+            if raw is None:
+                raise CorruptionError(
+                    f"blob {digest[:12]}: its delta base {base_digest[:12]} is missing"
+                )
+            base = self._entry_bytes(txn, decode_entry(raw, base_digest), base_digest, hops + 1)
+        return decode(stored, base, entry.itemsize, entry.nbytes, f"blob {digest[:12]}")
 
     def _read_array(
         self, txn: lmdb.Transaction, record: ArrayRecord, vid: int, path: str, verify: bool
@@ -708,7 +817,7 @@ class Store:
             fsync_dir(self.path / fmt.CHECKPOINT_DIR)
         state_bytes = sum(len(p.raw) for p in pending)
         manifest = {
-            "format_version": fmt.FORMAT_VERSION,
+            "format_version": fmt.PLAIN_FORMAT_VERSION,
             "engram_version": __version__,
             "store_id": self.store_id,
             "id": vid,
@@ -850,8 +959,11 @@ class Store:
         """Re-hash what a version (or, with ``all=True``, the whole store) references.
 
         Checks every manifest's structure, every referenced chunk's presence, size,
-        SHA-256 and XXH3, and every checkpoint file's size and hashes. With
-        ``all=True`` it also re-hashes every indexed blob, referenced or not.
+        SHA-256 and XXH3, and every checkpoint file's size and hashes. A delta-coded
+        chunk (also a compacted version's weights) is decoded through its chain and
+        the result checked against the SHA-256 and XXH3 of the original bytes, so
+        every stored delta and every base it needs is checked too. With ``all=True``
+        it also re-hashes every indexed blob, referenced or not.
         Never raises for corruption: it is reported in :attr:`VerifyReport.problems`.
         """
         report = VerifyReport()
@@ -874,8 +986,7 @@ class Store:
     ) -> None:
         try:
             manifest = self._manifest(txn, vid)
-            records: list[tuple[str, ArrayRecord]] = []
-            decode_tree(manifest["state"], lambda r, path: records.append((path, r)))
+            records = _version_records(manifest)
         except (CorruptionError, StoreFormatError) as e:
             report.problems.append(Problem(vid, "manifest", str(e)))
             return
@@ -920,9 +1031,10 @@ class Store:
                 if digest in checked:
                     continue
                 try:
-                    location = BlobLocation.decode(entry, digest)
-                    view = self._packs.view(location, digest)
-                    problem = _chunk_problem(view, digest, location.nbytes, location.xxh3, True)
+                    location = decode_entry(entry, digest)
+                    view = self._entry_bytes(txn, location, digest)
+                    check = None if isinstance(location, EncodedBlob) else location.xxh3
+                    problem = _chunk_problem(view, digest, location.nbytes, check, True)
                 except CorruptionError as e:
                     problem = str(e)
                 if problem:
@@ -934,7 +1046,10 @@ class Store:
     def gc(self, *, keep_last: int | None = None, drop: Iterable[VersionSpec] = ()) -> GcReport:
         """Delete unreachable data; with ``keep_last``, also old versions.
 
-        Never deletes HEAD, a tagged version, or anything a kept version references.
+        Never deletes HEAD, a tagged version, or anything a kept version references,
+        including every base blob a kept version's delta chains need (a dropped
+        version's blobs stay as long as a kept version is coded against them; weights
+        served from a dropped version's checkpoint file are copied into a pack first).
         Collects packs and checkpoint files left by interrupted commits, and rewrites
         packs that are mostly garbage so their space is returned to the file system.
 
@@ -949,7 +1064,6 @@ class Store:
         """
         if keep_last is not None and keep_last < 0:
             raise ValueError("keep_last must be >= 0")
-        blob_dir = self.path / fmt.BLOB_DIR
         with self._read() as txn:
             ids = self._version_ids(txn)
             pinned = set(self._tags(txn).values())
@@ -961,48 +1075,87 @@ class Store:
             if dropping & pinned:
                 names = ", ".join(version_name(v) for v in sorted(dropping & pinned))
                 raise ValueError(f"cannot drop {names}: HEAD and tagged versions are kept")
-            kept -= dropping
+        kept -= dropping
+        return self._collect(kept, repack_at=0.5, sweep_samples=True)
+
+    def _collect(self, kept: set[int], *, repack_at: float, sweep_samples: bool) -> GcReport:
+        """Drop versions not in ``kept`` and everything no kept version needs.
+
+        A pack whose garbage (bytes no index entry needs) is at least ``repack_at`` of
+        its size is rewritten with only its live blobs.
+        """
+        blob_dir = self.path / fmt.BLOB_DIR
+        with self._read() as txn:
+            ids = self._version_ids(txn)
+            kept &= set(ids)
             live: set[bytes] = set()
             live_files: set[str] = set()
             live_samples: set[int] = set()
             for vid in kept:
                 manifest = self._manifest(txn, vid)
-                for record in iter_array_records(manifest["state"]):
-                    live.update(bytes.fromhex(c[0]) for c in record.chunks)
+                records = iter_array_records(manifest["state"])
+                for record in records:
                     if record.kind == TAG_SAMPLES:
                         refs = self._read_array(txn, record, vid, "sample ids", verify=False)
                         live_samples.update(refs.tolist())
+                if manifest.get("model") is not None:
+                    records += iter_array_records(manifest["model"]["tensors"])
+                for record in records:
+                    live.update(bytes.fromhex(c[0]) for c in record.chunks)
                 if manifest["checkpoint"] is not None:
                     live_files.add(manifest["checkpoint"]["file"])
-            dead: list[tuple[bytes, BlobLocation]] = []
-            live_by_pack: dict[int, list[tuple[bytes, BlobLocation]]] = {}
+            entries: dict[bytes, IndexEntry] = {}
             with txn.cursor(db=self._dbs[fmt.DB_BLOBS]) as cur:
                 for key, entry in cur:
                     key = bytes(key)
-                    location = BlobLocation.decode(entry, key.hex())
-                    if key in live:
-                        live_by_pack.setdefault(location.pack, []).append((key, location))
-                    else:
-                        dead.append((key, location))
+                    entries[key] = decode_entry(entry, key.hex())
+            # The bases of live delta-coded blobs are live too, transitively.
+            stack = [d for d in live if d in entries]
+            while stack:
+                entry = entries[stack.pop()]
+                if isinstance(entry, EncodedBlob) and entry.base and entry.base not in live:
+                    live.add(entry.base)
+                    stack.append(entry.base)
             next_pack = int(bytes(txn.get(b"next_pack", db=self._dbs[fmt.DB_META])))
         dropped = tuple(sorted(set(ids) - kept))
-        # A pack that is at least half garbage is rewritten with only its live blobs.
-        repack = {
-            pack: entries
-            for pack, entries in live_by_pack.items()
-            if any(loc.pack == pack for _, loc in dead)
-            and 2 * sum(loc.nbytes for _, loc in entries)
-            <= sum(loc.nbytes for _, loc in dead if loc.pack == pack)
-            + sum(loc.nbytes for _, loc in entries)
-        }
+        dead = [key for key in entries if key not in live]
+        dead_bytes = sum(entries[key].nbytes for key in dead)
+        # Weights served from a file no kept version names move into a pack.
+        rehome = [
+            (key, entry)
+            for key, entry in entries.items()
+            if key in live and isinstance(entry, FileBlob) and entry.file not in live_files
+        ]
+        live_by_pack: dict[int, list[tuple[bytes, IndexEntry, BlobLocation]]] = {}
+        for key in live:
+            entry = entries.get(key)
+            location = entry.stored if isinstance(entry, EncodedBlob) else entry
+            if isinstance(location, BlobLocation):
+                live_by_pack.setdefault(location.pack, []).append((key, entry, location))
+        repack = {}
+        for pack, items in live_by_pack.items():
+            try:
+                size = (blob_dir / pack_name(pack)).stat().st_size
+            except FileNotFoundError:
+                continue  # verify reports it; nothing to rewrite
+            garbage = size - sum(-(-loc.nbytes // ALIGN) * ALIGN for _, _, loc in items)
+            if garbage > ALIGN and garbage >= repack_at * size:
+                repack[pack] = items
         moved: list[tuple[bytes, bytes]] = []
-        if repack:
+        if repack or rehome:
             writer = PackWriter(blob_dir, next_pack)
             try:
-                for entries in repack.values():
-                    for key, location in entries:
+                for items in repack.values():
+                    for key, entry, location in items:
                         view = self._packs.view(location, key.hex())
-                        moved.append((key, writer.append(view, location.xxh3).encode()))
+                        new = writer.append(view, location.xxh3)
+                        if isinstance(entry, EncodedBlob):
+                            moved.append((key, entry.moved(new).encode()))
+                        else:
+                            moved.append((key, new.encode()))
+                for key, entry in rehome:
+                    view = self._files.view(entry, key.hex())
+                    moved.append((key, writer.append(view, entry.xxh3).encode()))
                 writer.finish()
             except BaseException:
                 writer.abort()
@@ -1012,17 +1165,17 @@ class Store:
         def sweep(txn: lmdb.Transaction) -> int:
             for vid in dropped:
                 txn.delete(_vkey(vid), db=self._dbs[fmt.DB_VERSIONS])
-            for key, _ in dead:
+            for key in dead:
                 txn.delete(key, db=self._dbs[fmt.DB_BLOBS])
             for key, entry in moved:
                 txn.put(key, entry, db=self._dbs[fmt.DB_BLOBS])
-            if repack:
+            if moved:
                 txn.put(b"next_pack", str(next_pack + 1).encode(), db=self._dbs[fmt.DB_META])
-            return self.samples.sweep(txn, live_samples)
+            return self.samples.sweep(txn, live_samples) if sweep_samples else 0
 
-        samples_gone = self._write(sweep, reserve=64 * len(moved))
+        samples_gone = self._write(sweep, reserve=96 * len(moved))
         # Only now, with the index committed, may files go: first packs nothing references.
-        referenced = (set(live_by_pack) - set(repack)) | ({next_pack} if repack else set())
+        referenced = (set(live_by_pack) - set(repack)) | ({next_pack} if moved else set())
         removed = []
         for file in sorted(os.listdir(blob_dir)):
             m = PACK_NAME.fullmatch(file)
@@ -1032,27 +1185,358 @@ class Store:
                 removed.append(f"{fmt.BLOB_DIR}/{file}")
         for file in sorted(os.listdir(self.path / fmt.CHECKPOINT_DIR)):
             if _CHECKPOINT_LEFTOVER.fullmatch(file) and file not in live_files:
+                self._files.forget(file)
                 (self.path / fmt.CHECKPOINT_DIR / file).unlink(missing_ok=True)
                 removed.append(f"{fmt.CHECKPOINT_DIR}/{file}")
-        return GcReport(
-            dropped, len(dead), sum(loc.nbytes for _, loc in dead), tuple(removed), samples_gone
-        )
+        return GcReport(dropped, len(dead), dead_bytes, tuple(removed), samples_gone)
+
+    # -------------------------------------------------------------- compaction
+
+    def compact(self, *, tagged: bool = False) -> CompactReport:
+        """Delta-code the history so it costs a small multiple of one version on disk.
+
+        Every version except HEAD (and, unless ``tagged=True``, tagged versions) is
+        rewritten: its model weights move from their plain safetensors file into the
+        blob store and the file is deleted; each changed chunk of its weights and
+        state is stored as a zstd frame of its difference to the same chunk of its
+        *base* — its neighbour towards HEAD in the history tree (the child on HEAD's
+        lineage). Unchanged chunks are shared by content address, as always. HEAD's
+        file and blobs stay plain, so restoring HEAD is as fast as before; any
+        version still restores bit-exactly through :meth:`load`. Chains are cut by
+        keyframes after :data:`~engram.store.delta.MAX_CHAIN` deltas.
+
+        Crash-safe: new blobs are written to a new pack first, then one LMDB
+        transaction swaps index entries and manifests, then old files are removed (as
+        :meth:`gc` does). Call it again after more commits: the previous HEAD is then
+        compacted too. Replay samples are never touched.
+
+        Args:
+            tagged: compact tagged versions too (by default they keep a plain file).
+        """
+        self._check_usable()
+        if self.mode == "r":
+            raise ReadOnlyStoreError(f"store {self.path} was opened read-only; use mode='w'")
+        ckpt_dir = self.path / fmt.CHECKPOINT_DIR
+        with self._read() as txn:
+            head = self._ref(txn, fmt.HEAD_REF)
+            if head is None:
+                return CompactReport((), 0, 0, 0, ())
+            manifests = {vid: self._manifest(txn, vid) for vid in self._version_ids(txn)}
+            tags = self._tags(txn)
+            plain = {head} if tagged else {head, *tags.values()}
+            order = compaction_order(
+                {v: m["parent"] for v, m in manifests.items()}, [head, *sorted(plain)]
+            )
+            files_of = {v: m["checkpoint"]["file"] for v, m in manifests.items() if m["checkpoint"]}
+            staying_files = {files_of[v] for v in plain if v in files_of}
+            spans: dict[str, tuple[list, dict[str, str]]] = {
+                file: checkpoint_spans(ckpt_dir / file) for file in set(files_of.values())
+            }
+            tables = {v: self._chunk_table(txn, m, spans, vid=v) for v, m in manifests.items()}
+            current: dict[bytes, IndexEntry] = {}
+
+            def entry_of(digest: bytes) -> IndexEntry | None:
+                if digest in pending:
+                    return pending[digest]
+                if digest not in current:
+                    raw = txn.get(digest, db=self._dbs[fmt.DB_BLOBS])
+                    current[digest] = None if raw is None else decode_entry(raw, digest.hex())
+                return current[digest]
+
+            def original(chunk: _Chunk) -> memoryview | bytes:
+                """The chunk's bytes through the index as it was before this compaction."""
+                raw = txn.get(chunk.digest, db=self._dbs[fmt.DB_BLOBS])
+                if raw is not None:
+                    return self._blob(txn, chunk.digest.hex())
+                return self._files.view(chunk.source, chunk.digest.hex())
+
+            # A chunk a plain version references keeps its form; if it is served from a
+            # file that goes away, it is served from a staying file or copied plain.
+            staying_source: dict[bytes, FileBlob] = {}
+            plain_digests: set[bytes] = set()
+            for v in plain:
+                for chunk in tables[v].values():
+                    plain_digests.add(chunk.digest)
+                    if chunk.source is not None and chunk.source.file in staying_files:
+                        staying_source.setdefault(chunk.digest, chunk.source)
+            pending: dict[bytes, IndexEntry] = {}
+            chunk_of: dict[bytes, _Chunk] = {}
+            writer: PackWriter | None = None
+            next_pack = int(bytes(txn.get(b"next_pack", db=self._dbs[fmt.DB_META])))
+            stats = [0, 0, 0]  # blobs, raw bytes, stored bytes
+
+            def store_bytes(chunk: _Chunk, data: Any, base: bytes | None, itemsize: int):
+                nonlocal writer
+                if writer is None:
+                    writer = PackWriter(self.path / fmt.BLOB_DIR, next_pack)
+                if itemsize == 0:  # plain
+                    pending[chunk.digest] = writer.append(data, chunk.xxh3)
+                else:
+                    loc = writer.append(data, checksum(data))
+                    pending[chunk.digest] = EncodedBlob(
+                        CODEC_ZSTD, itemsize, base, loc.pack, loc.offset, len(data), loc.xxh3,
+                        chunk.nbytes,
+                    )  # fmt: skip
+                stats[0] += 1
+                stats[1] += chunk.nbytes
+                stats[2] += len(data)
+
+            def keep_servable(chunk: _Chunk) -> None:
+                entry = entry_of(chunk.digest)
+                gone = entry is None or (
+                    isinstance(entry, FileBlob) and entry.file not in staying_files
+                )
+                if not gone:
+                    return
+                if chunk.digest in staying_source:
+                    pending[chunk.digest] = staying_source[chunk.digest]
+                else:
+                    store_bytes(chunk, original(chunk), None, 0)
+
+            def chain_depth(digest: bytes) -> int | None:
+                """Deltas to decode for ``digest`` now; None past MAX_CHAIN or cyclic."""
+                for depth in range(MAX_CHAIN + 1):
+                    entry = entry_of(digest)
+                    if not (isinstance(entry, EncodedBlob) and entry.base is not None):
+                        return depth
+                    digest = entry.base
+                return None
+
+            def compact_chunk(chunk: _Chunk, base: _Chunk | None) -> None:
+                entry = entry_of(chunk.digest)
+                if isinstance(entry, EncodedBlob):
+                    return  # compacted before
+                data = original(chunk)
+                best, best_base = encode(data, None, chunk.itemsize), None
+                if base is not None and base.nbytes == chunk.nbytes:
+                    depth = chain_depth(base.digest)
+                    if (
+                        depth is not None
+                        and depth < MAX_CHAIN
+                        and not self._chain_has(entry_of, base.digest, chunk.digest)
+                    ):
+                        if entry_of(base.digest) is None:  # a plain version's file span
+                            keep_servable(base)
+                        delta = encode(data, original(base), chunk.itemsize)
+                        if len(delta) < len(best):
+                            best, best_base = delta, base.digest
+                if len(best) <= (1 - MIN_SAVING) * chunk.nbytes:
+                    store_bytes(chunk, best, best_base, chunk.itemsize)
+                else:
+                    keep_servable(chunk)
+
+            compacted: list[int] = []
+            try:
+                for v, b in order:
+                    if v in plain:
+                        continue
+                    if not tables[v] and manifests[v]["checkpoint"] is None:
+                        continue
+                    base_table = tables[b] if b is not None else {}
+                    for where, chunk in tables[v].items():
+                        if chunk.digest in chunk_of:
+                            continue
+                        chunk_of[chunk.digest] = chunk
+                        if chunk.digest in plain_digests:
+                            keep_servable(chunk)
+                        else:
+                            compact_chunk(chunk, base_table.get(where))
+                    if manifests[v]["checkpoint"] is not None or any(
+                        chunk.digest in pending for chunk in tables[v].values()
+                    ):
+                        compacted.append(v)
+                for v in plain:  # HEAD's state decodes no delta (it may after a rollback)
+                    for chunk in tables[v].values():
+                        if isinstance(entry_of(chunk.digest), EncodedBlob):
+                            store_bytes(chunk, bytes(original(chunk)), None, 0)
+                        else:
+                            keep_servable(chunk)
+                with txn.cursor(db=self._dbs[fmt.DB_BLOBS]) as cur:
+                    coded = [
+                        bytes(key)
+                        for key, raw in cur
+                        if len(raw) != 32 and bytes(raw[:1]) == b"D"  # EncodedBlob entries
+                    ]
+                self._cut_long_chains([*pending, *coded], entry_of, chunk_of, original, store_bytes)
+                if writer is not None:
+                    writer.finish()
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
+        if writer is not None:
+            fsync_dir(self.path / fmt.BLOB_DIR)
+        new_manifests = {}
+        for v in compacted:
+            m = manifests[v]
+            if m["checkpoint"] is None:
+                continue
+            file = m["checkpoint"]["file"]
+            table = tables[v]
+            tensors = []
+            for span in spans[file][0]:
+                chunks = [
+                    [c.digest.hex(), c.nbytes, c.xxh3]
+                    for i in range(-(-span.nbytes // fmt.CHUNK_BYTES))
+                    for c in [table[f"model/{span.name}#{i}"]]
+                ]
+                record = {"dtype": span.dtype, "shape": list(span.shape), "chunks": chunks}
+                tensors.append([span.name, {TAG_TENSOR: record}])
+            new_manifests[v] = dict(
+                m,
+                format_version=fmt.FORMAT_VERSION,
+                checkpoint=None,
+                model={
+                    "file": file,
+                    "weights": m["checkpoint"]["weights"],
+                    "metadata": spans[file][1],
+                    "tensors": {TAG_MAP: tensors},
+                },
+            )
+        payloads = {
+            v: json.dumps(m, separators=(",", ":")).encode() for v, m in new_manifests.items()
+        }
+
+        def swap(txn: lmdb.Transaction) -> None:
+            for digest, entry in pending.items():
+                txn.put(digest, entry.encode(), db=self._dbs[fmt.DB_BLOBS])
+            for v, payload in payloads.items():
+                txn.put(_vkey(v), payload, db=self._dbs[fmt.DB_VERSIONS])
+            meta_db = self._dbs[fmt.DB_META]
+            if writer is not None:
+                txn.put(b"next_pack", str(next_pack + 1).encode(), db=meta_db)
+            if pending or payloads:
+                txn.put(b"format_version", str(fmt.FORMAT_VERSION).encode(), db=meta_db)
+
+        if pending or payloads:
+            self._write(swap, reserve=128 * len(pending) + sum(len(p) for p in payloads.values()))
+        report = self._collect(set(manifests), repack_at=0.25, sweep_samples=False)
+        return CompactReport(tuple(sorted(compacted)), *stats, report.files)
+
+    @staticmethod
+    def _chain_has(entry_of: Callable, start: bytes, target: bytes) -> bool:
+        """Whether ``target`` is on the delta chain from ``start`` (coding against it
+        would make a cycle)."""
+        digest: bytes | None = start
+        for _ in range(MAX_CHAIN + 2):
+            if digest is None:
+                return False
+            if digest == target:
+                return True
+            entry = entry_of(digest)
+            digest = entry.base if isinstance(entry, EncodedBlob) else None
+        return True
+
+    def _cut_long_chains(self, digests, entry_of, chunk_of, original, store_bytes) -> None:
+        """Re-encode as a keyframe every blob whose delta chain would exceed MAX_CHAIN.
+
+        Chains grow when a base that was stored as is (a former HEAD's weights) is
+        itself delta-coded; each blob's depth is settled after its base's, so a cut
+        shortens the chains of everything coded against it.
+        """
+        depth: dict[bytes, int] = {}
+
+        def cut(node: bytes) -> None:
+            entry = entry_of(node)
+            chunk = chunk_of.get(node) or _Chunk(node, entry.nbytes, 0, entry.itemsize, None)
+            data = bytes(original(chunk))
+            frame = encode(data, None, entry.itemsize)
+            if len(frame) < len(data):
+                store_bytes(chunk, frame, None, entry.itemsize)
+            else:
+                store_bytes(dataclasses.replace(chunk, xxh3=checksum(data)), data, None, 0)
+
+        for start in digests:
+            path: list[bytes] = []
+            on_path: set[bytes] = set()
+            digest = start
+            while digest not in depth:
+                entry = entry_of(digest)
+                if not (isinstance(entry, EncodedBlob) and entry.base is not None):
+                    depth[digest] = 0
+                elif digest in on_path:  # a cycle: cut it here
+                    cut(digest)
+                    depth[digest] = 0
+                else:
+                    path.append(digest)
+                    on_path.add(digest)
+                    digest = entry.base
+            d = depth[digest]
+            for node in reversed(path):
+                if node in depth:  # the point where a cycle was cut
+                    d = depth[node]
+                    continue
+                d += 1
+                if d > MAX_CHAIN:
+                    cut(node)
+                    d = 0
+                depth[node] = d
+
+    def _chunk_table(
+        self, txn: lmdb.Transaction, manifest: dict, spans: dict, *, vid: int
+    ) -> dict[str, _Chunk]:
+        """Every chunk of a version's state and weights, keyed ``path#index``."""
+        table: dict[str, _Chunk] = {}
+        for path, record in _version_records(manifest):
+            size = _element_size(record)
+            for i, (digest, nbytes, check) in enumerate(record.chunks):
+                table[f"{path}#{i}"] = _Chunk(
+                    bytes.fromhex(digest), nbytes, check, itemsize_for(size, nbytes), None
+                )
+        if manifest["checkpoint"] is not None:
+            file = manifest["checkpoint"]["file"]
+            size_of = {name: t.itemsize for name, t in TORCH_DTYPES.items()}
+            view = self._files.view(
+                FileBlob(file, 0, manifest["checkpoint"]["nbytes"], 0), f"{vid}"
+            )
+            for span in spans[file][0]:
+                for i, off in enumerate(range(0, span.nbytes, fmt.CHUNK_BYTES)):
+                    n = min(fmt.CHUNK_BYTES, span.nbytes - off)
+                    piece = view[span.offset + off : span.offset + off + n]
+                    digest, check = _hash_chunk(piece)
+                    table[f"model/{span.name}#{i}"] = _Chunk(
+                        digest,
+                        n,
+                        check,
+                        itemsize_for(size_of[span.dtype], n),
+                        FileBlob(file, span.offset + off, n, check),
+                    )
+        return table
 
 
 def _hash_chunk(view: np.ndarray) -> tuple[bytes, int]:
     return hashlib.sha256(view).digest(), checksum(view)
 
 
-def _chunk_problem(view: Any, digest: str, size: int, check: int, verify: bool) -> str | None:
+def _chunk_problem(
+    view: Any, digest: str, size: int, check: int | None, verify: bool
+) -> str | None:
     if view is None:
         return f"chunk {digest[:12]} is missing"
     if len(view) != size:
         return f"chunk {digest[:12]} has {len(view)} bytes, expected {size}"
-    if checksum(view) != check:
+    if check is not None and checksum(view) != check:
         return f"chunk {digest[:12]} fails its checksum"
     if verify and hashlib.sha256(view).hexdigest() != digest:
         return f"chunk {digest[:12]} fails its SHA-256 content hash"
     return None
+
+
+def _version_records(manifest: dict) -> list[tuple[str, ArrayRecord]]:
+    """(path, record) of every array of a version: its state, then compacted weights."""
+    records: list[tuple[str, ArrayRecord]] = []
+    decode_tree(manifest["state"], lambda r, path: records.append((path, r)))
+    if manifest.get("model") is not None:
+        decode_tree(
+            manifest["model"]["tensors"], lambda r, path: records.append((f"model{path}", r))
+        )
+    return records
+
+
+def _element_size(record: ArrayRecord) -> int:
+    if record.kind == TAG_NDARRAY:
+        return NUMPY_DTYPES[record.dtype].itemsize
+    return TORCH_DTYPES[record.dtype].itemsize
 
 
 def _is_count(x: Any) -> bool:
@@ -1101,6 +1585,27 @@ def _check_manifest(m: Any, vid: int) -> None:
             raise bad("checkpoint sha256 is malformed")
         if not (_is_count(ckpt["nbytes"]) and _is_count(ckpt["xxh3"]) and ckpt["xxh3"] < 2**64):
             raise bad("checkpoint nbytes/xxh3 malformed")
+    model = m.get("model")
+    if model is not None:
+        if ckpt is not None or fv < 2:
+            raise bad("a compacted model needs format version 2 and no checkpoint file")
+        if not (
+            isinstance(model, dict) and set(model) == {"file", "weights", "metadata", "tensors"}
+        ):
+            raise bad("model must hold file, weights, metadata, tensors")
+        if not (isinstance(model["file"], str) and _CHECKPOINT_NAME.fullmatch(model["file"])):
+            raise bad("model file name is not a checkpoint name")
+        weights = model["weights"]
+        if not (isinstance(weights, str) and re.fullmatch(r"[0-9a-f]{32}", weights)):
+            raise bad("model weights digest is malformed")
+        metadata = model["metadata"]
+        if not (
+            isinstance(metadata, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+        ):
+            raise bad("model metadata must map strings to strings")
+        if not (isinstance(model["tensors"], dict) and set(model["tensors"]) == {TAG_MAP}):
+            raise bad("model tensors must be a map of tensors")
 
 
 def _check_memory(nbytes: int, vid: int) -> None:
