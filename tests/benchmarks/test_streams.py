@@ -75,6 +75,25 @@ def test_split_mnist_reads_local_files_offline(tmp_path: Path) -> None:
     assert tuple(x.shape) == (1, 28, 28)
 
 
+def test_split_mnist_run_from_local_files_sizes_a_cnn_by_the_data(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_module
+
+    from engram.store import Store
+    from engram.train import train
+
+    fake_mnist(tmp_path / "data")
+    with initialize_config_module(version_base="1.3", config_module="engram.configs"):
+        cfg = compose("train", overrides=[
+            f"store.path={tmp_path / 's'}", "benchmark=split_mnist", "benchmark.download=false",
+            f"benchmark.data_dir={tmp_path / 'data'}", "model=cnn", "training.epochs=1",
+            "run.max_experiences=1", "run.quiet=true", "logger=none",
+        ])  # fmt: skip
+    assert len(train(cfg)) == 1
+    with Store.open(tmp_path / "s") as store:
+        args = store.head.meta["model_spec"]["args"]
+    assert args["input_shape"] == [1, 28, 28] and args["n_classes"] == 10
+
+
 @pytest.mark.parametrize(
     "name", ["split_mnist", "permuted_mnist", "split_cifar10", "split_cifar100"]
 )
