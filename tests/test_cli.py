@@ -361,6 +361,27 @@ def test_du_splits_bytes_by_component_and_measures_the_disk(demo, capsys) -> Non
     assert code == 0 and "deduplication" in out and "strategy state 'ewc'" in out
 
 
+def test_commands_read_a_compacted_history(demo, capsys, tmp_path) -> None:
+    path, committed = demo
+    before = run_json(capsys, "diff", path, "v0001", "v0002")
+    with Store.open(path, mode="w") as store:
+        store.compact()  # v0001 and v0002: weights delta-coded into blobs, files deleted
+    assert run_json(capsys, "diff", path, "v0001", "v0002") == before
+    shown = run_json(capsys, "show", path, "v0001")
+    assert shown["compacted"] and shown["checkpoint"] is None
+    assert shown["compacted_model"]["tensors"] == len(committed["models"][0])
+    assert run(capsys, "show", path, "v0001")[1].count("compacted: 4 tensors") == 1
+    du = run_json(capsys, "du", path)
+    model = next(c for c in du["components"] if c["name"] == "model")
+    weight_bytes = sum(t.numel() * 4 for t in committed["models"][0].values())
+    assert model["logical"] >= 2 * weight_bytes  # the two compacted versions' weights
+    assert run(capsys, "verify", path, "--all")[0] == 0
+    out = tmp_path / "v1.safetensors"
+    assert run(capsys, "export", path, "v0001", "--out", out)[0] == 0
+    with safe_open(out, "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in committed["models"][0].items())
+
+
 # ------------------------------------------------------------------ export
 
 

@@ -67,6 +67,10 @@ def test_rebuilt_model_predicts_like_the_trained_one(tmp_path: Path, spec: dict)
         assert torch.equal(loaded(x), model(x)), version
     with Store.open(path) as store:  # an open store is used as it is
         assert torch.equal(engram.load_model(store)(x), second(x))
+    with Store.open(path, mode="w") as store:
+        store.compact(tagged=True)  # v0001's weights now live delta-coded in the blobs
+        assert store.info(1).compacted and store.checkpoint_path(1) is None
+    assert torch.equal(engram.load_model(path, "prod")(x), first(x))
     with pytest.raises(VersionNotFoundError, match="nosuch"):
         engram.load_model(path, "nosuch")
 
@@ -121,7 +125,7 @@ def test_clear_errors_for_a_version_that_cannot_be_rebuilt(tmp_path: Path) -> No
         store.commit(model=trained(MLP, 0), meta={"model_spec": small})  # wrong spec
     with pytest.raises(EngramError, match=r"v0001 records no model spec"):
         engram.load_model(path, 1)
-    with pytest.raises(EngramError, match=r"v0002 has no model checkpoint"):
+    with pytest.raises(EngramError, match=r"v0002 has no model weights"):
         engram.load_model(path, 2)
     with pytest.raises(ArchitectureMismatchError, match="does not fit the stored weights"):
         engram.load_model(path, 3)

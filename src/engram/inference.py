@@ -59,9 +59,10 @@ def _load(store: Store, version: int | str) -> nn.Module:
             "(DurableTemplate(model_spec=...) does), or read the raw weights with "
             "Store.load(version, state=False).model"
         )
-    if info.checkpoint is None:
-        raise EngramError(f"{where} has no model checkpoint; choose a version that has one")
-    weights = store.load(info.id, state=False).model or {}
+    # Through load(), never the file: a compacted version's weights are delta-coded blobs.
+    weights = store.load(info.id, state=False).model
+    if weights is None:
+        raise EngramError(f"{where} has no model weights; choose a version that has them")
     return build_with_weights(spec, weights, where)
 
 

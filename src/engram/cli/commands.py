@@ -147,6 +147,22 @@ def _files_under(directory: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
+def _model_records(manifest: dict[str, Any]) -> list[tuple[str, ArrayRecord]]:
+    """The weight records of a compacted version (format 2 ``"model"``), else none."""
+    model = manifest.get("model")
+    if not isinstance(model, dict) or "tensors" not in model:
+        return []
+    return records(model["tensors"])
+
+
+def _compacted_model(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    recs = _model_records(manifest)
+    if not recs:
+        return None
+    nbytes = sum(r.nbytes for _, r in recs)
+    return {"file": manifest["model"].get("file"), "tensors": len(recs), "nbytes": nbytes}
+
+
 def _version_json(v: VersionInfo, head: int | None) -> dict[str, Any]:
     metrics = v.meta.get("metrics") if isinstance(v.meta.get("metrics"), dict) else {}
     return {
@@ -164,6 +180,8 @@ def _version_json(v: VersionInfo, head: int | None) -> dict[str, Any]:
         "created_at": v.created_at,
         "message": v.message,
         "checkpoint": v.checkpoint,
+        # Store.compact() moved the weights into delta-coded blobs (format 2)
+        "compacted": bool(getattr(v, "compacted", False)),
     }
 
 
@@ -266,6 +284,7 @@ def show(args: argparse.Namespace) -> int:
         "checkpoint": None
         if ckpt is None
         else {"file": ckpt["file"], "nbytes": ckpt["nbytes"], "sha256": ckpt["sha256"]},
+        "compacted_model": _compacted_model(manifest),
         "components": list(components.values()),
         "state": [
             {
@@ -304,11 +323,16 @@ def _print_show(v: dict[str, Any]) -> None:
         )
     spec = v["model_spec"]
     print(f"model       {json.dumps(spec) if spec else '(no model spec recorded)'}")
-    ckpt = v["checkpoint"]
+    ckpt, packed = v["checkpoint"], v["compacted_model"]
     if ckpt:
         print(
             f"checkpoint  {ckpt['file']}  {human_bytes(ckpt['nbytes'])}  "
             f"sha256 {ckpt['sha256'][:16]}…"
+        )
+    elif packed:
+        print(
+            f"checkpoint  compacted: {packed['tensors']} tensors, {human_bytes(packed['nbytes'])}"
+            f" delta-coded in blobs/ (was {packed['file']})"
         )
     else:
         print("checkpoint  none")
@@ -510,7 +534,7 @@ class _Usage:
 def du(args: argparse.Namespace) -> int:
     with open_store(args.store) as store:
         versions = store.versions()
-        usage: dict[str, _Usage] = {"model": _Usage("model", "model", "model (checkpoints)")}
+        usage: dict[str, _Usage] = {"model": _Usage("model", "model", "model weights")}
         chunks: set[str] = set()
         files: set[str] = set()
         samples_seen: set[int] = set()
@@ -543,6 +567,12 @@ def du(args: argparse.Namespace) -> int:
                 if ckpt["file"] not in files:
                     files.add(ckpt["file"])
                     usage["model"].unique += ckpt["nbytes"]
+            for _, record in _model_records(manifest):  # a compacted version's weights
+                usage["model"].logical += record.nbytes
+                for digest, size, _ in record.chunks:
+                    if digest not in chunks:
+                        chunks.add(digest)
+                        usage["model"].unique += size
             meta = usage.setdefault("metadata", _Usage("metadata", "metadata", "manifests (JSON)"))
             size = len(json.dumps(manifest, separators=(",", ":")).encode())
             meta.logical += size

@@ -48,9 +48,9 @@ def export(args: argparse.Namespace) -> int:
             "metrics": json.dumps(finite(info.meta.get("metrics"))),
         }
         if fmt_name == "safetensors":
-            if info.checkpoint is None:
-                raise EngramError(f"{store.path} {info.name} has no model checkpoint to export")
-            weights = store.load(info.id, state=False).model or {}
+            weights = store.load(info.id, state=False).model  # compacted or plain
+            if weights is None:
+                raise EngramError(f"{store.path} {info.name} has no model weights to export")
             _atomic_write(out, lambda tmp: _save_safetensors(weights, tmp, metadata))
         else:
             from engram.inference import load_model
