@@ -364,8 +364,9 @@ def test_du_splits_bytes_by_component_and_measures_the_disk(demo, capsys) -> Non
 def test_commands_read_a_compacted_history(demo, capsys, tmp_path) -> None:
     path, committed = demo
     before = run_json(capsys, "diff", path, "v0001", "v0002")
-    with Store.open(path, mode="w") as store:
-        store.compact()  # v0001 and v0002: weights delta-coded into blobs, files deleted
+    report = run_json(capsys, "compact", path)  # v0001, v0002: weights delta-coded into blobs
+    assert report["versions"] == ["v0001", "v0002"] and report["files"]
+    assert run_json(capsys, "compact", path)["versions"] == []  # nothing new to compact
     assert run_json(capsys, "diff", path, "v0001", "v0002") == before
     shown = run_json(capsys, "show", path, "v0001")
     assert shown["compacted"] and shown["checkpoint"] is None

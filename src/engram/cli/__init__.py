@@ -4,6 +4,7 @@
     engram show runs/ewc prod                # one version: meta, state, metrics
     engram diff runs/ewc HEAD~1 HEAD         # tensors changed, replay samples in/out
     engram export runs/ewc prod --out model.safetensors
+    engram compact runs/ewc                  # old versions delta-coded, restorable bit-exactly
 
 Every read command takes ``--json`` (stable keys, for scripts). Exit codes: 0 success,
 1 ``verify`` found a problem, 2 a user error (unknown version, not a store, corrupted
@@ -75,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("b", metavar="B", help="the newer version")
     p = command("gc", "Delete unreachable data (never HEAD or tagged versions).", "gc")
     p.add_argument("--keep-last", type=int, metavar="N", help="also drop all but the N newest")
+    p = command("compact", "Delta-code the history (lossless; HEAD stays a plain file).",
+                "compact")  # fmt: skip
+    p.add_argument("--tagged", action="store_true", help="compact tagged versions too")
     command("du", "Bytes per component, logical vs on disk, deduplication ratio.", "du")
     p = command("export", "Write a self-contained deployable model.", "export", "the version")
     p.add_argument("--format", choices=("safetensors", "onnx"), help="default: from --out")

@@ -513,6 +513,34 @@ def gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def compact(args: argparse.Namespace) -> int:
+    with open_store(args.store, mode="w") as store:
+        before = disk_usage(store.path)
+        report = store.compact(tagged=args.tagged)
+        after = disk_usage(store.path)
+    on_disk = {k: sum(v for n, v in d.items() if n != "run_files") for k, d in
+               (("before", before), ("after", after))}  # fmt: skip
+    out = {
+        "versions": [version_name(v) for v in report.versions],
+        "blobs": report.blobs,
+        "raw_bytes": report.raw_bytes,
+        "stored_bytes": report.stored_bytes,
+        "files": list(report.files),
+        "disk_before": on_disk["before"],
+        "disk_after": on_disk["after"],
+    }
+    if args.json:
+        emit_json(out)
+        return EXIT_OK
+    print(f"compacted versions: {', '.join(out['versions']) or 'none (nothing new to compact)'}")
+    print(
+        f"{report.blobs} chunks: {human_bytes(report.raw_bytes)} stored as "
+        f"{human_bytes(report.stored_bytes)}; {len(report.files)} files removed; store on disk "
+        f"{human_bytes(on_disk['before'])} -> {human_bytes(on_disk['after'])}"
+    )
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------ du
 
 
