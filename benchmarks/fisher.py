@@ -129,8 +129,13 @@ Machine: {machine()}.
         }
 
 - engram's Fisher is the definition's E[g²] over samples and equals the naive loop's to
-  float precision; it takes {ours_t / ref:.2f}x the loop's time (`vmap` batches the
-  per-sample backward passes) but {ours_t / av:.2f}x Avalanche's.
+  float precision; it takes {ours_t / ref:.2f}x the loop's time and {ours_t / av:.2f}x
+  Avalanche's. `vmap` batches the per-sample backward passes but materialises every
+  per-sample gradient ({batch} x {n_params:,} floats, {batch * n_params * 4 / 2**20:.0f} MiB
+  a minibatch here): for small models it beats the loop, for this one it is memory-bound.
+  For `nn.Linear` layers the squared per-sample gradient has a closed form — Σᵢ (δᵢ²)ᵀ(aᵢ²)
+  from the layer's inputs a and output gradients δ, two matmuls, no per-sample tensor —
+  which would remove that cost (engram.memory.importance, not changed here).
 - Avalanche squares each minibatch's *mean* gradient (E[g]²): one backward per minibatch
   instead of per-sample gradients, hence cheaper, but a different quantity — its distance
   to the per-sample Fisher is the last column (it shrinks the importances by about the

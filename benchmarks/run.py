@@ -10,7 +10,8 @@ and the suite goes on. Each figure is a ratio to a reference measured in the sam
 interleaved round by round (the machine is shared and noisy; absolute times move).
 
 The report keeps a hand-written part: the text between ``<!-- notes:begin -->`` and
-``<!-- notes:end -->`` in the existing report is carried over into the new one.
+``<!-- notes:end -->`` in the existing report is carried over into the new one. With
+``--only``, the other scripts' sections of the existing report are kept as they were.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ QUICK_NOTE = (
     "\n**Quick (smoke) run, two scripts at a time: sizes and rounds are too small, and the "
     "machine too shared, for these figures to mean much.**\n"
 )
+SECTION = re.compile(r"<!-- section: (\S+) -->\n(.*?)(?=<!-- section: |\Z)", re.S)
 NOTES = re.compile(r"<!-- notes:begin -->.*?<!-- notes:end -->", re.S)
 
 INTRO = """\
@@ -158,7 +160,7 @@ Machine: {machine()}.
     for r in results:
         if r["section"]:
             parts.append(f"<!-- section: {r['script']} -->\n" + r["section"].strip())
-        if r["status"] not in ("ok", "missing"):
+        if r["status"] not in ("ok", "missing", "kept from the previous run"):
             parts.append(
                 f"### {r['script']}: {r['status']}\n\n<details><summary>output (last lines)"
                 f"</summary>\n\n```\n{r.get('log', '').strip()}\n```\n\n</details>"
@@ -179,7 +181,7 @@ def main() -> None:
     unknown = set(args.only or ()) - set(SUITE)
     if unknown:
         p.error(f"not in the suite: {', '.join(sorted(unknown))}")
-    timeout = args.timeout or (110.0 if args.quick else 1200.0)
+    timeout = args.timeout or (300.0 if args.quick else 1200.0)
     jobs = args.jobs or (2 if args.quick else 1)
     start = time.perf_counter()
     with (
@@ -195,8 +197,23 @@ def main() -> None:
     wall = time.perf_counter() - start
     notes = None
     if args.out.exists():
-        found = NOTES.search(args.out.read_text())
+        old = args.out.read_text()
+        found = NOTES.search(old)
         notes = found.group(0) if found else None
+        if args.only:  # keep the sections of the scripts not run now
+            kept = {m.group(1): m.group(2).strip() for m in SECTION.finditer(old)}
+            ran = {r["script"]: r for r in results}
+            results = [
+                ran.get(s)
+                or {
+                    "script": s,
+                    "status": "kept from the previous run",
+                    "seconds": 0.0,
+                    "section": kept.get(s),
+                }
+                for s in SUITE
+                if s in ran or s in kept
+            ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(assemble(results, args, notes, wall))
     print(f"wrote {args.out} ({wall:.0f} s)")
