@@ -1,0 +1,59 @@
+"""The benchmark suite's smoke mode runs end to end (CI): every script of the suite
+succeeds with --quick and the report gets its section. No figure is asserted."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import run  # noqa: E402
+
+
+def test_quick_suite_writes_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    out.write_text(
+        "STALE\n<!-- notes:begin -->\nhand-written findings\n<!-- notes:end -->\nSTALE\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    report = out.read_text()
+    assert proc.returncode == 0, proc.stdout + proc.stderr + report[-5000:]
+    assert report.startswith("# Benchmarks\n")
+    assert "run.py --quick" in report and "Machine:" in report
+    assert "hand-written findings" in report and "STALE" not in report  # notes kept, rest not
+    rows = dict(re.findall(r"^\| \[(\w+\.py)\]\([^)]*\) \| ([^|]+) \|", report, re.M))
+    assert set(rows) == set(run.SUITE)
+    for script, status in rows.items():
+        if (ROOT / "benchmarks" / script).exists():
+            assert status.strip() == "ok", script
+            assert f"<!-- section: {script} -->" in report
+    for heading in ("## Fisher diagonal", "## engram vs Avalanche", "## Resume latency",
+                    "### Training stall of a mid-experience checkpoint"):  # fmt: skip
+        assert heading in report
+    assert re.search(r"\| \d+\.\d+x", report)  # figures are ratios
+
+
+def test_a_failing_script_is_reported_not_fatal(tmp_path: Path) -> None:
+    results = [
+        {"script": "good.py", "status": "ok", "seconds": 1.0, "section": "## Good\n\n1.00x"},
+        {
+            "script": "bad.py",
+            "status": "failed (exit 1)",
+            "seconds": 2.0,
+            "section": None,
+            "log": "Traceback: boom",
+        },
+        {"script": "gone.py", "status": "missing", "seconds": 0.0, "section": None},
+    ]
+    args = run.argparse.Namespace(quick=True, only=None)
+    report = run.assemble(results, args, None, 3.0)
+    assert "## Good" in report and "| failed (exit 1) |" in report and "| missing |" in report
+    assert "Traceback: boom" in report
