@@ -122,6 +122,18 @@ def test_one_experience_per_call_equals_one_full_run(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_async_mid_experience_checkpoints_change_nothing_but_the_stall(tmp_path: Path) -> None:
+    common = ["strategy=replay", "training.commit_every_iterations=5"]
+    sync = train(config(tmp_path / "sync", *common, "store.keep_mid_experience=true"))
+    asyn = train(config(tmp_path / "async", *common, "training.async_commit=true",
+                        "store.keep_mid_experience=true"))  # fmt: skip
+    assert asyn == sync
+    with Store.open(tmp_path / "sync") as a, Store.open(tmp_path / "async") as b:
+        assert len(a.versions()) == len(b.versions()) > 10  # every checkpoint was kept
+    a, b = weights(tmp_path / "sync"), weights(tmp_path / "async")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_files_new_data_trains_only_the_new_experience(tmp_path: Path) -> None:
     data = tmp_path / "data"
     digit_files(data, range(2))

@@ -99,6 +99,10 @@ def train(cfg: DictConfig) -> list[list[float]]:
     from engram.training.progress import ProgressBar
     from engram.training.template import DurableTemplate
 
+    if cfg.training.threads is not None:
+        if cfg.training.threads < 1:
+            raise EngramError(f"training.threads must be >= 1 or null, not {cfg.training.threads}")
+        torch.set_num_threads(cfg.training.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -147,6 +151,7 @@ def train(cfg: DictConfig) -> list[list[float]]:
         seed=cfg.seed,
         commit_every_iterations=cfg.training.commit_every_iterations,
         commit_every_seconds=cfg.training.commit_every_seconds,
+        async_commit=cfg.training.async_commit,
         keep_mid_experience=cfg.store.keep_mid_experience,
         hparams={"benchmark": _benchmark_hparams(cfg), "model": spec},
         branch=cfg.branch,
