@@ -9,8 +9,10 @@ from torch import nn
 
 from engram.memory.importance import (
     SynapticIntelligence,
+    _linear_sums,
     fisher_diagonal,
     mas_importance,
+    per_sample_grads,
     quadratic_penalty,
 )
 
@@ -33,16 +35,19 @@ def naive_per_sample(model: nn.Module, x, y, loss_of_output) -> dict[str, torch.
         model.zero_grad()
         loss_of_output(model(x[i : i + 1].double()), y[i : i + 1]).backward()
         for k, p in model.named_parameters():
-            sums[k] += p.grad
+            g = torch.zeros_like(p) if p.grad is None else p.grad  # None: unused
+            sums[k] += g
             sums.setdefault("_sq_" + k, torch.zeros_like(p))
-            sums["_sq_" + k] += p.grad.pow(2)
+            sums["_sq_" + k] += g.pow(2)
             sums.setdefault("_abs_" + k, torch.zeros_like(p))
-            sums["_abs_" + k] += p.grad.abs()
+            sums["_abs_" + k] += g.abs()
     return sums
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+    scale = b.double().abs().max()
+    err = (a.double() - b.double()).abs().max()
+    return (err / scale if scale > 0 else err).item()
 
 
 def test_fisher_equals_naive_per_sample_loop() -> None:
@@ -191,3 +196,120 @@ def test_si_state_round_trips_through_its_state_dict() -> None:
     assert restored.xi == 0.25 and torch.equal(restored.omega["w"], si.omega["w"])
     si.omega["w"] += 1.0  # state_dict returned copies
     assert torch.equal(restored.omega["w"], torch.ones(2))
+
+
+# ----------------------------------------------- the closed form for nn.Linear layers
+
+
+class ConvNet(nn.Module):
+    """Conv2d (per-sample vmap path) feeding Linear layers (closed form), in-place ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc1 = nn.Linear(2 * 4 * 4, 6)
+        self.act = nn.ReLU(inplace=True)  # modifies fc1's output in place
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(torch.tanh(self.conv(x)).flatten(1))))
+
+
+class Reused(nn.Module):
+    """A Linear called twice and a weight tied into a second use: no closed form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 5)
+        self.twice = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+        self.unused = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.twice(torch.tanh(self.twice(self.inp(x)))))
+        return self.out(h) + 0.5 * F.linear(h, self.out.weight)  # out.weight used twice
+
+
+def conv_data(n: int = 17, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 6, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def vmap_sums(net: nn.Module, x, y, loss_fn, transform) -> dict[str, torch.Tensor]:
+    """The per-sample path alone (torch.func vmap over every parameter)."""
+    net.eval()
+    grads = per_sample_grads(net, x, y, loss_fn)
+    return {k: transform(g).sum(dim=0) for k, g in grads.items()}
+
+
+@pytest.mark.parametrize("factory", [make_net, lambda: ConvNet(), lambda: Reused()])
+def test_closed_form_fisher_and_mas_equal_the_naive_loop(factory) -> None:
+    torch.manual_seed(0)
+    net = factory()
+    x, y = conv_data() if isinstance(net, ConvNet) else make_data()
+    halves = [(x[:9].double(), y[:9]), (x[9:].double(), y[9:])]
+    fisher = fisher_diagonal(net.double(), halves)
+    mas = mas_importance(net, halves)
+    torch.manual_seed(0)
+    naive_ce = naive_per_sample(factory(), x, y, F.cross_entropy)
+    torch.manual_seed(0)
+    naive_norm = naive_per_sample(factory(), x, y, lambda out, _: out.pow(2).sum())
+    assert fisher.keys() == mas.keys() == {k for k in naive_ce if not k.startswith("_")}
+    for name in fisher:
+        assert max_rel_err(fisher[name], naive_ce["_sq_" + name] / len(x)) <= 1e-6, name
+        assert max_rel_err(mas[name], naive_norm["_abs_" + name] / len(x)) <= 1e-6, name
+    if isinstance(net, Reused):
+        assert torch.equal(fisher["unused.weight"], torch.zeros(3, 5, dtype=torch.float64))
+
+
+def test_true_fisher_closed_form_equals_naive_loop_on_sampled_labels() -> None:
+    torch.manual_seed(0)
+    net = ConvNet().double()
+    x, _ = conv_data()
+    x = x.double()
+    fisher = fisher_diagonal(
+        net, [(x, torch.zeros(len(x), dtype=torch.long))], estimator="true",
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    with torch.no_grad():
+        probs = F.softmax(net.eval()(x), dim=-1)
+    labels = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(1)
+    assert len(set(labels.tolist())) > 1
+    naive = naive_per_sample(net, x, labels, F.cross_entropy)
+    for name in fisher:
+        assert max_rel_err(fisher[name], naive["_sq_" + name] / len(x)) <= 1e-6, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_closed_form_equals_the_vmap_path(dtype) -> None:
+    torch.manual_seed(0)
+    net = ConvNet().to(dtype)
+    x, y = conv_data(n=32)
+    x = x.to(dtype)
+    fisher = fisher_diagonal(net, [(x, y)])
+    mas = mas_importance(net, [(x, y)])
+    sq = vmap_sums(net, x, y, F.cross_entropy, torch.square)
+    ab = vmap_sums(net, x, y, lambda out, _: out.pow(2).sum(), torch.abs)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name in sq:
+        assert max_rel_err(fisher[name], sq[name] / len(x)) <= tol, name
+        assert max_rel_err(mas[name], ab[name] / len(x)) <= tol, name
+
+
+def test_closed_form_covers_exactly_the_single_use_linear_layers() -> None:
+    """Which parameters take the closed form; the others go to the vmap path."""
+    torch.manual_seed(0)
+    x, y = conv_data()
+    done, rest = _linear_sums(
+        ConvNet().eval(), x, y, None, lambda out, y: y,
+        lambda out, t: F.cross_entropy(out, t, reduction="sum"), torch.square,
+    )  # fmt: skip
+    assert set(done) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert set(rest) == {"conv.weight", "conv.bias", "__target__"}
+    x, y = make_data()
+    done, rest = _linear_sums(
+        Reused().eval(), x, y, None, lambda out, y: y,
+        lambda out, t: F.cross_entropy(out, t, reduction="sum"), torch.square,
+    )  # fmt: skip
+    assert set(done) == {"inp.weight", "inp.bias", "unused.weight", "unused.bias"}
+    assert set(rest) == {"twice.weight", "twice.bias", "out.weight", "out.bias", "__target__"}

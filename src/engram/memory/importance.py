@@ -15,7 +15,7 @@ data-dependent routing of a mixed-task batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +48,19 @@ def per_sample_grads(
     target: Tensor,
     loss_fn: LossFn,
     task: int | None = None,
+    names: Iterable[str] | None = None,
 ) -> dict[str, Tensor]:
     """Gradient of ``loss_fn(model(x_i), target_i)`` for every sample i.
+
+    Args:
+        names: the trainable parameters to differentiate (default: all of them).
 
     Returns:
         name -> tensor of shape ``(B, *param.shape)``.
     """
     params = trainable_params(model)
+    if names is not None:
+        params = {k: params[k] for k in names}
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     extra = () if task is None else (task,)
 
@@ -92,14 +98,18 @@ def fisher_diagonal(
     if estimator not in ("empirical", "true"):
         raise ValueError(f"estimator must be 'empirical' or 'true', not {estimator!r}")
 
-    def targets(x: Tensor, y: Tensor, task: int | None) -> Tensor:
+    def targets(logits: Tensor, y: Tensor) -> Tensor:
         if estimator == "empirical":
             return y
-        with torch.no_grad():
-            probs = F.softmax(_outputs(model, x, task), dim=-1)  # (B, C)
+        probs = F.softmax(logits, dim=-1)  # (B, C)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
 
-    return _mean_per_sample(model, batches, targets, F.cross_entropy, torch.square, "a Fisher")
+    def summed(out: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(out, target, reduction="sum")
+
+    return _mean_per_sample(
+        model, batches, targets, F.cross_entropy, summed, torch.square, "a Fisher"
+    )
 
 
 def mas_importance(model: nn.Module, batches: Iterable[Batch]) -> dict[str, Tensor]:
@@ -110,22 +120,35 @@ def mas_importance(model: nn.Module, batches: Iterable[Batch]) -> dict[str, Tens
     """
 
     def squared_norm(out: Tensor, _: Tensor) -> Tensor:
-        return out.pow(2).sum()
+        return out.pow(2).sum()  # of a batch: the sum of its samples' squared norms
 
     return _mean_per_sample(
-        model, batches, lambda x, y, task: y, squared_norm, torch.abs, "MAS importance"
+        model,
+        batches,
+        lambda out, y: y,
+        squared_norm,
+        squared_norm,
+        torch.abs,
+        "MAS importance",
     )
 
 
 def _mean_per_sample(
     model: nn.Module,
     batches: Iterable[Batch],
-    targets: Callable[[Tensor, Tensor, int | None], Tensor],
+    targets: Callable[[Tensor, Tensor], Tensor],
     loss_fn: LossFn,
+    summed_loss: LossFn,
     transform: Callable[[Tensor], Tensor],
     what: str,
 ) -> dict[str, Tensor]:
-    """Mean over all samples of ``transform(per-sample gradient of loss_fn)``, in eval mode."""
+    """Mean over all samples of ``transform(per-sample gradient of loss_fn)``, in eval mode.
+
+    ``targets(logits, y)`` gives the targets of ``loss_fn``; ``summed_loss`` is the sum
+    over a batch of ``loss_fn`` per sample; ``transform`` must be multiplicative
+    (``transform(a * b) == transform(a) * transform(b)``: square, abs) for the
+    closed form of :func:`_linear_sums`.
+    """
     was_training = model.training
     model.eval()
     total = {k: torch.zeros_like(p) for k, p in trainable_params(model).items()}
@@ -135,15 +158,125 @@ def _mean_per_sample(
             for x, y, task in _task_groups(batch):
                 if not len(x):
                     continue
-                grads = per_sample_grads(model, x, targets(x, y, task), loss_fn, task)
-                for name, g in grads.items():
-                    total[name] += transform(g).sum(dim=0)
+                sums, rest = _linear_sums(model, x, y, task, targets, summed_loss, transform)
+                for name, value in sums.items():
+                    total[name] += value
+                if rest:
+                    target = rest.pop("__target__")
+                    grads = per_sample_grads(model, x, target, loss_fn, task, names=rest)
+                    for name, g in grads.items():
+                        total[name] += transform(g).sum(dim=0)
                 count += len(x)
     finally:
         model.train(was_training)
     if count == 0:
         raise ValueError(f"cannot estimate {what} from an empty dataset")
     return {name: value / count for name, value in total.items()}
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _linear_sums(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    task: int | None,
+    targets: Callable[[Tensor, Tensor], Tensor],
+    summed_loss: LossFn,
+    transform: Callable[[Tensor], Tensor],
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Sums over the batch of ``transform`` of per-sample gradients, for ``nn.Linear``s.
+
+    Sample i's gradient of a linear layer's weight is the outer product
+    ``delta_i a_i^T`` of the gradient at the layer's output and its input; for a
+    multiplicative ``transform``, ``sum_i transform(delta_i a_i^T) =
+    transform(delta)^T transform(a)``: one forward with hooks, one backward of the
+    batch's summed loss (each sample's output gradient is then its own), two matmuls.
+    A layer called more than once, fed other than ``(batch, features)``, or whose
+    parameters are also used outside its own call (shared, tied) is left to the
+    per-sample ``vmap`` path, as are all other parameterised modules.
+
+    Returns:
+        (name -> sum, for the parameters done here; the other trainable parameter names
+        -> None, plus ``"__target__"``: the targets, when there are any such names).
+    """
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    owner: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for local, p in module.named_parameters(recurse=False):
+            owner.setdefault(id(p), []).append((module, local))
+    linears: dict[int, nn.Module] = {}
+    for p in params.values():
+        owners = owner[id(p)]
+        if len(owners) == 1 and _is_plain_linear(owners[0][0]):
+            linears[id(owners[0][0])] = owners[0][0]
+    calls: dict[int, list[tuple[Tensor, Tensor]]] = {id(m): [] for m in linears.values()}
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        calls[id(module)].append((inputs[0].detach(), output))
+        return output.clone()  # an in-place op downstream must not change `output`
+
+    handles = [m.register_forward_hook(hook) for m in linears.values()]
+    try:
+        out = _outputs(model, x, task)
+    finally:
+        for h in handles:
+            h.remove()
+    target = targets(out.detach(), y)
+    loss = summed_loss(out, target)
+    uses = _parameter_uses(loss)
+    n = len(x)
+    fast: dict[int, tuple[Tensor, Tensor]] = {}
+    for key, module in linears.items():
+        if len(calls[key]) != 1:
+            continue  # never called (no gradient: zero) or called more than once
+        a, z = calls[key][0]
+        if a.dim() != 2 or a.shape[0] != n or z.shape[0] != n:
+            continue
+        if any(uses.get(id(p)) != 1 for p in module.parameters(recurse=False) if p.requires_grad):
+            continue
+        fast[key] = (a, z)
+    by_id = {id(p): k for k, p in params.items()}
+    result: dict[str, Tensor] = {}
+    if fast:
+        keys = list(fast)
+        deltas = torch.autograd.grad(loss, [fast[k][1] for k in keys])
+        for key, delta in zip(keys, deltas, strict=True):
+            a, d = transform(fast[key][0]), transform(delta.detach())
+            for local, p in linears[key].named_parameters(recurse=False):
+                if p.requires_grad:
+                    value = d.T @ a if local == "weight" else d.sum(dim=0)
+                    result[by_id[id(p)]] = value.reshape(p.shape)
+    for key, module in linears.items():
+        if not calls[key]:  # never called: no gradient, unless used outside its call
+            for p in module.parameters(recurse=False):
+                if p.requires_grad and id(p) not in uses:
+                    result[by_id[id(p)]] = torch.zeros_like(p)
+    rest: dict[str, Any] = {k: None for k in params if k not in result}
+    if rest:
+        rest["__target__"] = target
+    return result, rest
+
+
+def _parameter_uses(root: Tensor) -> dict[int, int]:
+    """id(leaf tensor) -> how many edges of ``root``'s autograd graph lead to it."""
+    uses: dict[int, int] = {}
+    seen: set[Any] = set()
+    stack = [root.grad_fn] if root.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            variable = getattr(nxt, "variable", None)
+            if variable is not None:  # AccumulateGrad: a leaf
+                uses[id(variable)] = uses.get(id(variable), 0) + 1
+            elif nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return uses
 
 
 class SynapticIntelligence(PersistentFields):
