@@ -41,7 +41,7 @@ import pytest
 import torch
 
 from engram.errors import StoreLockedError
-from engram.store import Store
+from engram.store import SampleIds, Store
 from engram.store.delta import FileBlob, decode_entry
 from engram.store.format import BLOB_DIR, CHECKPOINT_DIR, DB_BLOBS, LMDB_DIR
 
@@ -1027,3 +1027,42 @@ def test_reader_opening_while_the_writer_grows_the_data(spawn, tmp_path: Path) -
         lines = reader.finish()
     assert reader.proc.returncode == 0, reader.stderr()
     assert lines[-2:] == ["opened 2", f"loaded 2 {4 << 20}"], lines
+
+
+CRASH_WITH_SAMPLES = """
+from engram.store import SampleIds
+path, point = sys.argv[1], sys.argv[2]
+with Store.open(path, mode="c") as store:
+    ids = []
+    for i in range(3):
+        if i == 2:
+            crash_at(point)
+        # pending (write-behind) samples: the commit that references them makes them durable
+        ids += store.samples.append([bytes([i]) * 40 for _ in range(5)])
+        info = store.commit({"slots": SampleIds.of(ids)}, meta={"i": i})
+        print("committed", info.id, i, flush=True)
+    sys.setprofile(None)
+    print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("point", "head"), [("publish", 2), ("_write", 3)])
+def test_sigkill_with_pending_replay_samples(spawn, tmp_path: Path, point, head) -> None:
+    """Replay samples are written in the transaction that publishes the version that
+    references them: killed inside it, neither is there; after it, both are."""
+    path = tmp_path / "store"
+    child = spawn(CRASH_WITH_SAMPLES, path, point)
+    lines = child.finish()
+    assert child.proc.returncode == -signal.SIGKILL, (lines, child.stderr())
+    assert parse_committed(lines) == [(1, 0), (2, 1)]
+    with Store.open(path, mode="w") as store:
+        report = store.verify(all=True)  # every referenced sample is there
+        assert report.ok, [str(p) for p in report.problems]
+        assert store.head.id == head
+        slots = store.load().state["slots"].tolist()
+        assert len(slots) == 5 * head
+        assert len(store.samples) == 5 * head  # the killed commit's samples: not written
+        rows = store.samples.read(slots, 40)
+        assert [int(r[0]) for r in rows] == [i for i in range(head) for _ in range(5)]
+        store.samples.append([bytes(40)])
+        store.commit({"slots": SampleIds.of(slots)}, meta={"i": head})  # still takes commits

@@ -38,11 +38,12 @@ def sample_key(sample_id: int) -> bytes:
 class SampleTable:
     """The ``samples`` database of a store (use it as ``store.samples``).
 
-    Writes are buffered in memory (at most 32 MiB) until :meth:`flush`, which
-    ``Store.commit`` calls before publishing a version: a sample only has to be durable
-    once a version references it, and one synced transaction per commit costs far less
-    than one per minibatch. Ids are reserved from the store's counter in blocks, so they stay unique
-    across processes and crashes (an id reserved but never flushed is simply unused).
+    Writes are buffered in memory (at most 32 MiB) until :meth:`flush`, or until
+    ``Store.commit`` writes them in the transaction that publishes a version: a sample
+    only has to be durable once a version references it, and sharing the commit's synced
+    transaction costs far less than one transaction per minibatch (or per commit). Ids
+    are reserved from the store's counter in blocks, so they stay unique across
+    processes and crashes (an id reserved but never flushed is simply unused).
     """
 
     _BLOCK = 4096
@@ -92,18 +93,31 @@ class SampleTable:
 
     def flush(self) -> int:
         """Write pending records in one transaction; returns how many."""
-        if not self._pending:
+        items = self.pending_items()
+        if not items:
             return 0
-        items = sorted(self._pending.items())
-
-        def put(txn: lmdb.Transaction) -> None:
-            with txn.cursor(db=self._db()) as cur:
-                cur.putmulti(((sample_key(i), r) for i, r in items), append=True)
-
-        self._store._write(put, reserve=sum(len(r) for _, r in items) + 64 * len(items))
-        self._pending.clear()
-        self._pending_bytes = 0
+        self._store._write(
+            lambda txn: self.put(txn, items),
+            reserve=sum(len(r) for _, r in items) + 64 * len(items),
+        )
+        self.forget(items)
         return len(items)
+
+    def pending_items(self) -> list[tuple[int, bytes]]:
+        """The records not yet written, ``(id, record)`` by id: for :meth:`put`."""
+        return sorted(self._pending.items())
+
+    def put(self, txn: lmdb.Transaction, items: list[tuple[int, bytes]]) -> None:
+        """Write ``items`` (from :meth:`pending_items`) inside the caller's ``txn``;
+        once it committed, :meth:`forget` them. Safe to re-run in a retried ``txn``."""
+        with txn.cursor(db=self._db()) as cur:
+            cur.putmulti(((sample_key(i), r) for i, r in items), append=True)
+
+    def forget(self, items: list[tuple[int, bytes]]) -> None:
+        """Drop written ``items`` from the pending records (they are in the database)."""
+        for sample_id, record in items:
+            if self._pending.pop(sample_id, None) is not None:
+                self._pending_bytes -= len(record)
 
     def read(self, ids: Sequence[int] | torch.Tensor, record_size: int) -> np.ndarray:
         """The records of ``ids``, in order, as a ``(len(ids), record_size)`` uint8 array.

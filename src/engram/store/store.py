@@ -197,6 +197,16 @@ class _Chunk:
     source: FileBlob | None  # where the bytes are when the blob index lacks them
 
 
+_INLINE_HASH_BYTES = 4 << 20  # a state up to this size is hashed in the committing thread
+
+
+def _write_checkpoint_durably(directory: Path, file: str, *args: Any) -> CheckpointInfo:
+    """:func:`write_checkpoint`, then an fsync of its directory (the new name)."""
+    info = write_checkpoint(directory, file, *args)
+    fsync_dir(directory)
+    return info
+
+
 def version_name(version_id: int) -> str:
     return f"v{version_id:04d}"
 
@@ -770,7 +780,14 @@ class Store:
             ) from e
 
     def _commit(self, tree, pending, weights, message, meta) -> VersionInfo:
-        self.samples.flush()  # replay samples this version may reference become durable
+        # Replay samples this version may reference must be durable no later than it:
+        # they go into the transaction that publishes it (one synced transaction, not
+        # two). A wrapped table (a background committer's, shared by two threads) is
+        # flushed on its own, under its lock.
+        samples = self.samples if isinstance(self.samples, SampleTable) else None
+        if samples is None:
+            self.samples.flush()
+        sample_items = samples.pending_items() if samples is not None else []
         meta_db = self._dbs[fmt.DB_META]
         with self._read() as txn:
             vid = int(bytes(txn.get(b"next_version", db=meta_db)))
@@ -790,7 +807,11 @@ class Store:
         ]
         # Hashing, file writes and fsyncs all release the GIL: (1) and (2) overlap. One
         # worker more than cores: the checkpoint job mostly waits on its write and fsync.
-        with ThreadPoolExecutor(max_workers=(os.cpu_count() or 1) + 1) as pool:
+        # A small state is hashed in this thread: each worker started costs a GIL
+        # hand-off (up to the 5 ms switch interval), more than hashing a few MiB.
+        inline = sum(len(view) for _, view in pieces) <= _INLINE_HASH_BYTES
+        workers = 1 if inline else (os.cpu_count() or 1) + 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             # (2) the checkpoint file, durably, under its final name (unless shared).
             ckpt_job = None
             if weights is not None and ckpt is None:
@@ -798,7 +819,7 @@ class Store:
                 if _is_count(meta.get("experience")):
                     file += f"-exp{meta['experience']}"
                 ckpt_job = pool.submit(
-                    write_checkpoint,
+                    _write_checkpoint_durably,
                     self.path / fmt.CHECKPOINT_DIR,
                     file + ".safetensors",
                     weights,
@@ -806,15 +827,16 @@ class Store:
                     digest,
                 )
             # (1) content-address every chunk; append those the store lacks to a pack.
-            hashes = [pool.submit(_hash_chunk, view) for _, view in pieces]
+            if inline:
+                hashes = [_done(_hash_chunk(view)) for _, view in pieces]
+            else:
+                hashes = [pool.submit(_hash_chunk, view) for _, view in pieces]
             index, new_bytes = self._write_pack(pieces, hashes, pack_id)
+            if index:  # a new pack file: its directory entry, while the checkpoint's runs
+                fsync_dir(self.path / fmt.BLOB_DIR)
             if ckpt_job is not None:
                 ckpt = ckpt_job.result()
                 new_bytes += ckpt.nbytes
-        if index:
-            fsync_dir(self.path / fmt.BLOB_DIR)
-        if ckpt_job is not None:
-            fsync_dir(self.path / fmt.CHECKPOINT_DIR)
         state_bytes = sum(len(p.raw) for p in pending)
         manifest = {
             "format_version": fmt.PLAIN_FORMAT_VERSION,
@@ -832,8 +854,11 @@ class Store:
         }
         payload = json.dumps(manifest, separators=(",", ":")).encode()
 
-        # (3) one transaction makes the version visible: index, manifest, HEAD, counters.
+        # (3) one transaction makes the version visible: pending replay samples, index,
+        # manifest, HEAD, counters.
         def publish(txn: lmdb.Transaction) -> None:
+            if sample_items:
+                samples.put(txn, sample_items)
             for digest, entry in index:
                 txn.put(digest, entry, db=self._dbs[fmt.DB_BLOBS])
             txn.put(_vkey(vid), payload, db=self._dbs[fmt.DB_VERSIONS])
@@ -842,7 +867,10 @@ class Store:
             if index:
                 txn.put(b"next_pack", str(pack_id + 1).encode(), db=meta_db)
 
-        self._write(publish, reserve=len(payload) + 64 * len(index))
+        sample_bytes = sum(len(r) + 64 for _, r in sample_items)
+        self._write(publish, reserve=len(payload) + 64 * len(index) + sample_bytes)
+        if sample_items:
+            samples.forget(sample_items)
         return self.info(vid)
 
     def _write_pack(
@@ -1502,6 +1530,12 @@ class Store:
                         FileBlob(file, span.offset + off, n, check),
                     )
         return table
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _hash_chunk(view: np.ndarray) -> tuple[bytes, int]:
