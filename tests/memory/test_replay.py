@@ -203,3 +203,35 @@ def test_a_second_handle_in_the_same_process_gets_a_clear_error(tmp_path: Path) 
         pytest.raises(EngramError, match="already open in this process"),
     ):
         Store.open(tmp_path / "s")
+
+
+@pytest.mark.parametrize("mirror_bytes", [64 << 20, 0])
+def test_sampling_from_memory_equals_the_stored_records(
+    tmp_path: Path, monkeypatch, mirror_bytes: int
+) -> None:
+    """Minibatches drawn from the in-memory copy of the records are the store's records,
+    and a buffer restored from its state (nothing in memory) draws the same ones."""
+    import engram.memory.replay as replay_module
+
+    monkeypatch.setattr(replay_module, "_MIRROR_BYTES", mirror_bytes)
+    gen = torch.Generator().manual_seed(4)
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buf = ReplayBuffer(store, capacity=20, seed=3)
+        for e in range(6):
+            x = torch.randn(16, 2, 3, generator=gen)
+            y = torch.randint(0, 5, (16,), generator=gen)
+            buf.add(x, y, experience=e, logits=torch.randn(16, 5, generator=gen))
+            if e == 2:
+                store.commit({"replay": buf.state_dict()})
+        state = buf.state_dict()
+        restored = ReplayBuffer(store, capacity=20, seed=3)
+        restored.load_state_dict(state)
+        contents = buf.contents()
+        for _ in range(3):
+            a, b = buf.sample(8), restored.sample(8)
+            assert a.keys() == b.keys() == contents.keys()
+            for k in a:
+                assert torch.equal(a[k], b[k]), k
+            rows = [int(np.flatnonzero((contents["x"] == xi).all(dim=(1, 2)))[0]) for xi in a["x"]]
+            for k in a:
+                assert torch.equal(a[k], contents[k][rows]), k

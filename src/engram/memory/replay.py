@@ -37,6 +37,7 @@ from engram.store.codec import TORCH_DTYPES, dtype_name
 
 Policy = Literal["reservoir", "class_balanced", "experience_balanced"]
 _HEADER = 24  # target, task, experience: three little-endian int64
+_MIRROR_BYTES = 64 << 20  # a buffer whose records fit is also kept in memory, for sampling
 
 
 class ReplayBufferError(EngramError, ValueError):
@@ -64,6 +65,10 @@ class ReplayBuffer:
         self.schema: dict[str, Any] | None = None
         self.admit_rng = torch.Generator().manual_seed(seed)
         self.sample_rng = torch.Generator().manual_seed(seed + 1)
+        # An in-memory copy of the buffered records, by slot (not state: the store's are
+        # the records; this saves a read per sampled minibatch), when it fits _MIRROR_BYTES.
+        self._mirror: np.ndarray | None = None
+        self._mirrored = np.zeros(capacity, dtype=bool)
 
     def hparams(self) -> dict[str, Any]:
         return {"capacity": self.capacity, "policy": self.policy, "seed": self.seed}
@@ -101,15 +106,19 @@ class ReplayBuffer:
         for item, (key, u) in enumerate(zip(keys, draws, strict=True)):
             plan.offer(item, key, u)
         order = sorted(plan.decisions.items(), key=lambda kv: kv[1][0])
-        records = [self._record(x, y, task, logits, experience, item) for _, (item, _) in order]
-        ids = self.store.samples.append(records)
+        rows = self._records(x, y, task, logits, experience, [item for _, (item, _) in order])
+        ids = self.store.samples.append([row.tobytes() for row in rows])
         # 2. adopt the plan
-        for (slot, (_, key)), sample_id in zip(order, ids, strict=True):
+        self.schema = schema
+        mirror = self._mirror_array()
+        for (slot, (_, key)), sample_id, row in zip(order, ids, rows, strict=True):
             self.slots[slot] = sample_id
             self.slot_keys[slot] = key
+            if mirror is not None:
+                mirror[slot] = row
+                self._mirrored[slot] = True
         self.size, self.seen, self.seen_per_key = plan.size, plan.seen, plan.seen_per_key
         self.key_slots.update(plan.key_slots)
-        self.schema = schema
         return len(order)
 
     def _check(self, x, y, task, logits) -> dict[str, Any]:
@@ -134,12 +143,32 @@ class ReplayBuffer:
         return schema
 
     @staticmethod
-    def _record(x, y, task, logits, experience: int, i: int) -> bytes:
-        header = np.array([int(y[i]), int(task[i]), experience], dtype="<i8").tobytes()
-        parts = [header, x[i].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()]
+    def _records(x, y, task, logits, experience: int, items: list[int]) -> np.ndarray:
+        """The records of ``items``, one row each: header (y, task, experience as
+        little-endian int64), then the raw bytes of x and of the logits."""
+        index = torch.tensor(items, dtype=torch.int64)
+        header = np.empty((len(items), 3), dtype="<i8")
+        header[:, 0] = y[index].to(torch.int64).numpy()
+        header[:, 1] = task[index].to(torch.int64).numpy()
+        header[:, 2] = experience
+        parts = [header.view(np.uint8), _raw(x[index])]
         if logits is not None:
-            parts.append(logits[i].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return b"".join(parts)
+            parts.append(_raw(logits[index]))
+        return np.concatenate(parts, axis=1)
+
+    def _record_size(self) -> int:
+        schema = self.schema
+        x_bytes = _nbytes(schema["x_dtype"], schema["x_shape"])
+        if schema["logits_dtype"] is None:
+            return _HEADER + x_bytes
+        return _HEADER + x_bytes + _nbytes(schema["logits_dtype"], schema["logits_shape"])
+
+    def _mirror_array(self) -> np.ndarray | None:
+        if self._mirror is None and self.schema is not None:
+            size = self._record_size()
+            if self.capacity * size <= _MIRROR_BYTES:
+                self._mirror = np.zeros((self.capacity, size), dtype=np.uint8)
+        return self._mirror
 
     # -------------------------------------------------------------- sampling
 
@@ -148,19 +177,30 @@ class ReplayBuffer:
         if not self.size:
             raise ReplayBufferError("the replay buffer is empty")
         picks = torch.randint(self.size, (batch_size,), generator=self.sample_rng).numpy()
-        return self.read(self.slots[picks].tolist())
+        mirror = self._mirror_array()
+        if mirror is None:
+            return self.read(self.slots[picks].tolist())
+        missing = np.unique(picks[~self._mirrored[picks]])
+        if len(missing):  # e.g. after load_state_dict: read once from the store
+            mirror[missing] = self.store.samples.read(
+                self.slots[missing].tolist(), self._record_size()
+            )
+            self._mirrored[missing] = True
+        return self._parse(mirror[picks])
 
     def read(self, sample_ids: list[int]) -> dict[str, torch.Tensor]:
         """Records by sample id, stacked: x, y, task, experience (and logits)."""
+        return self._parse(self.store.samples.read(sample_ids, self._record_size()))
+
+    def _parse(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Records ``(B, record size)`` as tensors: x, y, task, experience (and logits)."""
         schema = self.schema
         x_dtype = TORCH_DTYPES[schema["x_dtype"]]
-        x_bytes = int(np.prod(schema["x_shape"], dtype=np.int64)) * x_dtype.itemsize
-        l_bytes = 0
-        if schema["logits_dtype"] is not None:
+        x_bytes = _nbytes(schema["x_dtype"], schema["x_shape"])
+        l_bytes = rows.shape[1] - _HEADER - x_bytes
+        if l_bytes:
             l_dtype = TORCH_DTYPES[schema["logits_dtype"]]
-            l_bytes = int(np.prod(schema["logits_shape"], dtype=np.int64)) * l_dtype.itemsize
-        rows = self.store.samples.read(sample_ids, _HEADER + x_bytes + l_bytes)  # (B, record)
-        b = len(sample_ids)
+        b = len(rows)
         header = torch.from_numpy(rows[:, :_HEADER].copy()).view(torch.int64)  # (B, 3)
         x = torch.from_numpy(rows[:, _HEADER : _HEADER + x_bytes].copy())
         out = {
@@ -210,6 +250,8 @@ class ReplayBuffer:
             for slot, key in enumerate(keys.tolist()):
                 self.key_slots.setdefault(key, []).append(slot)
         self.schema = state["schema"]
+        self._mirror = None
+        self._mirrored[:] = False
         self.admit_rng.set_state(state["admit_rng"])
         self.sample_rng.set_state(state["sample_rng"])
 
@@ -268,3 +310,16 @@ class _Admission:
             return slot
         j = int(u * self.seen_per_key[key])  # reservoir sampling within this key
         return self.slots_of(key)[j] if j < mine else None
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """A ``(B, ...)`` tensor's rows as raw bytes, ``(B, nbytes per row)`` uint8."""
+    row = t[0].numel() * t.element_size() if len(t) else 0
+    return t.contiguous().view(torch.uint8).reshape(len(t), row).numpy()
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * TORCH_DTYPES[dtype].itemsize
