@@ -169,9 +169,9 @@ template with a no-op commit. Machine: {machine()}.
 Time in `commit()` per mid-experience checkpoint (median): synchronous
 {1000 * mid_sync:.1f} ms, asynchronous {1000 * mid_async:.1f} ms.
 
-- Target ≤ 1.05x. A commit of this small state costs a fixed ~5 fsyncs (pack file,
-  checkpoint file, their directories, the LMDB transaction that publishes the version,
-  and, with a replay buffer, the samples' transaction): a few ms each on this VM's
+- Target ≤ 1.05x. A commit of this small state costs a fixed ~5 syncs (pack file,
+  checkpoint file, their directories, the LMDB transaction that publishes the version
+  and, with a replay buffer, its pending samples too): a few ms in all on this VM's
   virtual disk, whatever the state size, so the ratio is set by how many commits a
   second of training carries. Asynchronous checkpoints take them off the training
   thread; the experience-end commits stay synchronous (the next experience, `fit`'s

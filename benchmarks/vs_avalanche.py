@@ -151,12 +151,12 @@ In short: {"; ".join(notes)}.
 Why the pairs differ (target: engram ≤ 1.0x Avalanche's time with equal or better
 accuracy):
 
-- **EWC**: engram's Fisher is per-sample (E[g²], `torch.func.vmap`), Avalanche's squares
-  the minibatch-mean gradient (E[g]², one backward per minibatch): a different quantity,
-  cheaper to compute (see "Fisher diagonal"), and about a minibatch-size times smaller,
-  so the same λ regularises differently — the accuracies are not of the same estimator.
-  engram also evaluates the untrained model once (the FWT baseline) and commits
-  every experience durably. Where engram is slower here, this is why.
+- **EWC**: engram's Fisher is per-sample (E[g²]; for `nn.Linear` layers in closed form,
+  one batched forward and backward, see "Fisher diagonal"), Avalanche's squares the
+  minibatch-mean gradient (E[g]²): a different quantity, about a minibatch-size times
+  smaller, so the same λ regularises differently — the accuracies are not of the same
+  estimator. engram also evaluates the untrained model once (the FWT baseline) and
+  commits every experience durably. Where engram is slower here, this is why.
 - **ER vs Replay**: engram admits samples by reservoir during training into an LMDB
   buffer (durable, write-behind until each commit) and concatenates a buffer minibatch
   to each training minibatch; Avalanche fills its buffer experience-balanced at the end
