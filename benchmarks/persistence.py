@@ -80,6 +80,37 @@ def stall_template(store: Path, hidden: int, async_commit: bool) -> DurableTempl
     return t
 
 
+LONG_EPOCHS, LONG_EVERY = 30, 200  # the realistic cadence of the second table
+
+
+def overhead(root: Path, hidden: int, epochs: int, every: int, rounds: int):
+    """Median seconds per variant, and the training-thread stalls of mid checkpoints."""
+    stalls: dict[str, list[float]] = {"sync": [], "async": []}
+    n = iter(range(10**6))
+
+    def variant(cls: type, key: str | None = None, **kwargs: Any) -> Any:
+        def fn(_: int) -> None:
+            bucket = stalls[key] if key else []
+            run(cls, root / f"s{next(n)}", hidden, epochs, bucket, **kwargs)
+
+        return fn
+
+    runs = {
+        "persistence disabled (reference)": variant(NoPersistence),
+        "durable commit per experience": variant(Timed),
+        f"+ checkpoint every {every} iterations, synchronous": variant(
+            Timed, "sync", commit_every_iterations=every
+        ),
+        f"+ checkpoint every {every} iterations, asynchronous": variant(
+            Timed, "async", commit_every_iterations=every, async_commit=True
+        ),
+    }
+    interleave(runs, 1)  # warm-up
+    for bucket in stalls.values():
+        bucket.clear()
+    return {k: median(v) for k, v in interleave(runs, rounds).items()}, stalls
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--rounds", type=int, default=None, help="default 3 (--quick: 1)")
@@ -92,30 +123,13 @@ def main() -> None:
     every = args.every or (10 if args.quick else 20)
     stall_hidden = 512 if args.quick else 2560
     torch.set_num_threads(1)
-    stalls: dict[str, list[float]] = {"sync": [], "async": []}
     with scratch("engram-persistence-") as root:
-        n = iter(range(10**6))
-
-        def variant(cls: type, key: str | None = None, **kwargs: Any) -> Any:
-            def fn(_: int) -> None:
-                bucket = stalls[key] if key else []
-                run(cls, root / f"s{next(n)}", hidden, epochs, bucket, **kwargs)
-
-            return fn
-
-        runs = {
-            "persistence disabled (reference)": variant(NoPersistence),
-            "durable commit per experience": variant(Timed),
-            f"+ checkpoint every {every} iterations, synchronous": variant(
-                Timed, "sync", commit_every_iterations=every
-            ),
-            f"+ checkpoint every {every} iterations, asynchronous": variant(
-                Timed, "async", commit_every_iterations=every, async_commit=True
-            ),
-        }
-        interleave(runs, 1)  # warm-up
-        stalls = {"sync": [], "async": []}
-        times = {k: median(v) for k, v in interleave(runs, rounds).items()}
+        times, stalls = overhead(root / "short", hidden, epochs, every, rounds)
+        iterations = ITERATIONS[0]
+        long_times = None
+        if not args.quick:  # the same run, long enough that commits are not most of it
+            long_times, long_stalls = overhead(root / "long", hidden, LONG_EPOCHS, LONG_EVERY, 3)
+            long_iterations = ITERATIONS[0]
 
         # (2) the stall for one larger state, sync vs async, interleaved
         templates = {
@@ -141,11 +155,36 @@ def main() -> None:
             t.close()
     ref = times["persistence disabled (reference)"]
     rows = [[name, f"{sec:.2f}", f"{sec / ref:.3f}x"] for name, sec in times.items()]
+    long_section = ""
+    if long_times is not None:
+        long_ref = long_times["persistence disabled (reference)"]
+        long_rows = [[k, f"{v:.2f}", f"{v / long_ref:.3f}x"] for k, v in long_times.items()]
+        long_mid = median(long_stalls["async"]) if long_stalls["async"] else float("nan")
+        long_section = f"""
+### The same run, longer
+
+{LONG_EPOCHS} epochs ({long_iterations} training iterations, about {long_ref:.1f} s without
+persistence), a checkpoint every {LONG_EVERY} iterations (one per
+~{1000 * long_ref / long_iterations * LONG_EVERY:.0f} ms of training), 3 interleaved rounds
+after a warm-up; otherwise as above (asynchronous stall per checkpoint:
+{1000 * long_mid:.1f} ms).
+
+{table(["run", "seconds", "vs persistence disabled"], long_rows)}
+
+- The cost per commit is fixed, so once an experience trains for more than a second or
+  so, per-experience commits and checkpoints every few hundred iterations are within the
+  1.05x target; the sub-second run above is the worst case.
+- Asynchronous checkpoints cut the time the training thread spends in `commit()` (the
+  stall) to a quarter here, yet the runs take no less time in all: for a state this small
+  the commit is mostly fixed syncs, and the background thread's Python work competes with
+  this Python-bound training loop for the GIL and the 2 vCPUs. They pay off when a commit
+  is large (next table).
+"""
     mid_sync = median(stalls["sync"]) if stalls["sync"] else float("nan")
     mid_async = median(stalls["async"]) if stalls["async"] else float("nan")
     sync_s, async_s = median(commit_times["synchronous"]), median(commit_times["asynchronous"])
     n_params = sum(p.numel() for p in mlp(hidden).parameters())
-    cadence = 1000 * ref / ITERATIONS[0] * every  # ms of (unpersisted) run per checkpoint
+    cadence = 1000 * ref / iterations * every  # ms of (unpersisted) run per checkpoint
     emit(
         args,
         f"""
@@ -159,7 +198,7 @@ def main() -> None:
 
 Split digits (5 experiences), MLP 64-{hidden}-{hidden}-10 ({n_params:,} parameters),
 SGD(0.05, momentum 0.9), naive, {epochs} epoch(s), minibatch {BATCH}, one thread; median
-of {rounds} interleaved rounds; {ITERATIONS[0]} training iterations in all, so a
+of {rounds} interleaved rounds; {iterations} training iterations in all, so a
 checkpoint every {every} iterations is one per ~{cadence:.0f} ms of the run (a very
 aggressive cadence, to make the cost visible). "Persistence disabled" is the same
 template with a no-op commit. Machine: {machine()}.
@@ -176,7 +215,7 @@ Time in `commit()` per mid-experience checkpoint (median): synchronous
   second of training carries. Asynchronous checkpoints take them off the training
   thread; the experience-end commits stay synchronous (the next experience, `fit`'s
   return and the runner's regression gate rely on that version being durable).
-
+{long_section}
 ### Training stall of a mid-experience checkpoint
 
 The same state — MLP 64-{stall_hidden}-{stall_hidden}-10: weights, SGD momentum and the
