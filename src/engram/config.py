@@ -79,6 +79,7 @@ class ReplayConfig:
     mem_size: int = 200
     batch_size_mem: int | None = None
     policy: str = "reservoir"
+    admission: str = "stream"  # or experience_end: replay only earlier experiences
 
 
 @dataclass
@@ -87,6 +88,7 @@ class DERConfig:
     alpha: float = 0.1
     beta: float = 0.0
     policy: str = "reservoir"
+    admission: str = "stream"  # or experience_end (logits of the trained model)
 
 
 @dataclass

@@ -48,6 +48,9 @@ STRATEGIES = {
     "lwf": lambda: [LwFPlugin(alpha=1.0, temperature=2.0)],
     "er": lambda: [ERPlugin(mem_size=100, seed=1)],
     "derpp": lambda: [DERPlugin(mem_size=100, alpha=0.1, beta=0.5, seed=2)],
+    "derpp_experience_end": lambda: [
+        DERPlugin(mem_size=100, alpha=0.1, beta=0.5, seed=2, admission="experience_end")
+    ],
     "agem": lambda: [AGEMPlugin(mem_size=100, sample_size=32, seed=3)],
     "ewc_replay": lambda: [EWCPlugin(ewc_lambda=5.0), ERPlugin(mem_size=100, seed=4)],
     "si_replay": lambda: [SIPlugin(si_lambda=1.0), ERPlugin(mem_size=100, policy="class_balanced")],

@@ -175,3 +175,28 @@ def test_lwf_teacher_is_stored_once_across_versions(tmp_path: Path) -> None:
         # the digests name the stored blobs: equal digests, one copy; and the mid versions
         # after the first write nothing for the teacher (all write the same amount)
         assert len({v.new_bytes for v in versions}) == 1
+
+
+@pytest.mark.parametrize(
+    "admission, replays_current", [("stream", True), ("experience_end", False)]
+)
+def test_replay_admission_decides_whether_the_current_experience_is_replayed(
+    tmp_path: Path, admission: str, replays_current: bool
+) -> None:
+    from engram.strategies import ERPlugin
+
+    train, test = streams(2)
+    plugin = ERPlugin(mem_size=60, policy="experience_balanced", admission=admission)
+    with template(tmp_path / "s", plugins=[plugin], commit_every_iterations=5,
+                  keep_mid_experience=True) as t:  # fmt: skip
+        t.fit(train, test)
+    with Store.open(tmp_path / "s") as store:
+        for v in store.versions():
+            replay = store.load(v.id).state["plugins"]["replay"]
+            kept = set(replay["slot_keys"].tolist())  # experience of each buffered sample
+            current = v.meta["experience"]
+            if v.meta["kind"] == "mid-experience":
+                assert (current in kept) == replays_current, (v.name, kept)
+                assert kept <= set(range(current + 1))
+            else:  # after the experience: it is in the buffer either way
+                assert current in kept and len(replay["slot_keys"]) == 60

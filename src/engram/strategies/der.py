@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from avalanche.models import avalanche_forward
 
 from engram.memory.replay import Policy
-from engram.strategies.replay import BufferPlugin
+from engram.strategies.replay import Admission, BufferPlugin
 
 
 class DERPlugin(BufferPlugin):
@@ -28,8 +28,9 @@ class DERPlugin(BufferPlugin):
         batch_size_mem: int | None = None,
         policy: Policy = "reservoir",
         seed: int = 0,
+        admission: Admission = "stream",
     ) -> None:
-        super().__init__(mem_size, policy, seed)
+        super().__init__(mem_size, policy, seed, admission)
         self.alpha = alpha
         self.beta = beta  # > 0: DER++
         self.batch_size_mem = batch_size_mem
@@ -59,4 +60,9 @@ class DERPlugin(BufferPlugin):
             strategy.loss += self.beta * F.cross_entropy(out, memory["y"].to(strategy.device))
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        self.admit(strategy, logits=strategy.mb_output.detach())
+        if self.admission == "stream":
+            self.admit(strategy, logits=strategy.mb_output.detach())
+
+    def logits_for(self, strategy: Any, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        # experience_end: the trained model's logits, as Avalanche's DER stores them
+        return avalanche_forward(strategy.model, x.to(strategy.device), task.to(strategy.device))

@@ -8,16 +8,24 @@ samples are written once to the store and only its slot table is committed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
 
-from engram.memory.replay import Policy, ReplayBuffer
+from engram.memory.replay import Policy, ReplayBuffer, ReplayBufferError
+
+Admission = Literal["stream", "experience_end"]
 
 
 class BufferPlugin(SupervisedPlugin):
     """Owns a :class:`ReplayBuffer` in the strategy's store; persists it; admits samples.
+
+    ``admission``: ``"stream"`` offers every training minibatch to the buffer as it is
+    trained on (online replay, as in Chaudhry et al.'s ER and Mammoth), so the buffer
+    also replays the current experience; ``"experience_end"`` offers the experience's
+    whole dataset once it is trained (as Avalanche's buffers do), so training replays
+    only earlier experiences — better protection in class-incremental streams.
 
     The buffer needs the store, which a plugin first sees in ``before_training``; a
     state loaded before that is kept and applied then.
@@ -25,17 +33,24 @@ class BufferPlugin(SupervisedPlugin):
 
     engram_name = "replay"
 
-    def __init__(self, mem_size: int, policy: Policy = "reservoir", seed: int = 0) -> None:
+    def __init__(self, mem_size: int, policy: Policy = "reservoir", seed: int = 0,
+                 admission: Admission = "stream") -> None:  # fmt: skip
         super().__init__()
+        if admission not in ("stream", "experience_end"):
+            raise ReplayBufferError(
+                f"admission must be 'stream' or 'experience_end', not {admission!r}"
+            )
         self.mem_size = mem_size
         self.policy = policy
         self.seed = seed
+        self.admission = admission
         self.buffer: ReplayBuffer | None = None
         self._pending: dict[str, Any] | None = None
         self._current: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def hparams(self) -> dict[str, Any]:
-        return {"mem_size": self.mem_size, "policy": self.policy, "seed": self.seed}
+        return {"mem_size": self.mem_size, "policy": self.policy, "seed": self.seed,
+                "admission": self.admission}  # fmt: skip
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         if self.buffer is None:
@@ -53,7 +68,34 @@ class BufferPlugin(SupervisedPlugin):
         self.buffer.add(x, y, task=task, experience=strategy.clock.train_exp_counter, logits=logits)
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        self.admit(strategy)
+        if self.admission == "stream":
+            self.admit(strategy)
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self.admission == "experience_end":
+            self.admit_experience(strategy)
+
+    def admit_experience(self, strategy: Any) -> None:
+        """Offer the trained experience's dataset (eval transforms, in order) to the buffer."""
+        from torch.utils.data import DataLoader
+
+        dataset = strategy.experience.dataset.eval()
+        loader = DataLoader(dataset, batch_size=strategy.train_mb_size, shuffle=False,
+                            collate_fn=getattr(dataset, "collate_fn", None))  # fmt: skip
+        was_training = strategy.model.training
+        strategy.model.eval()
+        try:
+            with torch.no_grad():
+                for x, y, task in loader:
+                    self._current = (x.to(strategy.device), y, task)
+                    self.admit(strategy, logits=self.logits_for(strategy, x, task))
+        finally:
+            strategy.model.train(was_training)
+            self._current = None
+
+    def logits_for(self, strategy: Any, x: torch.Tensor, task: torch.Tensor) -> Any:
+        """What to store with admitted samples at an experience's end (DER: logits)."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         if self.buffer is None:
@@ -78,8 +120,9 @@ class ERPlugin(BufferPlugin):
         batch_size_mem: int | None = None,
         policy: Policy = "reservoir",
         seed: int = 0,
+        admission: Admission = "stream",
     ) -> None:
-        super().__init__(mem_size, policy, seed)
+        super().__init__(mem_size, policy, seed, admission)
         self.batch_size_mem = batch_size_mem
 
     def hparams(self) -> dict[str, Any]:
