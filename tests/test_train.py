@@ -53,6 +53,25 @@ def test_every_config_composes(tmp_path: Path, group: str, option: str) -> None:
         assert build_model(model_spec(cfg, (64,), 10, False)) is not None
 
 
+def test_help_lists_every_option_of_every_group() -> None:
+    out = subprocess.run([sys.executable, "-m", "engram.train", "--help"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed: dict[str, set[str]] = {}
+    group = None
+    for line in text.splitlines()[2:]:
+        head, sep, rest = line.partition(":")
+        if sep and head.strip().isidentifier() and not line.startswith("   "):
+            group, line = head.strip(), rest
+        if group:
+            names = {w.strip().split(" ")[0] for w in line.split(",")}
+            listed.setdefault(group, set()).update(n for n in names if n)
+    for group, option in group_options():
+        assert option in listed.get(group, set()), (group, option, listed.get(group))
+    assert "_schema" not in text
+
+
 def test_every_experiment_file_starts_with_its_command() -> None:
     for path in sorted((CONFIGS / "experiment").glob("*.yaml")):
         lines = path.read_text().splitlines()
