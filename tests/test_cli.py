@@ -484,33 +484,17 @@ def test_a_corrupted_lmdb_is_a_one_line_error(demo, capsys) -> None:
     assert_user_error(code, out, err, str(path))
 
 
-def test_write_commands_wait_for_no_one_while_a_trainer_holds_the_lock(demo, capsys) -> None:
+def test_write_commands_wait_for_no_one_while_a_trainer_holds_the_lock(
+    demo, capsys, hold_writer_lock
+) -> None:
     path, _ = demo
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(f"""
-            import sys
-            from engram.store import Store
-            with Store.open({str(path)!r}, mode="w"):
-                print("locked", flush=True)
-                sys.stdin.read()
-        """),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "locked\n"
-        assert_user_error(*run(capsys, "tag", path, "prod"), "locked by pid", str(holder.pid))
-        assert_user_error(*run(capsys, "gc", path), "locked")
-        assert run_json(capsys, "ls", path)["head"] == 3  # readers need no lock
-        assert run(capsys, "verify", path)[0] == 0
-    finally:
-        holder.stdin.close()
-        holder.wait()
+    holder = hold_writer_lock(path)
+    assert_user_error(*run(capsys, "tag", path, "prod"), "locked by pid", str(holder.pid))
+    assert_user_error(*run(capsys, "gc", path), "locked")
+    assert run_json(capsys, "ls", path)["head"] == 3  # readers need no lock
+    assert run(capsys, "verify", path)[0] == 0
+    holder.stdin.close()  # the trainer ends
+    holder.wait()
     assert run(capsys, "tag", path, "prod")[0] == 0
 
 

@@ -131,32 +131,12 @@ def test_clear_errors_for_a_version_that_cannot_be_rebuilt(tmp_path: Path) -> No
         engram.load_model(path, 3)
 
 
-def test_loads_while_a_trainer_holds_the_writer_lock(tmp_path: Path) -> None:
+def test_loads_while_a_trainer_holds_the_writer_lock(tmp_path: Path, hold_writer_lock) -> None:
     path = tmp_path / "store"
     (model,) = commit_models(path, MLP, n=1)
-    trainer = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(f"""
-            import sys
-            from engram.store import Store
-            with Store.open({str(path)!r}, mode="w") as store:
-                print("locked", flush=True)
-                sys.stdin.read()
-        """),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert trainer.stdout.readline() == "locked\n"
-        x = torch.rand(4, 64)
-        assert torch.equal(engram.load_model(path)(x), model(x))
-    finally:
-        trainer.stdin.close()
-        trainer.wait()
+    hold_writer_lock(path)
+    x = torch.rand(4, 64)
+    assert torch.equal(engram.load_model(path)(x), model(x))
 
 
 def test_load_model_is_lazy_and_imports_no_avalanche_for_a_plain_model(tmp_path: Path) -> None:

@@ -18,34 +18,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_codec import assert_same  # the same tree comparison (tests/store is on sys.path)
 
 from engram.errors import CorruptionError, StoreFormatError
 from engram.store import Store
 from engram.store import store as store_module
 from engram.store.delta import EncodedBlob, FileBlob, decode_entry
 from engram.store.format import CHECKPOINT_DIR, DB_BLOBS, DB_META, FORMAT_VERSION, LMDB_DIR
-
-
-def assert_same(a, b) -> None:
-    """Exact equality, bit for bit, including dtype, shape, key order and container types."""
-    assert type(a) is type(b), (type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert bytes(a.reshape(-1).view(torch.uint8).numpy()) == bytes(
-            b.reshape(-1).view(torch.uint8).numpy()
-        )
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            assert_same(x, y)
-    else:
-        assert a == b
 
 
 def lineage(n: int, *, frozen_backbone: bool = False, seed: int = 0):
