@@ -17,27 +17,26 @@ from engram.errors import EngramError
 
 @dataclass(frozen=True)
 class _Dataset:
-    avalanche_name: str  # Avalanche's default_dataset_location key
     subdir: str  # where torchvision keeps the files under the root
     files: tuple[str, ...]
     input_shape: tuple[int, ...]
     n_classes: int
 
 
-_DATASETS = {
+_DATASETS = {  # keyed by Avalanche's default_dataset_location name
     "mnist": _Dataset(
-        "mnist", "MNIST/raw",
+        "MNIST/raw",
         ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
         (1, 28, 28), 10,
     ),
     "cifar10": _Dataset(
-        "cifar10", "cifar-10-batches-py",
+        "cifar-10-batches-py",
         (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"),
         (3, 32, 32), 10,
     ),
     "cifar100": _Dataset(
-        "cifar100", "cifar-100-python", ("train", "test"), (3, 32, 32), 100,
+        "cifar-100-python", ("train", "test"), (3, 32, 32), 100,
     ),
 }  # fmt: skip
 
@@ -54,7 +53,7 @@ def data_root(dataset: str, data_dir: str | Path | None) -> Path:
         return Path(data_dir).expanduser()
     from avalanche.benchmarks.datasets.dataset_utils import default_dataset_location
 
-    return Path(default_dataset_location(_DATASETS[dataset].avalanche_name))
+    return Path(default_dataset_location(dataset))
 
 
 def missing_files(dataset: str, root: Path) -> list[str]:
