@@ -35,7 +35,7 @@ ITERATIONS = [0]  # training iterations of one run
 class NoPersistence(DurableTemplate):
     """The reference: the same template with every commit a no-op."""
 
-    def commit(self, message: str = "") -> None:
+    def commit(self, message: str = "", **kwargs: Any) -> None:
         pass
 
 
@@ -44,10 +44,10 @@ class Timed(DurableTemplate):
 
     stalls: list[float]
 
-    def commit(self, message: str = "") -> None:
+    def commit(self, message: str = "", **kwargs: Any) -> None:
         mid = self.cursor.mid_experience
         start = time.perf_counter()
-        super().commit(message)
+        super().commit(message, **kwargs)
         if mid:
             self.stalls.append(time.perf_counter() - start)
 

@@ -232,9 +232,10 @@ def test_a_corrupted_checkpoint_fails_verify_and_export(demo, capsys, tmp_path) 
     assert code == 1 and "model-v0003-exp2.safetensors" in out
     out_file = tmp_path / "model.safetensors"
     out_file.write_bytes(b"an earlier export")
-    assert_user_error(*run(capsys, "export", path, "--out", out_file), "model-v0003", "hash")
+    export = ("export", path, "--out", out_file, "--force")
+    assert_user_error(*run(capsys, *export), "model-v0003", "hash")
     assert out_file.read_bytes() == b"an earlier export"  # nothing lost on failure
-    assert run(capsys, "export", path, "v0002", "--out", out_file)[0] == 0
+    assert run(capsys, *export[:2], "v0002", *export[2:])[0] == 0
 
 
 # ------------------------------------------------------------------ refs

@@ -4,10 +4,13 @@ allowlist only; loading works while a trainer holds the store; the serve example
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -148,7 +151,7 @@ def test_load_model_is_lazy_and_imports_no_avalanche_for_a_plain_model(tmp_path:
         model = engram.load_model({str(path)!r})
         print(type(model).__name__, "avalanche" in sys.modules)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["MLP", "False"]
 
@@ -177,28 +180,59 @@ def test_server_reloads_when_the_tag_moves(tmp_path: Path) -> None:
     assert torch.equal(server.predict(x), second(x).argmax(1)) and server.version == 2
 
 
+class Lines:
+    """A child's stdout read by a thread, so that each read has a deadline: a server that
+    hangs (say, a reload that never returns) fails the test instead of hanging the suite."""
+
+    def __init__(self, proc: subprocess.Popen, stderr: Path) -> None:
+        self.proc, self.stderr = proc, stderr
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # end of output
+
+    def next(self, waiting_for: str, timeout: float = 60.0) -> str:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"serve.py printed nothing for {timeout:.0f}s while waiting for "
+                        f"{waiting_for}; stderr:\n{self.stderr.read_text()[-3000:]}")  # fmt: skip
+        if line is None:
+            pytest.fail(f"serve.py exited (rc {self.proc.wait()}) while waiting for "
+                        f"{waiting_for}; stderr:\n{self.stderr.read_text()[-3000:]}")  # fmt: skip
+        return line
+
+
 def test_serve_script_reloads_on_sighup(tmp_path: Path) -> None:
     path = tmp_path / "store"
     commit_models(path, MLP)
     with Store.open(path, mode="w") as store:
         store.tag("prod", 1)
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "experiments" / "serve.py"), str(path), "--interval", "0.05"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    stderr = tmp_path / "serve.err"
+    with stderr.open("w") as err:  # a file, not a pipe: a full pipe would block the server
+        serve_py = str(ROOT / "experiments" / "serve.py")
+        proc = subprocess.Popen(
+            [sys.executable, serve_py, str(path), "--interval", "0.05"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     try:
-        assert proc.stdout.readline() == "serving prod = v0001\n"
-        assert proc.stdout.readline().startswith("v0001 batch 0 accuracy ")
+        out = Lines(proc, stderr)
+        assert out.next("the start line") == "serving prod = v0001\n"
+        assert out.next("the first batch").startswith("v0001 batch 0 accuracy ")
         with Store.open(path, mode="w") as store:
             store.tag("prod", 2)
         proc.send_signal(signal.SIGHUP)
-        for line in proc.stdout:  # batches go on; the reload happens before the next one
-            if line.startswith("reloaded"):
-                break
+        deadline = time.monotonic() + 60
+        while not (line := out.next("the reload")).startswith("reloaded"):
+            # batches go on; the reload happens before the next one
+            assert time.monotonic() < deadline, "no reload within 60s of SIGHUP"
         assert line == "reloaded prod = v0002\n"
-        assert proc.stdout.readline().startswith("v0002 batch ")
+        assert out.next("a batch after the reload").startswith("v0002 batch ")
     finally:
         proc.kill()
         proc.wait()
@@ -223,6 +257,7 @@ def test_a_real_engram_train_run_through_the_cli_and_load_model(tmp_path: Path, 
         cwd=tmp_path,
         capture_output=True,
         text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -251,7 +251,9 @@ def test_cli_multirun_gives_each_job_its_own_store(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     stores = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "multirun")
-    assert stores == [f"{s}-split_digits-seed{n}" for s in ("ewc", "naive") for n in (0, 1)]
+    # the default path also names the overrides that change what is trained
+    assert stores == [f"{s}-split_digits-seed{n}-benchmark.n_experiences=2,training.epochs=1"
+                      for s in ("ewc", "naive") for n in (0, 1)]  # fmt: skip
     for name in stores:
         assert (tmp_path / "runs" / name / "tb" / "hparams").is_dir()
         with Store.open(tmp_path / "runs" / name) as store:
@@ -267,18 +269,28 @@ def test_cli_killed_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path: Pat
     train(config(tmp_path / "whole", *args[:-1]))
     cmd = [sys.executable, "-m", "engram.train", f"store.path={tmp_path / 'cut'}", *args]
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = None  # the mid-experience HEAD the kill is aimed at
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and child.poll() is None:  # until mid experience 1
         try:
             with Store.open(tmp_path / "cut", mode="r") as store:
                 head = store.head
                 if head and head.meta["experience"] >= 1 and head.meta["kind"] == "mid-experience":
+                    seen = dict(head.meta)
                     break
         except EngramError:
             pass
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
-    child.wait()
+    child.wait(timeout=60)
+    # the kill must land on a running child: a finished one would make the rerun a no-op
+    assert child.returncode == -signal.SIGKILL, f"child was not killed (rc {child.returncode})"
+    assert seen is not None, "never saw a mid-experience HEAD before the child ended"
+    with Store.open(tmp_path / "whole", mode="r") as store:
+        last = store.head.meta["experience"]
+    with Store.open(tmp_path / "cut", mode="r") as store:  # what the rerun resumes from
+        at_kill = store.head.meta
+    assert at_kill["kind"] == "mid-experience" or at_kill["experience"] < last, at_kill
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")

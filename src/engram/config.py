@@ -2,7 +2,8 @@
 
 Every group's YAML is validated against these dataclasses when Hydra composes the
 config, so a misspelt key or a value of the wrong type fails at start-up with a message
-naming it, not deep inside training.
+naming it, not deep inside training. Ranges, choices and keys added with ``+`` are
+checked next, before anything trains (:mod:`engram.validation`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -26,6 +27,7 @@ class BenchmarkConfig:
     path: str | None = None  # files: the directory of .npz files, one per experience
     n_classes: int | None = None  # files: classes the model is built for (None: inferred)
     test_fraction: float = 0.2  # files without x_test/y_test: held-out fraction
+    max_bytes: int | None = None  # files: memory ceiling for the decoded data (None: 8 GiB)
 
 
 @dataclass
@@ -124,6 +126,8 @@ class TrainingConfig:
     # on small machines (measured: the default run 17.3 s -> ~13 s); results are
     # deterministic for a given setting, so keep it when resuming.
     threads: int | None = 1
+    # a non-finite loss or gradient: stop (nothing more committed) or skip the minibatch
+    nonfinite: str = "stop"
 
 
 @dataclass
@@ -178,3 +182,14 @@ def register() -> None:
     cs.store(group="strategy", name="strategy_schema", node=StrategyConfig)
     cs.store(group="store", name="store_schema", node=StoreConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    from engram import validation  # imports this module: registered only once it is loaded
+
+    resolvers = {
+        # configs/store/default.yaml: the job's overrides that change what is trained
+        validation.SUFFIX_RESOLVER: validation.overrides_suffix,
+        # configs/train.yaml, hydra.run.dir: validate before Hydra creates that directory
+        "engram.validated_store_path": validation.validated_store_path,
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

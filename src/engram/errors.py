@@ -58,3 +58,11 @@ class ArchitectureMismatchError(EngramError):
 
 class HyperparameterMismatchError(EngramError):
     """The strategy's hyperparameters differ from those that produced the store's state."""
+
+
+class GateFailed(EngramError):
+    """The regression gate rejected an experience; HEAD was moved off the failed version."""
+
+
+class NonFiniteError(EngramError):
+    """Training produced a non-finite loss, gradient or weight; nothing was committed."""

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from engram.config import register
-from engram.errors import EngramError
+from engram.errors import EngramError, GateFailed
 
 register()
 
@@ -82,12 +82,25 @@ def build_optimizer(cfg: DictConfig, model: Any) -> Any:
     raise EngramError(f"unknown optimizer {o.name!r}; available: sgd, adam")
 
 
-class GateFailed(EngramError):
-    """The regression gate rejected an experience; HEAD was rolled back."""
-
-
 def train(cfg: DictConfig) -> list[list[float]]:
-    """Run (or resume) the configured stream; returns the accuracy matrix."""
+    """Run (or resume) the configured stream; returns the accuracy matrix.
+
+    torch's thread count (``training.threads``) holds for the run only: the caller's
+    setting is restored on return, so a library caller's process is left as it was.
+    """
+    import torch
+
+    from engram.validation import validate
+
+    validate(cfg)  # every option, before anything trains or a store opens
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DictConfig) -> list[list[float]]:
     import numpy as np
     import torch
 
@@ -138,7 +151,6 @@ def train(cfg: DictConfig) -> list[list[float]]:
             )
         if not quiet:
             print(f"experience {index}: accuracy " + " ".join(f"{a:.2f}" for a in row), flush=True)
-        _gate(cfg, strategy, index)
 
     with store, DurableTemplate(
         model=model,
@@ -158,6 +170,8 @@ def train(cfg: DictConfig) -> list[list[float]]:
         name=cfg.strategy.name,
         model_spec=spec,
         meta={"experience_ids": bench.experience_ids} if bench.experience_ids else None,
+        gate=_gate(cfg),
+        nonfinite=cfg.training.nonfinite,
     ) as strategy:  # fmt: skip
         train_list, test_list = list(bench.train_stream), list(bench.test_stream)
         done_before = strategy.restore(train_list + test_list)
@@ -201,64 +215,46 @@ def train(cfg: DictConfig) -> list[list[float]]:
 def _benchmark_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The benchmark settings a resumed run must share (not where the data lives)."""
     b = OmegaConf.to_container(cfg.benchmark)
-    for key in ("data_dir", "download", "path"):
+    for key in ("data_dir", "download", "path", "max_bytes"):
         b.pop(key, None)
     return b
 
 
 def _check_stream(store: Any, ids: list[str], trained: int) -> None:
-    """With ``files``, the files already trained must be the same, in the same order."""
+    """With ``files``, the files already trained must be the same, in the same order, and
+    so must the file of an experience that was interrupted (HEAD mid-experience): its
+    resumption would train half on the old data, half on the new."""
+    from engram.benchmarks.files import DataFileError
+
     head = store.head
     if not ids or head is None:
         return
     before = head.meta.get("experience_ids") or []
-    for i in range(min(trained, len(before))):
+    used = trained
+    if head.meta.get("kind") == "mid-experience":
+        used = max(trained, int(head.meta.get("experience", -1)) + 1)
+    for i in range(min(used, len(before))):
         if i >= len(ids) or ids[i] != before[i]:
-            was = before[i].split(":")[0]
-            now = ids[i].split(":")[0] if i < len(ids) else "nothing"
-            raise EngramError(
-                f"experience {i} was trained on {was!r}, but the data now gives {now!r} "
-                "(a file was changed, removed or renamed ahead of it). Trained files must "
-                "stay as they were; add new data as new files that sort after them"
+            was, _, was_digest = before[i].partition(":")
+            now, _, now_digest = ids[i].partition(":") if i < len(ids) else ("nothing", "", "")
+            how = "trained" if i < trained else "being trained"
+            when = "" if i < trained else " when the run stopped"
+            if now == was:
+                what = f"which has changed since (XXH3 {was_digest}, now {now_digest})"
+            else:
+                what = f"but the data now gives {now!r} (a file was changed, removed or renamed)"
+            raise DataFileError(
+                f"experience {i} was {how} on {was!r}{when}, {what}. Trained files must stay as "
+                "they were: restore it, and add new data as new files that sort after them"
             )
 
 
-def _gate(cfg: DictConfig, strategy: Any, index: int) -> None:
-    """Check the regression gate after experience ``index`` has been committed."""
-    from engram.metrics import average_accuracy, forgetting
+def _gate(cfg: DictConfig) -> Any:
+    """The configured regression gate, or None when nothing is checked or promoted."""
+    from engram.training.gate import RegressionGate
 
-    gate = cfg.gate
-    matrix = strategy.accuracy_matrix
-    failures = []
-    if gate.max_forgetting is not None and forgetting(matrix) > gate.max_forgetting:
-        failures.append(f"forgetting {forgetting(matrix):.3f} > max {gate.max_forgetting}")
-    acc = average_accuracy(matrix)
-    if gate.min_average_accuracy is not None and acc < gate.min_average_accuracy:
-        failures.append(f"average accuracy {acc:.3f} < min {gate.min_average_accuracy}")
-    store = strategy.store
-    failed = store.head
-    if not failures:
-        if gate.promote:
-            store.tag(gate.promote, failed.id)
-        return
-    tag = f"gate-failed-{failed.name}"
-    store.tag(tag, failed.id)
-    good = None  # the nearest ancestor that is an experience boundary
-    parent = failed.parent
-    while parent is not None and good is None:
-        info = store.info(parent)
-        good = info if info.meta.get("kind") == "experience" else None
-        parent = info.parent
-    if good is not None:
-        store.rollback(good.id)
-        where = f"HEAD rolled back to {good.name} (experience {good.meta['experience']})"
-    else:
-        where = "no earlier version to roll back to; HEAD stays"
-    raise GateFailed(
-        f"regression gate failed after experience {index}: {'; '.join(failures)}. "
-        f"{where}; the failed version {failed.name} is kept as tag {tag!r} "
-        f"(inspect: engram show {cfg.store.path} {tag})"
-    )
+    settings = OmegaConf.to_container(cfg.gate)
+    return RegressionGate(**settings) if any(v is not None for v in settings.values()) else None
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -280,6 +276,14 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
 
 def _hydra_main() -> None:
     import hydra
+
+    from engram.validation import check_overrides
+
+    try:  # overrides omegaconf itself would reject with a traceback
+        check_overrides(sys.argv[1:])
+    except EngramError as e:
+        print(f"engram-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
     @hydra.main(version_base="1.3", config_path="configs", config_name="train")
     def run(cfg: DictConfig) -> None:

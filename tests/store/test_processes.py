@@ -317,6 +317,19 @@ def assert_no_leftovers(path: Path) -> None:
     assert set(os.listdir(path / BLOB_DIR)) == blob_packs_referenced(path)
 
 
+def assert_deletion_cut_short(path: Path) -> None:
+    """The kill landed between two file deletions: the first pack (unlinked first, in
+    name order) is gone, and unreferenced files are still there."""
+    packs = set(os.listdir(path / BLOB_DIR))
+    assert "pack-00000001.bin" not in packs, packs
+    with Store.open(path) as store:
+        checkpoints = {v.checkpoint for v in store.versions() if v.checkpoint is not None}
+    unreferenced = (packs - blob_packs_referenced(path)) | (
+        set(os.listdir(path / CHECKPOINT_DIR)) - checkpoints
+    )
+    assert unreferenced, "every old file was removed: the kill came after the last deletion"
+
+
 def check_recovered(path: Path, printed: list[tuple[int, int]]) -> int | None:
     """A store whose writer was SIGKILLed: lock reclaimable, consistent, HEAD exact, usable.
 
@@ -411,8 +424,11 @@ def test_sigkill_during_commit_loop_study(spawn, tmp_path: Path, seed: int) -> N
     run_kill_trial(spawn, tmp_path / "store", seed)
 
 
-@pytest.mark.slow
-def test_sigkill_resumed_twice_on_one_store(spawn, tmp_path: Path) -> None:
+# trial 7 by default; the rest of the study with -m slow
+@pytest.mark.parametrize(
+    "seed", [7, *(pytest.param(seed, marks=pytest.mark.slow) for seed in range(8, 16))]
+)
+def test_sigkill_resumed_twice_on_one_store(spawn, tmp_path: Path, seed: int) -> None:
     """Kill, reopen and keep committing in a new process, kill again: still consistent."""
     path = tmp_path / "store"
     resume = """
@@ -424,14 +440,17 @@ def test_sigkill_resumed_twice_on_one_store(spawn, tmp_path: Path) -> None:
             info = store.commit(make_state(i), model=linear(i), meta={"i": i})
             print("committed", info.id, i, flush=True)
     """
-    rng = random.Random(7)
+    rng = random.Random(seed)
     printed: list[tuple[int, int]] = []
     for n in range(2):
         child = spawn(COMMIT_LOOP if n == 0 else resume, path)
         child.expect("start")
+        child.expect("committed")  # each writer has written when it is killed
         time.sleep(rng.uniform(0.3, 1.0))
         child.sigkill()
-        printed += parse_committed(child.finish())
+        mine = parse_committed(child.finish())
+        assert mine, "the writer was killed before it committed"
+        printed += mine
         ids = [vid for vid, _ in printed]
         assert ids == sorted(set(ids))  # the second writer continued, never reused an id
     check_recovered(path, printed)
@@ -490,8 +509,8 @@ print("survived", flush=True)
     "point",
     [
         "memory.lmdb",
-        pytest.param("checkpoints", marks=pytest.mark.slow),
-        pytest.param("blobs", marks=pytest.mark.slow),
+        "checkpoints",
+        "blobs",
         "_init_meta",
     ],
 )
@@ -535,9 +554,9 @@ def gc_state(i: int) -> dict:
     ("point", "versions_left"),
     [
         ("finish", [1, 2, 3]),  # the repacked pack is written, nothing published
-        pytest.param("sweep", [1, 2, 3], marks=pytest.mark.slow),  # inside the LMDB txn
+        ("sweep", [1, 2, 3]),  # inside the LMDB txn
         ("_write", [3]),  # the index moved to the new pack, no file removed yet
-        pytest.param("unlink", [3], marks=pytest.mark.slow),  # one old pack removed
+        ("unlink", [3]),  # one old pack removed, the others not yet
     ],
     ids=["repack-written", "in-lmdb-txn", "index-swept", "first-unlink"],
 )
@@ -551,6 +570,8 @@ def test_sigkill_during_gc(spawn, tmp_path: Path, point: str, versions_left) -> 
     )
     lines = child.finish()
     assert child.proc.returncode == -signal.SIGKILL, (lines, child.stderr())
+    if point == "unlink":
+        assert_deletion_cut_short(path)
     with Store.open(path, mode="w") as store:
         report = store.verify(all=True)
         assert report.ok, [str(p) for p in report.problems]
@@ -606,9 +627,9 @@ with Store.open(path, mode="c") as store:
     ("point", "compacted"),
     [
         ("finish", False),  # the pack of delta-coded blobs is written, nothing published
-        pytest.param("swap", False, marks=pytest.mark.slow),  # inside the LMDB txn
+        ("swap", False),  # inside the LMDB txn
         ("_write", True),  # index and manifests swapped, no old file removed yet
-        pytest.param("unlink", True, marks=pytest.mark.slow),  # the first old file removed
+        ("unlink", True),  # the first old file removed, the others not yet
     ],
     ids=["pack-written", "in-lmdb-txn", "swapped", "first-unlink"],
 )
@@ -623,6 +644,8 @@ def test_sigkill_during_compaction(spawn, tmp_path: Path, point: str, compacted:
     )
     lines = child.finish()
     assert child.proc.returncode == -signal.SIGKILL, (lines, child.stderr())
+    if point == "unlink":
+        assert_deletion_cut_short(path)
 
     def check(store: Store) -> None:
         report = store.verify(all=True)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, safe_open
 
 from engram.errors import (
     CorruptionError,
+    EngramError,
     NotAStoreError,
     ReadOnlyStoreError,
     StoreFormatError,
@@ -200,6 +201,21 @@ def test_corrupted_blob_is_detected_by_verify_and_load(store_path: Path, net) ->
         store.load(1)
 
 
+def test_real_corruption_is_read_once_not_retried(
+    store_path: Path, net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retries are for a concurrent gc; with no write since the read, damage is final."""
+    with Store.open(store_path, mode="c") as store:
+        store.commit(ewc_state(0), model=net)
+    flip_byte(store_path / "blobs" / "pack-00000001.bin", 100)
+    reads = []
+    real = Store._load
+    monkeypatch.setattr(Store, "_load", lambda self, *a: reads.append(a) or real(self, *a))
+    with Store.open(store_path) as store, pytest.raises(CorruptionError, match="v0001"):
+        store.load()
+    assert len(reads) == 1
+
+
 def test_corrupted_checkpoint_is_detected_by_verify_and_load(store_path: Path, net) -> None:
     with Store.open(store_path, mode="c") as store:
         store.commit({}, model=net)
@@ -293,7 +309,7 @@ def test_map_grows_without_user_visible_errors(store_path: Path) -> None:
 
 def test_store_refuses_use_after_close(store: Store) -> None:
     store.close()
-    with pytest.raises(Exception, match="closed"):
+    with pytest.raises(EngramError, match="closed"):
         store.load()
 
 

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lmdb
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engram.errors import EngramError
+from engram.errors import CorruptionError, EngramError, StoreFormatError
 from engram.store import Store
-from engram.store.codec import decode_tree, parse_array_record
+from engram.store.codec import (
+    TAG_MAP,
+    TAG_NDARRAY,
+    TAG_SAMPLES,
+    TAG_TENSOR,
+    TAG_TUPLE,
+    ArrayRecord,
+    decode_tree,
+    parse_array_record,
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
@@ -64,12 +79,67 @@ def put_raw(store_path: Path, db: bytes, key: bytes, value: bytes) -> None:
     env.close()
 
 
+@contextmanager
+def fresh_copy(store: Path, under: Path) -> Iterator[Path]:
+    """A copy of ``store`` in a directory of its own, removed afterwards: hypothesis runs
+    many examples in one test call, and each must start from the pristine store."""
+    directory = Path(tempfile.mkdtemp(dir=under))
+    try:
+        shutil.copytree(store, directory / "store")
+        yield directory / "store"
+    finally:
+        shutil.rmtree(directory)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Exact equality of loaded values: types, dtypes, shapes, bits (NaN equals NaN)."""
+    if isinstance(a, torch.Tensor):
+        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+                and torch.equal(a, b))  # fmt: skip
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return (type(b) is dict and len(a) == len(b)
+                and all(same(ka, kb) and same(va, vb)
+                        for (ka, va), (kb, vb) in zip(a.items(), b.items(), strict=True)))  # fmt: skip
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return type(a) is type(b) and a == b
+
+
+def base_committed() -> tuple[dict, dict]:
+    return {"w": torch.ones(3), "n": 1}, {"weight": torch.zeros(2)}
+
+
 @pytest.fixture(scope="module")
 def base_store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("untrusted") / "store"
     with Store.open(path, mode="c") as store:
-        store.commit({"w": torch.ones(3), "n": 1}, model={"weight": torch.zeros(2)})
+        state, model = base_committed()
+        store.commit(state, model=model)
     return path
+
+
+def detected_or_intact(path: Path, committed: dict[int, tuple[dict, dict]]) -> bool:
+    """Read every version of a tampered store: each either fails with CorruptionError or
+    gives back exactly what was committed, and verify flags the store iff one failed.
+    Returns whether the damage was detected."""
+    with Store.open(path) as store:
+        assert [v.id for v in store.versions()] == sorted(committed)
+        report = store.verify(all=True)
+        detected = False
+        for vid, (state, model) in committed.items():
+            try:
+                loaded = store.load(vid)
+            except CorruptionError:
+                detected = True
+                continue
+            assert same(loaded.state, state), f"v{vid}'s state silently changed"
+            assert same(loaded.model, model), f"v{vid}'s model silently changed"
+    assert report.ok != detected, report
+    return detected
 
 
 def load_everything(path: Path) -> None:
@@ -79,11 +149,41 @@ def load_everything(path: Path) -> None:
         store.load()
 
 
+def faithful(tree: Any, out: Any) -> bool:
+    """Whether ``out`` is what ``tree`` encodes: tagged nodes turned into the values they
+    tag (arrays into the record they were read from), all else exactly as in the JSON."""
+    if isinstance(tree, list):
+        return type(out) is list and len(out) == len(tree) and all(map(faithful, tree, out))
+    if isinstance(tree, dict) and any(k.startswith("__") for k in tree):
+        ((tag, body),) = tree.items()  # a tagged node holds its tag alone
+        if tag in (TAG_TENSOR, TAG_NDARRAY, TAG_SAMPLES):
+            return isinstance(out, ArrayRecord) and out == parse_array_record(tag, body)
+        if tag == TAG_TUPLE:
+            return type(out) is tuple and faithful(body, list(out))
+        assert tag == TAG_MAP
+        pairs = {}  # a repeated key keeps its first place and its last value, as in JSON
+        for key, value in body:
+            pairs[key] = value
+        return type(out) is dict and faithful(
+            [[k, v] for k, v in pairs.items()], [[k, v] for k, v in out.items()]
+        )
+    if isinstance(tree, dict):
+        return (
+            type(out) is dict
+            and list(out) == list(tree)
+            and all(map(faithful, tree.values(), out.values()))
+        )
+    return same(tree, out)
+
+
 @settings(max_examples=200, deadline=None)
 @given(tree=json_values)
-def test_decode_tree_accepts_or_rejects_cleanly(tree) -> None:
-    with contextlib.suppress(EngramError):
-        decode_tree(tree, lambda record, path: None)
+def test_decode_tree_accepts_exactly_or_rejects_as_corruption(tree) -> None:
+    try:
+        decoded = decode_tree(tree, lambda record, path: record)
+    except CorruptionError:
+        return
+    assert faithful(tree, decoded), (tree, decoded)
 
 
 @settings(max_examples=300, deadline=None)
@@ -102,14 +202,10 @@ def test_array_records_are_validated(record, kind) -> None:
 )
 @given(manifest=json_values | st.binary(max_size=64).map(lambda b: b.decode("latin-1")))
 def test_hostile_manifest(tmp_path: Path, base_store: Path, manifest) -> None:
-    path = tmp_path / f"s{abs(hash(json.dumps(manifest, default=str))) % 10**9}"
-    if not path.exists():
-        import shutil
-
-        shutil.copytree(base_store, path)
-    put_raw(path, b"versions", (1).to_bytes(8, "big"), json.dumps(manifest).encode())
-    with pytest.raises(EngramError):
-        load_everything(path)
+    with fresh_copy(base_store, tmp_path) as path:
+        put_raw(path, b"versions", (1).to_bytes(8, "big"), json.dumps(manifest).encode())
+        with pytest.raises(EngramError):
+            load_everything(path)
 
 
 @pytest.mark.parametrize(
@@ -133,8 +229,6 @@ def test_hostile_manifest(tmp_path: Path, base_store: Path, manifest) -> None:
     ],
 )  # fmt: skip
 def test_targeted_manifest_attacks(tmp_path: Path, base_store: Path, mutate) -> None:
-    import shutil
-
     path = tmp_path / "s"
     shutil.copytree(base_store, path)
     with Store.open(path) as store:
@@ -150,24 +244,38 @@ def test_targeted_manifest_attacks(tmp_path: Path, base_store: Path, mutate) -> 
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(entry=st.binary(max_size=40), meta_value=st.binary(max_size=12))
-def test_hostile_index_and_meta(
-    tmp_path: Path, base_store: Path, entry: bytes, meta_value: bytes
+@given(entry=st.binary(max_size=40))
+def test_hostile_index_entry_never_reads_as_other_data(
+    tmp_path: Path, base_store: Path, entry: bytes
 ) -> None:
-    import shutil
+    with fresh_copy(base_store, tmp_path) as path:
+        with Store.open(path) as store:
+            digest = bytes.fromhex(store.manifest()["state"]["w"]["__tensor__"]["chunks"][0][0])
+        put_raw(path, b"blobs", digest, entry)
+        detected_or_intact(path, {1: base_committed()})
 
-    path = tmp_path / f"s{abs(hash((entry, meta_value))) % 10**9}"
-    if path.exists():
-        return
-    shutil.copytree(base_store, path)
-    with Store.open(path) as store:
-        digest = bytes.fromhex(store.manifest()["state"]["w"]["__tensor__"]["chunks"][0][0])
-    put_raw(path, b"blobs", digest, entry)
-    with contextlib.suppress(EngramError):
-        load_everything(path)
-    put_raw(path, b"meta", b"format_version", meta_value)
-    with contextlib.suppress(EngramError):
-        load_everything(path)
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(meta_value=st.binary(max_size=12) | st.integers(-3, 10**6).map(lambda n: b"%d" % n))
+def test_hostile_format_version_is_refused_or_harmless(
+    tmp_path: Path, base_store: Path, meta_value: bytes
+) -> None:
+    with fresh_copy(base_store, tmp_path) as path:
+        put_raw(path, b"meta", b"format_version", meta_value)
+        try:
+            int(meta_value.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            with pytest.raises(StoreFormatError, match="malformed store metadata"):
+                Store.open(path)
+            return
+        if int(meta_value.decode("ascii")) > 2:  # a newer format than this engram reads
+            with pytest.raises(StoreFormatError, match="newer than"):
+                Store.open(path)
+            return
+        # a number this engram reads: the data is untouched by it
+        assert not detected_or_intact(path, {1: base_committed()})
 
 
 @settings(
@@ -175,20 +283,13 @@ def test_hostile_index_and_meta(
 )
 @given(data=st.binary(max_size=200))
 def test_garbage_checkpoint_file(tmp_path: Path, base_store: Path, data: bytes) -> None:
-    import shutil
-
-    path = tmp_path / f"s{abs(hash(data)) % 10**9}"
-    if path.exists():
-        return
-    shutil.copytree(base_store, path)
-    (path / "checkpoints" / "model-v0001.safetensors").write_bytes(data)
-    with pytest.raises(EngramError):
-        load_everything(path)
+    with fresh_copy(base_store, tmp_path) as path:
+        (path / "checkpoints" / "model-v0001.safetensors").write_bytes(data)
+        with pytest.raises(CorruptionError):
+            load_everything(path)
 
 
 def test_garbage_lmdb_file(tmp_path: Path, base_store: Path) -> None:
-    import shutil
-
     path = tmp_path / "s"
     shutil.copytree(base_store, path)
     (path / "memory.lmdb" / "data.mdb").write_bytes(b"\0" * 8192)
@@ -196,24 +297,23 @@ def test_garbage_lmdb_file(tmp_path: Path, base_store: Path) -> None:
         load_everything(path)
 
 
+def slowly_changing(i: int) -> tuple[dict, dict]:
+    """What version i + 1 of the compacted store commits."""
+    w = torch.linspace(-1, 1, 4096)
+    return {"w": w + i * 1e-6}, {"weight": w * (1 + i * 1e-6)}
+
+
 @pytest.fixture(scope="module")
 def compacted_store(tmp_path_factory) -> Path:
     """Three versions of slowly changing tensors, compacted: v1 and v2 are delta-coded."""
     path = tmp_path_factory.mktemp("compacted") / "store"
-    w = torch.linspace(-1, 1, 4096)
     with Store.open(path, mode="c") as store:
         for i in range(3):
-            store.commit({"w": w + i * 1e-6}, model={"weight": w * (1 + i * 1e-6)})
+            state, model = slowly_changing(i)
+            store.commit(state, model=model)
         store.compact()
         assert store.info(1).compacted
     return path
-
-
-def load_every_version(path: Path) -> None:
-    with Store.open(path) as store:
-        store.verify(all=True)
-        for v in store.versions():
-            store.load(v.id)
 
 
 @settings(
@@ -226,22 +326,14 @@ def load_every_version(path: Path) -> None:
     ).map(b"".join)
 )
 def test_hostile_delta_entries(tmp_path: Path, compacted_store: Path, entry: bytes) -> None:
-    import shutil
-
-    path = tmp_path / f"s{abs(hash(entry)) % 10**9}"
-    if path.exists():
-        return
-    shutil.copytree(compacted_store, path)
-    with Store.open(path) as store:
-        digest = bytes.fromhex(store.manifest(1)["state"]["w"]["__tensor__"]["chunks"][0][0])
-    put_raw(path, b"blobs", digest, entry)
-    with contextlib.suppress(EngramError):
-        load_every_version(path)
+    with fresh_copy(compacted_store, tmp_path) as path:
+        with Store.open(path) as store:
+            digest = bytes.fromhex(store.manifest(1)["state"]["w"]["__tensor__"]["chunks"][0][0])
+        put_raw(path, b"blobs", digest, entry)
+        detected_or_intact(path, {i + 1: slowly_changing(i) for i in range(3)})
 
 
 def test_cyclic_delta_chain_is_corruption(tmp_path: Path, compacted_store: Path) -> None:
-    import shutil
-
     from engram.store.delta import EncodedBlob, decode_entry
 
     path = tmp_path / "s"

@@ -15,6 +15,8 @@ import random
 import signal
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
@@ -85,7 +87,6 @@ def build(
     strategy: str, store: Path, *, multihead: bool = False, commit_every: int | None = None,
     extra_plugins: list | None = None, **kwargs,
 ) -> DurableTemplate:  # fmt: skip
-    torch.set_num_threads(1)  # the same float reductions in every process
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
@@ -107,12 +108,24 @@ def build(
     )
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread: the same float reductions in every process (the children run
+    with one too), restored afterwards so the test process is left as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(strategy: str, store: Path, *, multihead: bool = False, max_experiences: int | None = None,
         commit_every: int | None = None, extra_plugins: list | None = None) -> list[list[float]]:  # fmt: skip
     bench = split_digits(5, task_labels=multihead)  # the first N_EXPERIENCES of 5 (2 classes each)
     train, test = bench.train_stream[:N_EXPERIENCES], bench.test_stream[:N_EXPERIENCES]
-    with build(strategy, store, multihead=multihead, commit_every=commit_every,
-               extra_plugins=extra_plugins) as template:  # fmt: skip
+    with one_thread(), build(strategy, store, multihead=multihead, commit_every=commit_every,
+                             extra_plugins=extra_plugins) as template:  # fmt: skip
         return template.fit(train, test, max_experiences=max_experiences)
 
 

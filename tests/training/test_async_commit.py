@@ -187,6 +187,7 @@ def async_run(argv: list[str]) -> None:
     ``--kill-while-in-flight N``: hold the Nth commit (in the background) until training
     has run one more iteration, then SIGKILL the process from the training thread.
     """
+    torch.set_num_threads(1)  # as scenario.run's reference (this is a child process)
     strategy, store, *rest = argv
     option, n = (rest[0], int(rest[1])) if rest else (None, 0)
     original, calls = store_module.write_checkpoint, [0]

@@ -69,7 +69,7 @@ def _build(cfg: Mapping[str, Any], name: str, n_classes: int | None) -> Benchmar
         )  # fmt: skip
         return Benchmark(bench.train_stream, bench.test_stream, shape, classes, task_labels)
     if name == "files":
-        from engram.benchmarks.files import files_benchmark, load_files
+        from engram.benchmarks.files import MAX_BYTES, files_benchmark, load_files
 
         if not cfg.get("path"):
             raise EngramError("benchmark=files needs benchmark.path=<directory of .npz files>")
@@ -78,6 +78,7 @@ def _build(cfg: Mapping[str, Any], name: str, n_classes: int | None) -> Benchmar
             n_classes=cfg.get("n_classes") or n_classes,
             test_fraction=cfg.get("test_fraction", 0.2),
             seed=seed,
+            max_bytes=cfg.get("max_bytes") or MAX_BYTES,
         )
         bench = files_benchmark(data)
         ids = [f"{e.name}:{e.digest}" for e in data.experiences]

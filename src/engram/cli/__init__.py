@@ -6,9 +6,12 @@
     engram export runs/ewc prod --out model.safetensors
     engram compact runs/ewc                  # old versions delta-coded, restorable bit-exactly
 
-Every read command takes ``--json`` (stable keys, for scripts). Exit codes: 0 success,
+Every command takes ``--json`` (stable keys, for scripts). Exit codes: 0 success,
 1 ``verify`` found a problem, 2 a user error (unknown version, not a store, corrupted
-data, bad arguments), reported in one line without a traceback.
+data, bad arguments, a file that cannot be written), reported in one line without a
+traceback. With ``--json`` a failure also prints one JSON document on stdout,
+``{"error": "<the message>", "exit": <the exit code>}`` (``verify`` adds the two keys to
+its report), so a script reads stdout whatever happened; the one line still goes to stderr.
 
 This module imports nothing heavy: ``engram --help`` stays fast, and each subcommand
 imports what it needs (the store needs torch; nothing here imports Avalanche except
@@ -33,9 +36,17 @@ class UsageError(EngramError):
     """A command-line argument that cannot be used (reported like every EngramError)."""
 
 
+class _ArgumentError(UsageError):
+    """argparse rejected the command line (reported by :func:`main`, JSON or not)."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not usage + error
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise _ArgumentError(f"{message} (see {self.prog} --help)", self.prog)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,26 +94,37 @@ def _parser() -> argparse.ArgumentParser:
     p = command("export", "Write a self-contained deployable model.", "export", "the version")
     p.add_argument("--format", choices=("safetensors", "onnx"), help="default: from --out")
     p.add_argument("--out", required=True, metavar="PATH", help="the file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``engram`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv  # before parsing: a usage error is reported as JSON too
     try:
         args = _parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error already printed
+    except _ArgumentError as e:
+        return _fail(str(e), EXIT_USAGE, as_json, prog=e.prog)
+    except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    as_json = args.json
     try:
         return _command(args.run)(args)
     except EngramError as e:
-        _fail(str(e))
-        return EXIT_USAGE
+        return _fail(str(e), EXIT_USAGE, as_json)
     except KeyboardInterrupt:
-        _fail("interrupted")
-        return 130
+        return _fail("interrupted", 130, as_json)
     except BrokenPipeError:  # `engram ls ... | head`
         sys.stderr.close()
         return EXIT_OK
+    except OSError as e:  # a file the command writes or reads: permissions, a full disk
+        where = f": {e.filename}" if e.filename else ""
+        return _fail(f"{e.strerror or e}{where}", EXIT_USAGE, as_json)
+    except Exception as e:  # a bug: the traceback follows, but the script still gets JSON
+        if as_json:
+            emit_json({"error": f"internal error: {type(e).__name__}: {e}", "exit": 1})
+        raise
 
 
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
@@ -115,8 +137,13 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
     return getattr(commands, name)
 
 
-def _fail(message: str) -> None:
-    print(f"engram: error: {' '.join(message.split())}", file=sys.stderr)
+def _fail(message: str, code: int, as_json: bool, prog: str = "engram") -> int:
+    """Report an error in one line (and as JSON on stdout with ``--json``); returns ``code``."""
+    message = " ".join(message.split())
+    if as_json:
+        emit_json({"error": message, "exit": code})
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
 
 
 # ------------------------------------------------------------------ output helpers

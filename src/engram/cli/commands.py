@@ -403,6 +403,10 @@ def verify(args: argparse.Namespace) -> int:
         ],
     }
     if args.json:
+        if not report.ok:  # what every failing command prints with --json
+            first = " ".join(str(report.problems[0]).split())
+            out["error"] = f"{len(report.problems)} problem(s), the first: {first}"
+            out["exit"] = EXIT_PROBLEMS
         emit_json(out)
     else:
         what = "all versions" if args.all else ", ".join(out["versions"])

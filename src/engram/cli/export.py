@@ -8,7 +8,9 @@
   Needs the optional ``onnx`` extra (``pip install 'engram[onnx]'``).
 
 The file is written to a temporary name beside ``--out`` and renamed into place, so a
-failed export leaves any earlier file at ``--out`` as it was.
+failed export leaves any earlier file at ``--out`` as it was. An existing ``--out`` is
+overwritten only with ``--force``; nothing is ever written inside the store's directory
+(its checkpoints are the store's data), ``--force`` or not.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ def export(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write {out}: directory {out.parent} does not exist")
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name")
+    store_dir, where = Path(args.store).resolve(), out.parent.resolve()
+    if where == store_dir or store_dir in where.parents:
+        raise UsageError(
+            f"--out {out} is inside the store {args.store}, whose files it could overwrite; "
+            "export to a path outside the store"
+        )
+    if os.path.lexists(out) and not args.force:
+        raise UsageError(f"--out {out} exists; pass --force to overwrite it")
     if fmt_name == "onnx":
         _require_onnx()
     with open_store(args.store) as store:
@@ -51,13 +61,13 @@ def export(args: argparse.Namespace) -> int:
             weights = store.load(info.id, state=False).model  # compacted or plain
             if weights is None:
                 raise EngramError(f"{store.path} {info.name} has no model weights to export")
-            _atomic_write(out, lambda tmp: _save_safetensors(weights, tmp, metadata))
+            _atomic_write(out, lambda tmp: _save_safetensors(weights, tmp, metadata), args.force)
         else:
             from engram.inference import load_model
 
             model = load_model(store, info.id)
             spec = info.meta["model_spec"]
-            _atomic_write(out, lambda tmp: _save_onnx(model, spec, tmp, metadata))
+            _atomic_write(out, lambda tmp: _save_onnx(model, spec, tmp, metadata), args.force)
     size = out.stat().st_size
     if args.json:
         emit_json({"format": fmt_name, "out": str(out), "version": info.name, "bytes": size})
@@ -66,13 +76,25 @@ def export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _atomic_write(out: Path, write: Any) -> None:
+def _atomic_write(out: Path, write: Any, overwrite: bool) -> None:
+    """Write through a temporary file renamed into place; without ``overwrite``, a file
+    that appeared at ``out`` meanwhile is still not replaced."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        if overwrite:
+            os.replace(tmp, out)
+            return
+        try:
+            os.link(tmp, out)  # fails if out exists: no window in which it is clobbered
+        except FileExistsError:
+            raise UsageError(f"--out {out} exists; pass --force to overwrite it") from None
+        except OSError:  # a filesystem without hard links
+            if os.path.lexists(out):
+                raise UsageError(f"--out {out} exists; pass --force to overwrite it") from None
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -71,6 +71,13 @@ A ``<tree>`` is JSON in which these one-key objects stand for non-JSON values:
 * ``{"__map__": [[key, value], ...]}`` — a dict whose keys are not all plain strings
   (int keys of an optimizer state, or string keys starting with ``__``).
 
+``parent`` is the version HEAD named when this one was committed. When ``gc`` deletes
+a version, every kept version whose parent it was is re-linked, in the transaction
+that deletes it, to its nearest kept ancestor (``null`` if none is kept), so the
+versions always form a tree: no parent is missing and none is its own ancestor
+(``verify`` checks both). ``refs`` may lack ``HEAD`` while versions exist: a failed
+regression gate on a stream's first experience resets it.
+
 A version whose weights equal its parent's (same ``weights`` digest) names the
 parent's checkpoint file instead of writing a copy.
 

@@ -105,6 +105,16 @@ _CHECKPOINT_LEFTOVER = re.compile(
 )
 
 
+def is_valid_tag_name(name: object) -> bool:
+    """Whether :meth:`Store.tag` accepts ``name`` (checked before a run, e.g. gate.promote)."""
+    return (
+        isinstance(name, str)
+        and _TAG_NAME.fullmatch(name) is not None
+        and name != "HEAD"
+        and _VERSION_NAME.fullmatch(name) is None
+    )
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """Summary of one committed version."""
@@ -470,7 +480,10 @@ class Store:
         if spec is None or spec == "HEAD":
             head = self._ref(txn, fmt.HEAD_REF)
             if head is None:
-                raise VersionNotFoundError(f"store {self.path} has no versions yet")
+                raise VersionNotFoundError(
+                    f"store {self.path} has no HEAD (no versions yet, or HEAD was reset by a "
+                    "failed gate); name a version or tag"
+                )
             return head
         if isinstance(spec, bool) or not isinstance(spec, int | str):
             raise TypeError(
@@ -482,10 +495,22 @@ class Store:
             vid = int(m.group(1))
         elif m := _HEAD_ANCESTOR.fullmatch(spec):
             vid = self._resolve(txn, "HEAD")
+            seen = {vid}
             for _ in range(int(m.group(1))):
                 parent = self._manifest(txn, vid).get("parent")
                 if parent is None:
                     raise VersionNotFoundError(f"{spec}: {version_name(vid)} has no parent")
+                if parent in seen:
+                    raise CorruptionError(
+                        f"store {self.path}: the parents of {version_name(vid)} form a cycle "
+                        f"(through {version_name(parent)}); run `engram verify {self.path} --all`"
+                    )
+                if txn.get(_vkey(parent), db=self._dbs[fmt.DB_VERSIONS]) is None:
+                    raise VersionNotFoundError(
+                        f"{spec}: the parent of {version_name(vid)}, {version_name(parent)}, is "
+                        f"not in store {self.path} (deleted by gc); name the version instead"
+                    )
+                seen.add(parent)
                 vid = parent
         else:
             tagged = self._ref(txn, fmt.TAG_PREFIX + spec.encode())
@@ -630,13 +655,16 @@ class Store:
             CorruptionError: stored bytes do not match their hashes (names version and key).
         """
         for _ in range(_LOAD_TRIES - 1):
+            written = self._check_usable().info()["last_txnid"]
             try:
                 return self._load(version, state, model, verify)
             except CorruptionError:
                 # A concurrent gc may have moved or dropped packs after our snapshot of
                 # the index was taken: another try sees the new index (or no such
-                # version). Real corruption fails the same way every time.
-                continue
+                # version). With no write since the read began, the bytes really are
+                # damaged: one more full read would fail the same way.
+                if self._check_usable().info()["last_txnid"] == written:
+                    raise
         return self._load(version, state, model, verify)
 
     def _load(self, version: VersionSpec, state: bool, model: bool, verify: bool) -> Snapshot:
@@ -971,11 +999,16 @@ class Store:
         ):
             raise VersionNotFoundError(f"no tag {name!r} in store {self.path}")
 
-    def rollback(self, version: VersionSpec) -> VersionInfo:
+    def rollback(self, version: VersionSpec | None) -> VersionInfo | None:
         """Move HEAD to an older (or any) version; later versions stay until ``gc``.
 
         The next commit's parent is that version, so history becomes a tree.
+        ``rollback(None)`` resets HEAD: the store keeps its versions (reachable by name
+        and tag) but has no current one, and the next commit starts a new root.
         """
+        if version is None:
+            self._write(lambda txn: txn.delete(fmt.HEAD_REF, db=self._dbs[fmt.DB_REFS]))
+            return None
         with self._read() as txn:
             vid = self._resolve(txn, version)
         self._write(lambda txn: txn.put(fmt.HEAD_REF, str(vid).encode(), db=self._dbs[fmt.DB_REFS]))
@@ -996,11 +1029,13 @@ class Store:
         """
         report = VerifyReport()
         checked: set[str] = set()
+        rooted: set[int] = set()
         with self._read() as txn:
             ids = self._version_ids(txn) if all else [self._resolve(txn, version)]
             for vid in ids:
                 report.versions.append(vid)
                 self._verify_version(txn, vid, report, checked)
+                self._verify_ancestry(txn, vid, report, rooted)
             if all:
                 self._verify_index(txn, report, checked)
         return report
@@ -1051,6 +1086,33 @@ class Store:
                 checked.add(ckpt.file)  # shared by versions whose weights did not change
             except CorruptionError as e:
                 report.problems.append(Problem(vid, ckpt.file, str(e)))
+
+    def _verify_ancestry(
+        self, txn: lmdb.Transaction, vid: int, report: VerifyReport, rooted: set[int]
+    ) -> None:
+        """The parent chain of ``vid`` reaches a root: no missing parent, no cycle.
+        ``rooted`` holds versions already known to reach one (shared across a verify)."""
+        chain, child = [vid], vid
+        while child not in rooted:
+            try:
+                parent = self._manifest(txn, child)["parent"]
+            except EngramError:
+                return  # reported with that version's manifest
+            if parent is None:
+                break
+            if parent in chain:
+                why = "names itself as parent" if parent == child else "is in a cycle of parents"
+                report.problems.append(Problem(vid, "parent", f"{version_name(child)} {why}"))
+                return
+            if txn.get(_vkey(parent), db=self._dbs[fmt.DB_VERSIONS]) is None:
+                report.problems.append(
+                    Problem(vid, "parent", f"{version_name(child)}'s parent "
+                            f"{version_name(parent)} is not in the store")  # fmt: skip
+                )
+                return
+            chain.append(parent)
+            child = parent
+        rooted.update(chain)
 
     def _verify_index(self, txn: lmdb.Transaction, report: VerifyReport, checked: set[str]):
         with txn.cursor(db=self._dbs[fmt.DB_BLOBS]) as cur:
@@ -1119,6 +1181,13 @@ class Store:
             live: set[bytes] = set()
             live_files: set[str] = set()
             live_samples: set[int] = set()
+            def parent_of(vid: int) -> int | None:
+                try:
+                    return self._manifest(txn, vid)["parent"]
+                except EngramError:  # a dropped version's unreadable manifest: no ancestor
+                    return None
+
+            relink = _relinks(kept, set(ids) - kept, parent_of)
             for vid in kept:
                 manifest = self._manifest(txn, vid)
                 records = iter_array_records(manifest["state"])
@@ -1191,6 +1260,11 @@ class Store:
             fsync_dir(blob_dir)
 
         def sweep(txn: lmdb.Transaction) -> int:
+            for vid, parent in relink.items():  # the tree stays a tree: see _relinks
+                manifest = self._manifest(txn, vid)
+                manifest["parent"] = parent
+                payload = json.dumps(manifest, separators=(",", ":")).encode()
+                txn.put(_vkey(vid), payload, db=self._dbs[fmt.DB_VERSIONS])
             for vid in dropped:
                 txn.delete(_vkey(vid), db=self._dbs[fmt.DB_VERSIONS])
             for key in dead:
@@ -1201,7 +1275,7 @@ class Store:
                 txn.put(b"next_pack", str(next_pack + 1).encode(), db=self._dbs[fmt.DB_META])
             return self.samples.sweep(txn, live_samples) if sweep_samples else 0
 
-        samples_gone = self._write(sweep, reserve=96 * len(moved))
+        samples_gone = self._write(sweep, reserve=96 * len(moved) + 4096 * len(relink))
         # Only now, with the index committed, may files go: first packs nothing references.
         referenced = (set(live_by_pack) - set(repack)) | ({next_pack} if moved else set())
         removed = []
@@ -1571,6 +1645,25 @@ def _element_size(record: ArrayRecord) -> int:
     if record.kind == TAG_NDARRAY:
         return NUMPY_DTYPES[record.dtype].itemsize
     return TORCH_DTYPES[record.dtype].itemsize
+
+
+def _relinks(
+    kept: set[int], dropped: set[int], parent_of: Callable[[int], int | None]
+) -> dict[int, int | None]:
+    """New parents for kept versions whose parent is dropped: the nearest kept ancestor
+    (None when every ancestor goes), so ``HEAD~N``, diffs and rollbacks keep working
+    after mid-experience versions are pruned. A parent that is already missing (a store
+    pruned by an older engram) is left as it is: ``verify`` reports it."""
+    out: dict[int, int | None] = {}
+    for vid in kept:
+        parent, seen = parent_of(vid), {vid}
+        if parent not in dropped:
+            continue
+        while parent in dropped and parent not in seen:  # a cycle ends the walk
+            seen.add(parent)
+            parent = parent_of(parent)
+        out[vid] = None if parent in seen else parent
+    return out
 
 
 def _is_count(x: Any) -> bool:

@@ -47,10 +47,17 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader
 
-from engram.errors import ArchitectureMismatchError, EngramError, HyperparameterMismatchError
+from engram.errors import (
+    ArchitectureMismatchError,
+    EngramError,
+    GateFailed,
+    HyperparameterMismatchError,
+    NonFiniteError,
+)
 from engram.stateful import Stateful
 from engram.store import Snapshot, Store
 from engram.store.background import BackgroundCommitter
+from engram.training.gate import RegressionGate
 from engram.training.sampler import ResumableBatchSampler, epoch_seed
 
 _CLOCK_FIELDS = (
@@ -120,6 +127,15 @@ class DurableTemplate(SupervisedTemplate):
             :func:`engram.load_model` can rebuild it for inference.
         meta: extra JSON metadata recorded in every version (e.g. what the stream's
             experiences are).
+        gate: a :class:`~engram.training.gate.RegressionGate` decided when each
+            experience ends, before its version is committed and before mid-experience
+            versions are pruned; a failure raises :class:`~engram.errors.GateFailed`
+            with HEAD moved off the failed version (build a new template to go on).
+        nonfinite: what a non-finite loss or gradient does: ``"stop"`` (default) raises
+            :class:`~engram.errors.NonFiniteError` before anything more is committed, so
+            HEAD stays on the last finite version; ``"skip"`` skips that minibatch's
+            update (as mixed-precision scalers do) and counts it. Weights are checked
+            before every commit and evaluation either way.
     """
 
     def __init__(
@@ -144,7 +160,11 @@ class DurableTemplate(SupervisedTemplate):
         model_spec: Mapping[str, Any] | None = None,
         meta: Mapping[str, Any] | None = None,
         async_commit: bool = False,
+        gate: RegressionGate | None = None,
+        nonfinite: str = "stop",
     ) -> None:
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', not {nonfinite!r}")
         self._recorder = _AccuracyRecorder()
         with warnings.catch_warnings():  # "no loggers": on purpose, metrics are ours
             warnings.simplefilter("ignore", UserWarning)
@@ -175,6 +195,9 @@ class DurableTemplate(SupervisedTemplate):
         self.model_spec = _jsonable(dict(model_spec)) if model_spec is not None else None
         self.extra_hparams = dict(hparams or {})
         self.extra_meta = _jsonable(dict(meta)) if meta is not None else {}
+        self.gate = gate
+        self.nonfinite = nonfinite
+        self.skipped_updates = 0  # minibatches whose update nonfinite="skip" dropped
         self.cursor = Cursor()
         self.accuracy_matrix: list[list[float]] = []
         # accuracy of the untrained model on each test experience (the FWT baseline)
@@ -182,6 +205,7 @@ class DurableTemplate(SupervisedTemplate):
         self._adaptations: list[list[Any]] = []  # [stream, experience index, training]
         self._snapshot: Snapshot | None = None  # the state being resumed, until applied
         self._restored = False
+        self._branched: dict[str, Any] = {}  # optimizer settings a branch changed
         self._replaying = False
         self._in_fit = False
         self._last_commit_time = time.monotonic()
@@ -226,10 +250,12 @@ class DurableTemplate(SupervisedTemplate):
                 self.cursor.experience = index
                 self.train(experience)
                 self.accuracy_matrix.append(self.evaluate(test_list))
-                self._finish_experience(index)
+                rejected = self._finish_experience(index)
                 trained += 1
                 if on_experience is not None:
                     on_experience(index, self.accuracy_matrix[-1])
+                if rejected is not None:
+                    raise GateFailed(rejected)
         finally:
             self._in_fit = False
         self._wait_for_commit()
@@ -237,6 +263,7 @@ class DurableTemplate(SupervisedTemplate):
 
     def evaluate(self, test_stream: Iterable[Any]) -> list[float]:
         """Accuracy of the current model on each experience of ``test_stream``."""
+        self._check_finite_weights("evaluating")  # argmax of NaN is class 0, not a score
         row = []
         for experience in test_stream:
             self.eval(experience)
@@ -280,7 +307,15 @@ class DurableTemplate(SupervisedTemplate):
         head = self.store.head
         if head is None:
             return False
-        self._check_hparams(head.meta.get("hparams", {}))
+        stored_hparams = head.meta.get("hparams", {})
+        self._check_hparams(stored_hparams)
+        # Branching with new optimizer settings (e.g. lr): the stored optimizer state
+        # would bring the old values back, so the changed ones are re-applied over it.
+        stored_optimizer = stored_hparams.get("optimizer", {})
+        self._branched = {
+            k: v for k, v in self.hparams()["optimizer"].items()
+            if k != "class" and stored_optimizer.get(k) != v
+        } if self.branch else {}  # fmt: skip
         snapshot = self.store.load()
         self._replay_adaptations(snapshot.state["adaptations"], experiences)
         self._check_architecture(snapshot.model or {})
@@ -292,6 +327,7 @@ class DurableTemplate(SupervisedTemplate):
         self.cursor = Cursor(cursor["experience"], cursor["epoch"], cursor["iteration"])
         metrics = snapshot.state["metrics"]
         self.accuracy_matrix = [list(row) for row in metrics["accuracy_matrix"]]
+        self.skipped_updates = int(metrics.get("skipped_updates", 0))
         initial = metrics.get("initial_accuracy")
         self.initial_accuracy = list(initial) if initial is not None else None
         self._adaptations = [list(a) for a in snapshot.state["adaptations"]]
@@ -418,6 +454,7 @@ class DurableTemplate(SupervisedTemplate):
             "metrics": {
                 "accuracy_matrix": self.accuracy_matrix,
                 "initial_accuracy": self.initial_accuracy,
+                "skipped_updates": self.skipped_updates,
             },
         }
 
@@ -425,6 +462,8 @@ class DurableTemplate(SupervisedTemplate):
         state = snapshot.state
         self.model.load_state_dict(snapshot.model or {})
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group.update({k: v for k, v in self._branched.items() if k in group})
         stored = state["plugins"]
         for key, plugin in self._stateful_plugins().items():
             if key not in stored:
@@ -440,8 +479,12 @@ class DurableTemplate(SupervisedTemplate):
         version, internal, gauss = state["rng"]["python"]
         random.setstate((version, tuple(internal), gauss))
 
-    def commit(self, message: str = "") -> None:
-        """Commit the current state now (the template also commits by itself)."""
+    def commit(self, message: str = "", *, gate: Mapping[str, Any] | None = None) -> None:
+        """Commit the current state now (the template also commits by itself).
+
+        ``gate``: the regression gate's verdict, recorded in the version's meta.
+        """
+        self._check_finite_weights("committing")
         mid = self.cursor.mid_experience
         # a boundary cursor points at the next experience; the version is the last one's
         experience = self.cursor.experience if mid else max(self.cursor.experience - 1, 0)
@@ -457,6 +500,10 @@ class DurableTemplate(SupervisedTemplate):
         if self.model_spec is not None:
             meta["model_spec"] = self.model_spec
         meta.update(self.extra_meta)
+        if gate is not None:
+            meta["gate"] = dict(gate)
+        if self.skipped_updates:
+            meta["skipped_updates"] = self.skipped_updates
         if self.accuracy_matrix and kind == "experience":
             from engram import metrics as m
 
@@ -483,7 +530,47 @@ class DurableTemplate(SupervisedTemplate):
         self.last_commit_seconds = time.perf_counter() - start
         self._last_commit_time = time.monotonic()
 
+    def _check_finite_weights(self, doing: str) -> None:
+        bad = [n for n, p in self.model.state_dict().items()
+               if p.is_floating_point() and not bool(torch.isfinite(p).all())]  # fmt: skip
+        if bad:
+            raise NonFiniteError(
+                f"{self._where()}: non-finite weights in {', '.join(bad[:5])} before "
+                f"{doing}; {self._advice()}"
+            )
+
+    def _where(self) -> str:
+        c = self.cursor
+        return f"experience {c.experience}, epoch {c.epoch}, iteration {c.iteration}"
+
+    def _advice(self) -> str:
+        head = self.store.head
+        kept = f"HEAD stays on {head.name}" if head is not None else "nothing was committed"
+        return (
+            f"the model diverged and nothing was committed from it ({kept}). Lower the "
+            "learning rate or check the strategy's settings; nonfinite='skip' "
+            "(training.nonfinite=skip) skips such minibatches instead"
+        )
+
     # ------------------------------------------------- hooks into the Avalanche loop
+
+    def optimizer_step(self) -> None:
+        # One device sync per iteration: the loss and every gradient's norm, together.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else []
+        if bool(torch.isfinite(torch.stack([self.loss.detach().float().reshape(()),
+                                            *[n.float() for n in norms]])).all()):  # fmt: skip
+            super().optimizer_step()
+            return
+        if self.nonfinite == "skip":
+            self.optimizer.zero_grad()
+            self.skipped_updates += 1
+            return
+        what = "loss" if not bool(torch.isfinite(self.loss.detach()).all()) else "gradient norm"
+        raise NonFiniteError(
+            f"{self._where()}: the {what} is not finite ({float(self.loss):.4g} loss); "
+            f"{self._advice()}"
+        )
 
     def model_adaptation(self, model: nn.Module | None = None) -> nn.Module:
         if not self._replaying and self.experience is not None:
@@ -558,14 +645,28 @@ class DurableTemplate(SupervisedTemplate):
     def _after_training_exp(self, **kwargs: Any) -> None:
         super()._after_training_exp(**kwargs)
         if not self._in_fit:  # plain Avalanche-style strategy.train(exp)
-            self._finish_experience(self.cursor.experience - 1)
+            rejected = self._finish_experience(self.cursor.experience - 1)
+            if rejected is not None:
+                raise GateFailed(rejected)
 
-    def _finish_experience(self, index: int) -> None:
+    def _finish_experience(self, index: int) -> str | None:
+        """Commit experience ``index``'s version, decide the gate, prune; returns the
+        gate's rejection message (None: passed, or no gate)."""
         self._wait_for_commit()  # a mid-experience version in flight is pruned below too
         before = {v.id for v in self.store.versions()}
-        self.commit(f"after experience {index}")
-        if self.keep_mid_experience:
-            return
+        failures = self.gate.failures(self.accuracy_matrix) if self.gate is not None else []
+        verdict = None if self.gate is None else {"passed": not failures, "failures": failures}
+        self.commit(f"after experience {index}", gate=verdict)
+        rejected = None
+        if failures:
+            rejected = self.gate.reject(self.store, self.store.head, index, failures)
+        elif self.gate is not None and self.gate.promote:
+            self.store.tag(self.gate.promote, self.store.head.id)
+        if not self.keep_mid_experience:
+            self._prune_mid_experience(index, before)
+        return rejected
+
+    def _prune_mid_experience(self, index: int, before: set[int]) -> None:
         stale = [
             v.id
             for v in self.store.versions()
