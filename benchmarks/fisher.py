@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore")
 
 from avalanche.training.plugins import EWCPlugin  # noqa: E402
 
-from engram.benchmarks.digits import digits_tensors  # noqa: E402
+from engram.streams.digits import digits_tensors  # noqa: E402
 from engram.memory.importance import fisher_diagonal, per_sample_grads  # noqa: E402
 
 

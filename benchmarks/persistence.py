@@ -25,7 +25,7 @@ from torch import nn
 
 warnings.filterwarnings("ignore")
 
-from engram.benchmarks.digits import split_digits  # noqa: E402
+from engram.streams.digits import split_digits  # noqa: E402
 from engram.training.template import DurableTemplate  # noqa: E402
 
 BATCH = 32

@@ -31,7 +31,7 @@ def _child(store: str, hidden: int, create: bool) -> None:
     import torch
     from avalanche.core import SupervisedPlugin
 
-    from engram.benchmarks.digits import split_digits
+    from engram.streams.digits import split_digits
     from engram.store import Store
     from engram.training.template import DurableTemplate
 

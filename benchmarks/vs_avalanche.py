@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore")
 from avalanche.training import DER, EWC, Replay  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 
-from engram.benchmarks.digits import split_digits  # noqa: E402
+from engram.streams.digits import split_digits  # noqa: E402
 from engram.metrics import average_accuracy, forgetting  # noqa: E402
 from engram.strategies import DERPlugin, ERPlugin, EWCPlugin  # noqa: E402
 from engram.training.template import DurableTemplate, _AccuracyRecorder  # noqa: E402

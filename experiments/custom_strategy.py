@@ -56,7 +56,7 @@ class GradientNoiseReg(PersistentFields, SupervisedPlugin):
 
 
 def main(argv: list[str] | None = None) -> list[list[float]]:
-    from engram.benchmarks.digits import split_digits
+    from engram.streams.digits import split_digits
     from engram.training.template import DurableTemplate
 
     parser = argparse.ArgumentParser(description="a custom strategy with persistent state")

@@ -16,7 +16,6 @@ import torch
 
 from engram.store import Store
 
-
 # Set by pytest itself, or once by a library on first import (OpenMP, torch's inductor):
 # not a test's doing.
 _IMPORT_TIME_ENV = {"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",

@@ -81,7 +81,7 @@ def test_rebuilt_model_predicts_like_the_trained_one(tmp_path: Path, spec: dict)
 def test_multihead_model_gets_its_heads_back(tmp_path: Path) -> None:
     from avalanche.models.utils import avalanche_model_adaptation
 
-    from engram.benchmarks.digits import split_digits
+    from engram.streams.digits import split_digits
 
     spec = {
         "name": "mlp",

@@ -58,7 +58,7 @@ def test_registered_builders_and_json_only_args() -> None:
 
 
 def test_grow_to_rebuilds_multihead_heads_from_weights() -> None:
-    from engram.benchmarks.digits import split_digits
+    from engram.streams.digits import split_digits
 
     spec = {"name": "mlp", "args": {"input_shape": [64], "n_classes": 10, "multihead": True}}
     trained = build_model(spec)

@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from engram.benchmarks import digits
 from engram.errors import EngramError
 from engram.store import Store
+from engram.streams import digits
 from engram.train import GateFailed, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "engram" / "configs"

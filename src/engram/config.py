@@ -8,11 +8,13 @@ checked next, before anything trains (:mod:`engram.validation`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from engram.strategies.registry import PLUGINS
 
 
 @dataclass
@@ -49,69 +51,13 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
 
-@dataclass
-class EWCConfig:
-    ewc_lambda: float = 50.0
-    mode: str = "separate"
-    decay_factor: float | None = None
-    estimator: str = "empirical"
-    fisher_mb_size: int = 64
-
-
-@dataclass
-class SIConfig:
-    si_lambda: float = 1.0
-    eps: float = 0.1
-
-
-@dataclass
-class MASConfig:
-    lambda_reg: float = 0.01
-    alpha: float = 0.5
-
-
-@dataclass
-class LwFConfig:
-    alpha: float = 1.0
-    temperature: float = 2.0
-
-
-@dataclass
-class ReplayConfig:
-    mem_size: int = 200
-    batch_size_mem: int | None = None
-    policy: str = "reservoir"
-    admission: str = "stream"  # or experience_end: replay only earlier experiences
-
-
-@dataclass
-class DERConfig:
-    mem_size: int = 200
-    alpha: float = 0.1
-    beta: float = 0.0
-    policy: str = "reservoir"
-    admission: str = "stream"  # or experience_end (logits of the trained model)
-
-
-@dataclass
-class AGEMConfig:
-    mem_size: int = 200
-    sample_size: int = 64
-    policy: str = "experience_balanced"
-
-
-@dataclass
-class StrategyConfig:
-    """A strategy is the set of plugins that are not null; composition is configuration."""
-
-    name: str = "naive"
-    ewc: EWCConfig | None = None
-    si: SIConfig | None = None
-    mas: MASConfig | None = None
-    lwf: LwFConfig | None = None
-    replay: ReplayConfig | None = None
-    der: DERConfig | None = None
-    agem: AGEMConfig | None = None
+# One section per strategy plugin, from the registry (the one place their
+# hyperparameters and defaults are declared); a strategy is the non-null sections.
+StrategyConfig = make_dataclass(
+    "StrategyConfig",
+    [("name", str, field(default="naive"))]
+    + [(s, Optional[e.config], field(default=None)) for s, e in PLUGINS.items()],  # noqa: UP045
+)
 
 
 @dataclass

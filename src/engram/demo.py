@@ -30,7 +30,7 @@ N_EXPERIENCES = 5
 
 def split_digits(seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Five experiences of two digit classes each (engram's embedded split, no Avalanche)."""
-    from engram.benchmarks.digits import digits_tensors
+    from engram.streams.digits import digits_tensors
 
     x_train, y_train, x_test, y_test = digits_tensors(seed)
     experiences = []

@@ -34,6 +34,20 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+@runtime_checkable
+class DurablePlugin(Stateful, Protocol):
+    """An engram strategy plugin: Stateful, named in the committed state, and with the
+    hyperparameters a resumed run must share (checked by the template's lineage check).
+
+    ``engram_name`` keys the plugin's part of the state (``plugins/<engram_name>``);
+    ``hparams()`` returns JSON scalars only.
+    """
+
+    engram_name: str
+
+    def hparams(self) -> dict[str, Any]: ...
+
+
 class PersistentFields:
     """Implements :class:`Stateful` for the attributes named in ``persistent_fields``.
 

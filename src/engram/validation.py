@@ -23,13 +23,11 @@ does not have (OmegaConf fails on it with an AssertionError).
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import sys
 import typing
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from collections.abc import Sequence
+from dataclasses import fields, is_dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -39,9 +37,10 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from engram import config as schema
 from engram.errors import EngramError
+from engram.strategies import registry
 
-#: Strategy sections, each one plugin (``engram.train.build_plugins``).
-SECTIONS = ("ewc", "si", "mas", "lwf", "replay", "der", "agem")
+#: Strategy sections, each one plugin (the registry's order).
+SECTIONS = tuple(registry.PLUGINS)
 #: The optimizers ``engram.train.build_optimizer`` builds.
 OPTIMIZERS = ("sgd", "adam")
 #: The resolver in ``configs/store/default.yaml`` that appends the job's overrides.
@@ -58,88 +57,14 @@ class ConfigError(EngramError):
 # ---------------------------------------------------------------------------- rules
 
 
-@dataclass(frozen=True)
-class Rule:
-    """What a value must be: ``ok(value)``, described as ``what`` ("an integer >= 1")."""
-
-    what: str
-    ok: Callable[[Any], bool]
-    null: bool = False  # None is allowed too
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def integer(low: int, high: int | None = None, *, null: bool = False) -> Rule:
-    what = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-    return Rule(
-        what,
-        lambda v: isinstance(v, int) and not isinstance(v, bool)
-        and v >= low and (high is None or v <= high),
-        null,
-    )  # fmt: skip
-
-
-def number(
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-    infinite: bool = False,
-    null: bool = False,
-) -> Rule:
-    """A finite number (``infinite``: also +inf) within the given bounds."""
-    if low is not None and high is not None:
-        what = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        what = f"a number {'>' if low_open else '>='} {low:g}"
-    else:
-        what = "a finite number"
-
-    def ok(v: Any) -> bool:
-        if not _is_number(v) or math.isnan(v) or (math.isinf(v) and not (infinite and v > 0)):
-            return False
-        if low is not None and (v <= low if low_open else v < low):
-            return False
-        return high is None or (v < high if high_open else v <= high)
-
-    return Rule(what, ok, null)
-
-
-def choice(options: Sequence[str], *, null: bool = False) -> Rule:
-    return Rule(f"one of {', '.join(options)}", lambda v: v in options, null)
-
-
-def integers(low: int) -> Rule:
-    return Rule(
-        f"a list of integers >= {low}",
-        lambda v: isinstance(v, list)
-        and all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in v),
-    )  # fmt: skip
-
-
-SEED = integer(0, 2**32 - 1)  # numpy's seed range
-FRACTION = number(0, 1, null=True)
+from engram.rules import FRACTION, SEED, Rule, choice, integer, integers, number  # noqa: E402
 
 
 @cache
 def rules() -> dict[str, Rule]:
     """Every checked option, by its dotted key (strategy sections: when not null)."""
-    from engram.benchmarks import NAMES
-    from engram.memory.importance import FisherEstimator
-    from engram.memory.replay import Policy
     from engram.store.store import is_valid_tag_name
-
-    with warnings.catch_warnings():  # Avalanche's imports warn about optional solvers
-        warnings.simplefilter("ignore")
-        from engram.strategies.ewc import EWCPlugin
-        from engram.strategies.replay import Admission
-
-    ewc_modes = typing.get_args(typing.get_type_hints(EWCPlugin.__init__)["mode"])
-    policies = choice(typing.get_args(Policy))
-    admissions = choice(typing.get_args(Admission))
+    from engram.streams import NAMES
     tag = Rule(
         "a tag name (letters, digits, '.', '_' or '-', starting with a letter or '_'; "
         "not HEAD or a version name like v0003)",
@@ -158,6 +83,7 @@ def rules() -> dict[str, Rule]:
         "benchmark.max_angle": number(),
         "benchmark.n_classes": integer(1, null=True),
         "benchmark.test_fraction": number(0, 1, low_open=True, high_open=True),
+        "benchmark.max_bytes": integer(1, null=True),
         "model.hidden": integers(1),
         "model.channels": integers(1),
         "optimizer.name": choice(OPTIMIZERS),
@@ -165,29 +91,7 @@ def rules() -> dict[str, Rule]:
         "optimizer.momentum": number(0, 1, high_open=True),
         "optimizer.weight_decay": number(0),
         "strategy.name": name,
-        "strategy.ewc.ewc_lambda": number(0),
-        "strategy.ewc.mode": choice(ewc_modes),
-        "strategy.ewc.decay_factor": number(0, 1, null=True),
-        "strategy.ewc.estimator": choice(typing.get_args(FisherEstimator)),
-        "strategy.ewc.fisher_mb_size": integer(1),
-        "strategy.si.si_lambda": number(0),
-        "strategy.si.eps": number(0, low_open=True),
-        "strategy.mas.lambda_reg": number(0),
-        "strategy.mas.alpha": number(0, 1),
-        "strategy.lwf.alpha": number(0),
-        "strategy.lwf.temperature": number(0, low_open=True),
-        "strategy.replay.mem_size": integer(1),
-        "strategy.replay.batch_size_mem": integer(1, null=True),
-        "strategy.replay.policy": policies,
-        "strategy.replay.admission": admissions,
-        "strategy.der.mem_size": integer(1),
-        "strategy.der.alpha": number(0),
-        "strategy.der.beta": number(0),
-        "strategy.der.policy": policies,
-        "strategy.der.admission": admissions,
-        "strategy.agem.mem_size": integer(1),
-        "strategy.agem.sample_size": integer(1),
-        "strategy.agem.policy": policies,
+        **registry.rules(),
         "training.epochs": integer(1),
         "training.batch_size": integer(1),
         "training.eval_batch_size": integer(1),
@@ -386,7 +290,9 @@ def shipped_strategies() -> dict[str, tuple[str, ...]]:
     for entry in (files("engram.configs") / "strategy").iterdir():
         if entry.name.endswith(".yaml"):
             conf = OmegaConf.create(entry.read_text())
-            found[entry.name[: -len(".yaml")]] = tuple(s for s in SECTIONS if conf.get(s))
+            found[entry.name[: -len(".yaml")]] = tuple(
+                s for s in SECTIONS if s in conf and conf[s] is not None
+            )
     return dict(sorted(found.items()))
 
 

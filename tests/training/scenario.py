@@ -27,7 +27,6 @@ from avalanche.core import SupervisedPlugin  # noqa: E402
 from avalanche.models import MultiHeadClassifier, MultiTaskModule  # noqa: E402
 from torch import nn  # noqa: E402
 
-from engram.benchmarks.digits import split_digits  # noqa: E402
 from engram.strategies import (  # noqa: E402
     AGEMPlugin,
     DERPlugin,
@@ -37,6 +36,7 @@ from engram.strategies import (  # noqa: E402
     MASPlugin,
     SIPlugin,
 )
+from engram.streams.digits import split_digits  # noqa: E402
 from engram.training.template import DurableTemplate  # noqa: E402
 
 N_EXPERIENCES = 3

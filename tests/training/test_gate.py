@@ -204,7 +204,7 @@ class NaNOnce(torch.nn.Module):
 
 
 def test_nonfinite_skip_drops_only_the_bad_update(tmp_path: Path) -> None:
-    from engram.benchmarks.digits import split_digits
+    from engram.streams.digits import split_digits
     from engram.training.template import DurableTemplate
 
     bench = split_digits(5)

@@ -23,7 +23,7 @@ import scenario  # noqa: E402
 
 
 def streams(n: int = 2):
-    from engram.benchmarks.digits import split_digits
+    from engram.streams.digits import split_digits
 
     bench = split_digits(5)
     return bench.train_stream[:n], bench.test_stream[:n]

@@ -1,15 +1,31 @@
 """Continual-learning strategies as Avalanche plugins with persistent state.
 
-Each plugin implements :class:`engram.stateful.Stateful` and ``hparams()``; the
-:class:`~engram.training.template.DurableTemplate` commits and restores them.
+Each plugin implements :class:`engram.stateful.DurablePlugin` (``Stateful`` plus
+``engram_name`` and ``hparams()``); the :class:`~engram.training.template.DurableTemplate`
+commits and restores them. :mod:`engram.strategies.registry` lists them with their
+hyperparameters. Plugins are imported on first use (Avalanche takes seconds to import;
+the registry and the runner's config do not need it).
 """
 
-from engram.strategies.agem import AGEMPlugin
-from engram.strategies.der import DERPlugin
-from engram.strategies.ewc import EWCPlugin
-from engram.strategies.lwf import LwFPlugin
-from engram.strategies.mas import MASPlugin
-from engram.strategies.replay import ERPlugin
-from engram.strategies.si import SIPlugin
+from __future__ import annotations
 
-__all__ = ["AGEMPlugin", "DERPlugin", "ERPlugin", "EWCPlugin", "LwFPlugin", "MASPlugin", "SIPlugin"]
+import importlib
+from typing import Any
+
+_PLUGINS = {
+    "AGEMPlugin": "agem",
+    "DERPlugin": "der",
+    "ERPlugin": "replay",
+    "EWCPlugin": "ewc",
+    "LwFPlugin": "lwf",
+    "MASPlugin": "mas",
+    "SIPlugin": "si",
+}
+
+__all__ = sorted(_PLUGINS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PLUGINS:
+        return getattr(importlib.import_module(f"engram.strategies.{_PLUGINS[name]}"), name)
+    raise AttributeError(f"module 'engram.strategies' has no attribute {name!r}")

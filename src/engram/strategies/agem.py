@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from avalanche.models import avalanche_forward
 
 from engram.memory.replay import Policy
+from engram.strategies.registry import default
 from engram.strategies.replay import BufferPlugin
 
 
@@ -21,9 +22,9 @@ class AGEMPlugin(BufferPlugin):
 
     def __init__(
         self,
-        mem_size: int = 200,
-        sample_size: int = 64,
-        policy: Policy = "experience_balanced",
+        mem_size: int = default("agem", "mem_size"),
+        sample_size: int = default("agem", "sample_size"),
+        policy: Policy = default("agem", "policy"),
         seed: int = 0,
     ) -> None:
         super().__init__(mem_size, policy, seed)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from avalanche.models import avalanche_forward
 
 from engram.memory.replay import Policy
+from engram.strategies.registry import default
 from engram.strategies.replay import Admission, BufferPlugin
 
 
@@ -22,13 +23,13 @@ class DERPlugin(BufferPlugin):
 
     def __init__(
         self,
-        mem_size: int = 200,
-        alpha: float = 0.1,
-        beta: float = 0.0,
-        batch_size_mem: int | None = None,
-        policy: Policy = "reservoir",
+        mem_size: int = default("der", "mem_size"),
+        alpha: float = default("der", "alpha"),
+        beta: float = default("der", "beta"),
+        batch_size_mem: int | None = default("der", "batch_size_mem"),
+        policy: Policy = default("der", "policy"),
         seed: int = 0,
-        admission: Admission = "stream",
+        admission: Admission = default("der", "admission"),
     ) -> None:
         super().__init__(mem_size, policy, seed, admission)
         self.alpha = alpha

@@ -17,6 +17,7 @@ from avalanche.core import SupervisedPlugin
 
 from engram.memory.importance import FisherEstimator, fisher_diagonal, quadratic_penalty
 from engram.strategies._common import detached_params, experience_batches
+from engram.strategies.registry import default
 
 
 class EWCPlugin(SupervisedPlugin):
@@ -26,11 +27,11 @@ class EWCPlugin(SupervisedPlugin):
 
     def __init__(
         self,
-        ewc_lambda: float,
-        mode: Literal["separate", "online"] = "separate",
-        decay_factor: float | None = None,
-        estimator: FisherEstimator = "empirical",
-        fisher_mb_size: int = 64,
+        ewc_lambda: float = default("ewc", "ewc_lambda"),
+        mode: Literal["separate", "online"] = default("ewc", "mode"),
+        decay_factor: float | None = default("ewc", "decay_factor"),
+        estimator: FisherEstimator = default("ewc", "estimator"),
+        fisher_mb_size: int = default("ewc", "fisher_mb_size"),
         seed: int = 0,
     ) -> None:
         super().__init__()

@@ -16,11 +16,17 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule, avalanche_forward
 
+from engram.strategies.registry import default
+
 
 class LwFPlugin(SupervisedPlugin):
     engram_name = "lwf"
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 2.0) -> None:
+    def __init__(
+        self,
+        alpha: float = default("lwf", "alpha"),
+        temperature: float = default("lwf", "temperature"),
+    ) -> None:
         super().__init__()
         self.alpha = alpha
         self.temperature = temperature

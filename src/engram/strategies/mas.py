@@ -15,13 +15,19 @@ from avalanche.core import SupervisedPlugin
 from engram.memory.importance import mas_importance, quadratic_penalty
 from engram.stateful import PersistentFields
 from engram.strategies._common import detached_params, experience_batches
+from engram.strategies.registry import default
 
 
 class MASPlugin(PersistentFields, SupervisedPlugin):
     engram_name = "mas"
     persistent_fields = ("importance", "anchors")
 
-    def __init__(self, lambda_reg: float = 1.0, alpha: float = 0.5, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        lambda_reg: float = default("mas", "lambda_reg"),
+        alpha: float = default("mas", "alpha"),
+        batch_size: int = default("mas", "batch_size"),
+    ) -> None:
         super().__init__()
         self.lambda_reg = lambda_reg
         self.alpha = alpha

@@ -14,6 +14,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from engram.memory.replay import Policy, ReplayBuffer, ReplayBufferError
+from engram.strategies.registry import default
 
 Admission = Literal["stream", "experience_end"]
 
@@ -116,11 +117,11 @@ class ERPlugin(BufferPlugin):
 
     def __init__(
         self,
-        mem_size: int = 200,
-        batch_size_mem: int | None = None,
-        policy: Policy = "reservoir",
+        mem_size: int = default("replay", "mem_size"),
+        batch_size_mem: int | None = default("replay", "batch_size_mem"),
+        policy: Policy = default("replay", "policy"),
         seed: int = 0,
-        admission: Admission = "stream",
+        admission: Admission = default("replay", "admission"),
     ) -> None:
         super().__init__(mem_size, policy, seed, admission)
         self.batch_size_mem = batch_size_mem

@@ -7,12 +7,15 @@ from typing import Any
 from avalanche.core import SupervisedPlugin
 
 from engram.memory.importance import SynapticIntelligence
+from engram.strategies.registry import default
 
 
 class SIPlugin(SupervisedPlugin):
     engram_name = "si"
 
-    def __init__(self, si_lambda: float, eps: float = 0.1) -> None:
+    def __init__(
+        self, si_lambda: float = default("si", "si_lambda"), eps: float = default("si", "eps")
+    ) -> None:
         super().__init__()
         self.si_lambda = si_lambda
         self.si = SynapticIntelligence(xi=eps)

@@ -30,15 +30,12 @@ committed state is applied after them, so hooks that reset counters cannot undo 
 from __future__ import annotations
 
 import json
-import random
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import avalanche_model_adaptation
@@ -47,40 +44,15 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader
 
-from engram.errors import (
-    ArchitectureMismatchError,
-    EngramError,
-    GateFailed,
-    HyperparameterMismatchError,
-    NonFiniteError,
-)
+from engram.errors import ArchitectureMismatchError, EngramError, GateFailed, NonFiniteError
 from engram.stateful import Stateful
 from engram.store import Snapshot, Store
 from engram.store.background import BackgroundCommitter
 from engram.training.gate import RegressionGate
+from engram.training.lineage import check_lineage
+from engram.training.policy import CommitPolicy
 from engram.training.sampler import ResumableBatchSampler, epoch_seed
-
-_CLOCK_FIELDS = (
-    "train_iterations",
-    "train_exp_counter",
-    "train_exp_epochs",
-    "train_exp_iterations",
-    "train_epoch_iterations",
-    "total_iterations",
-)
-
-
-@dataclass
-class Cursor:
-    """Where training stands: the next minibatch to train on."""
-
-    experience: int = 0  # index in the train stream of the experience in progress (or next)
-    epoch: int = 0
-    iteration: int = 0  # minibatches of `epoch` already trained
-
-    @property
-    def mid_experience(self) -> bool:
-        return self.epoch > 0 or self.iteration > 0
+from engram.training.state import ClockState, Cursor, RngStreams, SchedulerState
 
 
 class _AccuracyRecorder(SupervisedPlugin):
@@ -181,15 +153,12 @@ class DurableTemplate(SupervisedTemplate):
             evaluator=evaluator,
             eval_every=-1,
         )
-        if commit_every_iterations is not None and commit_every_iterations < 1:
-            raise ValueError("commit_every_iterations must be >= 1 or None")
+        self.policy = CommitPolicy(commit_every_iterations, commit_every_seconds,
+                                   keep_mid_experience)  # fmt: skip
         self._owns_store = not isinstance(store, Store)
         self.store = Store.open(store, mode="c") if self._owns_store else store
         self._committer = BackgroundCommitter(self.store) if async_commit else None
         self.seed = seed
-        self.commit_every_iterations = commit_every_iterations
-        self.commit_every_seconds = commit_every_seconds
-        self.keep_mid_experience = keep_mid_experience
         self.branch = branch
         self.name = name
         self.model_spec = _jsonable(dict(model_spec)) if model_spec is not None else None
@@ -208,7 +177,6 @@ class DurableTemplate(SupervisedTemplate):
         self._branched: dict[str, Any] = {}  # optimizer settings a branch changed
         self._replaying = False
         self._in_fit = False
-        self._last_commit_time = time.monotonic()
         self.last_commit_seconds: float | None = None  # the latest commit's duration
         self.last_commit_bytes: int | None = None  # and the bytes it wrote
 
@@ -308,7 +276,9 @@ class DurableTemplate(SupervisedTemplate):
         if head is None:
             return False
         stored_hparams = head.meta.get("hparams", {})
-        self._check_hparams(stored_hparams)
+        check_lineage(head, path=self.store.path, hparams=self.hparams(),
+                      model_spec=self.model_spec, branch=self.branch,
+                      experience_ids=self.extra_meta.get("experience_ids"))  # fmt: skip
         # Branching with new optimizer settings (e.g. lr): the stored optimizer state
         # would bring the old values back, so the changed ones are re-applied over it.
         stored_optimizer = stored_hparams.get("optimizer", {})
@@ -323,8 +293,7 @@ class DurableTemplate(SupervisedTemplate):
         # Avalanche's first make_optimizer would otherwise reset that state.
         self.make_optimizer(reset_optimizer_state=True)
         self._apply(snapshot)
-        cursor = snapshot.state["cursor"]
-        self.cursor = Cursor(cursor["experience"], cursor["epoch"], cursor["iteration"])
+        self.cursor.load_state_dict(snapshot.state["cursor"])
         metrics = snapshot.state["metrics"]
         self.accuracy_matrix = [list(row) for row in metrics["accuracy_matrix"]]
         self.skipped_updates = int(metrics.get("skipped_updates", 0))
@@ -375,18 +344,6 @@ class DurableTemplate(SupervisedTemplate):
                 + ". Use the architecture that produced the store, or a new store."
             )
 
-    def _check_hparams(self, stored: Mapping[str, Any]) -> None:
-        current = self.hparams()
-        diffs = _diff(stored, current)
-        if diffs and not self.branch:
-            raise HyperparameterMismatchError(
-                f"the hyperparameters differ from those that produced {self.store.path} "
-                f"(HEAD {self.store.head.name}): "
-                + "; ".join(diffs[:20])
-                + ". Use the same settings to resume, a new store, or branch=True to "
-                "continue from HEAD with the new settings."
-            )
-
     # -------------------------------------------------------------------- state
 
     def hparams(self) -> dict[str, Any]:
@@ -416,7 +373,7 @@ class DurableTemplate(SupervisedTemplate):
             if plugin is self._recorder or plugin is self.clock:
                 continue
             if isinstance(plugin, LRSchedulerPlugin):
-                key = "lr_scheduler"
+                key, plugin = "lr_scheduler", SchedulerState(plugin)
             elif isinstance(plugin, Stateful):
                 key = getattr(plugin, "engram_name", type(plugin).__name__.lower())
             else:
@@ -430,26 +387,13 @@ class DurableTemplate(SupervisedTemplate):
 
     def state_dict(self) -> dict[str, Any]:
         """The template's whole state except the model weights (committed separately)."""
-        plugins = {}
-        for key, plugin in self._stateful_plugins().items():
-            if isinstance(plugin, LRSchedulerPlugin):
-                plugins[key] = plugin.scheduler.state_dict()
-            else:
-                plugins[key] = plugin.state_dict()
+        plugins = {key: p.state_dict() for key, p in self._stateful_plugins().items()}
         return {
             "optimizer": self.optimizer.state_dict(),
             "plugins": plugins,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
-            "clock": {f: getattr(self.clock, f) for f in _CLOCK_FIELDS},
-            "cursor": {
-                "experience": self.cursor.experience,
-                "epoch": self.cursor.epoch,
-                "iteration": self.cursor.iteration,
-            },
+            "rng": RngStreams().state_dict(),
+            "clock": ClockState(self.clock).state_dict(),
+            "cursor": self.cursor.state_dict(),
             "adaptations": self._adaptations,
             "metrics": {
                 "accuracy_matrix": self.accuracy_matrix,
@@ -466,18 +410,10 @@ class DurableTemplate(SupervisedTemplate):
             group.update({k: v for k, v in self._branched.items() if k in group})
         stored = state["plugins"]
         for key, plugin in self._stateful_plugins().items():
-            if key not in stored:
-                continue
-            if isinstance(plugin, LRSchedulerPlugin):
-                plugin.scheduler.load_state_dict(stored[key])
-            else:
+            if key in stored:
                 plugin.load_state_dict(stored[key])
-        for f in _CLOCK_FIELDS:
-            setattr(self.clock, f, state["clock"][f])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        version, internal, gauss = state["rng"]["python"]
-        random.setstate((version, tuple(internal), gauss))
+        ClockState(self.clock).load_state_dict(state["clock"])
+        RngStreams().load_state_dict(state["rng"])
 
     def commit(self, message: str = "", *, gate: Mapping[str, Any] | None = None) -> None:
         """Commit the current state now (the template also commits by itself).
@@ -528,7 +464,7 @@ class DurableTemplate(SupervisedTemplate):
             )
             self.last_commit_bytes = version.new_bytes
         self.last_commit_seconds = time.perf_counter() - start
-        self._last_commit_time = time.monotonic()
+        self.policy.committed()
 
     def _check_finite_weights(self, doing: str) -> None:
         bad = [n for n, p in self.model.state_dict().items()
@@ -627,18 +563,8 @@ class DurableTemplate(SupervisedTemplate):
     def _after_training_iteration(self, **kwargs: Any) -> None:
         super()._after_training_iteration(**kwargs)
         self.cursor.iteration += 1
-        if self.cursor.iteration >= len(self.dataloader.batch_sampler):
-            # The epoch's after-hooks (clock, LR schedule) have not run yet: a commit
-            # here would resume without them. The next due commit comes later.
-            return
-        due = (
-            self.commit_every_iterations is not None
-            and self.clock.train_iterations % self.commit_every_iterations == 0
-        ) or (
-            self.commit_every_seconds is not None
-            and time.monotonic() - self._last_commit_time >= self.commit_every_seconds
-        )
-        if due:
+        epoch_end = self.cursor.iteration >= len(self.dataloader.batch_sampler)
+        if self.policy.due(self.clock.train_iterations, epoch_end=epoch_end):
             self.commit(f"experience {self.cursor.experience} epoch {self.cursor.epoch} "
                         f"iteration {self.cursor.iteration}")  # fmt: skip
 
@@ -662,37 +588,9 @@ class DurableTemplate(SupervisedTemplate):
             rejected = self.gate.reject(self.store, self.store.head, index, failures)
         elif self.gate is not None and self.gate.promote:
             self.store.tag(self.gate.promote, self.store.head.id)
-        if not self.keep_mid_experience:
-            self._prune_mid_experience(index, before)
+        self.policy.prune(self.store, before, index)
         return rejected
-
-    def _prune_mid_experience(self, index: int, before: set[int]) -> None:
-        stale = [
-            v.id
-            for v in self.store.versions()
-            if v.id in before
-            and v.meta.get("kind") == "mid-experience"
-            and v.meta.get("experience") == index
-            and not v.tags
-        ]
-        if stale:
-            self.store.gc(drop=stale)
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-def _diff(stored: Any, current: Any, path: str = "") -> list[str]:
-    if isinstance(stored, dict) and isinstance(current, dict):
-        out = []
-        for key in sorted(set(stored) | set(current), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in stored:
-                out.append(f"{sub}: new ({current[key]!r})")
-            elif key not in current:
-                out.append(f"{sub}: missing (store has {stored[key]!r})")
-            else:
-                out += _diff(stored[key], current[key], sub)
-        return out
-    return [] if stored == current else [f"{path}: store {stored!r} vs now {current!r}"]

@@ -2,7 +2,9 @@
 through Avalanche, and the user's own ``.npz`` files.
 
 :func:`build_benchmark` turns a ``benchmark`` config into a :class:`Benchmark`; heavy
-modules (torch, Avalanche) are imported only when a benchmark is built.
+modules (torch, Avalanche) are imported only when a benchmark is built. The config group
+keeps Avalanche's word, ``benchmark=``; the package is ``streams`` so that "benchmarks"
+means one thing in this repository: the performance scripts in ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _build(cfg: Mapping[str, Any], name: str, n_classes: int | None) -> Benchmar
     seed = cfg.get("seed", 0)
     task_labels = bool(cfg.get("task_labels", False))
     if name in DIGITS:
-        from engram.benchmarks import digits
+        from engram.streams import digits
 
         if name in ("split_digits", "split_digits_task"):
             task_labels = task_labels or name == "split_digits_task"
@@ -61,7 +63,7 @@ def _build(cfg: Mapping[str, Any], name: str, n_classes: int | None) -> Benchmar
         shape, classes = digits.INPUT_SHAPE, digits.N_CLASSES
         return Benchmark(bench.train_stream, bench.test_stream, shape, classes, task_labels)
     if name in CLASSIC:
-        from engram.benchmarks.classic import classic_benchmark
+        from engram.streams.classic import classic_benchmark
 
         bench, shape, classes = classic_benchmark(
             name, n, task_labels=task_labels, seed=seed,
@@ -69,7 +71,7 @@ def _build(cfg: Mapping[str, Any], name: str, n_classes: int | None) -> Benchmar
         )  # fmt: skip
         return Benchmark(bench.train_stream, bench.test_stream, shape, classes, task_labels)
     if name == "files":
-        from engram.benchmarks.files import MAX_BYTES, files_benchmark, load_files
+        from engram.streams.files import MAX_BYTES, files_benchmark, load_files
 
         if not cfg.get("path"):
             raise EngramError("benchmark=files needs benchmark.path=<directory of .npz files>")

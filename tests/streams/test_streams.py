@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from engram.benchmarks import build_benchmark, digits
-from engram.benchmarks.classic import classic_benchmark
-from engram.benchmarks.files import DataFileError, load_files
 from engram.errors import EngramError
+from engram.streams import build_benchmark, digits
+from engram.streams.classic import classic_benchmark
+from engram.streams.files import DataFileError, load_files
 
 
 def test_permuted_digits_is_domain_incremental() -> None:

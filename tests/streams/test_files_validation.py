@@ -14,10 +14,10 @@ import pytest
 import xxhash
 from hydra import compose, initialize_config_module
 
-from engram.benchmarks import build_benchmark
-from engram.benchmarks import files as files_module
-from engram.benchmarks.files import MAX_CLASSES, DataFileError, load_files
 from engram.store import Store
+from engram.streams import build_benchmark
+from engram.streams import files as files_module
+from engram.streams.files import MAX_CLASSES, DataFileError, load_files
 from engram.train import train
 
 

@@ -377,7 +377,7 @@ def files_benchmark(data: FilesData) -> Any:
     # Avalanche 0.6 exposes task-aware dataset construction only under this name.
     from avalanche.benchmarks.utils import _make_taskaware_classification_dataset as with_tasks
 
-    from engram.benchmarks.digits import LabelledTensors
+    from engram.streams.digits import LabelledTensors
 
     def dataset(x: np.ndarray, y: np.ndarray, task: np.ndarray) -> Any:
         tensors = LabelledTensors(torch.from_numpy(x), torch.from_numpy(y))

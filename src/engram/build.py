@@ -1,0 +1,86 @@
+"""Builders from a composed ``engram-train`` config (Hydra's DictConfig) to plain objects.
+
+The one module besides :mod:`engram.train` that reads the config: the training room
+(:mod:`engram.training`) takes only what these return.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from engram.errors import EngramError
+from engram.strategies.registry import build_plugins
+
+__all__ = [
+    "benchmark_hparams",
+    "build_optimizer",
+    "build_plugins",
+    "flat_hparams",
+    "gate",
+    "model_spec",
+]
+
+# Where the data lives, not what it is: a resumed run may change these.
+_DATA_LOCATION = ("data_dir", "download", "path", "max_bytes")
+
+
+def model_spec(cfg: DictConfig, input_shape: tuple[int, ...], n_classes: int,
+               task_labels: bool) -> dict[str, Any]:  # fmt: skip
+    """The model's spec (see engram.models): what the config asks for, sized by the data."""
+    m = cfg.model
+    multihead = task_labels if m.multihead is None else bool(m.multihead)
+    args: dict[str, Any] = {}
+    if m.name == "mlp":
+        args = {"hidden": list(m.hidden), "multihead": multihead}
+    elif m.name == "cnn":
+        args = {"channels": list(m.channels), "hidden": list(m.hidden), "multihead": multihead}
+    if m.name in ("mlp", "cnn"):
+        args = {"input_shape": list(input_shape), "n_classes": n_classes, **args}
+    args.update(OmegaConf.to_container(m.args) or {})
+    return {"name": m.name, "args": args}
+
+
+def build_optimizer(cfg: DictConfig, model: Any) -> Any:
+    import torch
+
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+        )
+    if o.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    raise EngramError(f"unknown optimizer {o.name!r}; available: sgd, adam")
+
+
+def gate(cfg: DictConfig) -> Any:
+    """The configured regression gate, or None when nothing is checked or promoted."""
+    from engram.training.gate import RegressionGate
+
+    settings = OmegaConf.to_container(cfg.gate)
+    return RegressionGate(**settings) if any(v is not None for v in settings.values()) else None
+
+
+def benchmark_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The benchmark settings a resumed run must share (not where the data lives)."""
+    b = OmegaConf.to_container(cfg.benchmark)
+    return {k: v for k, v in b.items() if k not in _DATA_LOCATION}
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """strategy.ewc.ewc_lambda=50.0 style keys, for the HParams dashboard."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif node is not None:
+            out[prefix] = node
+
+    for group in ("benchmark", "model", "optimizer", "strategy", "training", "gate"):
+        walk(OmegaConf.to_container(cfg[group]), group)
+    out["seed"] = cfg.seed
+    return out

@@ -1,0 +1,78 @@
+"""Value rules for options: what a value must be, checked and described in one place.
+
+Light (no torch, no Avalanche): the strategy registry declares its hyperparameters'
+rules with these, and :mod:`engram.validation` checks every option against them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must be: ``ok(value)``, described as ``what`` ("an integer >= 1")."""
+
+    what: str
+    ok: Callable[[Any], bool]
+    null: bool = False  # None is allowed too
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def integer(low: int, high: int | None = None, *, null: bool = False) -> Rule:
+    what = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    return Rule(
+        what,
+        lambda v: isinstance(v, int) and not isinstance(v, bool)
+        and v >= low and (high is None or v <= high),
+        null,
+    )  # fmt: skip
+
+
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    infinite: bool = False,
+    null: bool = False,
+) -> Rule:
+    """A finite number (``infinite``: also +inf) within the given bounds."""
+    if low is not None and high is not None:
+        what = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        what = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        what = "a finite number"
+
+    def ok(v: Any) -> bool:
+        if not _is_number(v) or math.isnan(v) or (math.isinf(v) and not (infinite and v > 0)):
+            return False
+        if low is not None and (v <= low if low_open else v < low):
+            return False
+        return high is None or (v < high if high_open else v <= high)
+
+    return Rule(what, ok, null)
+
+
+def choice(options: Sequence[str], *, null: bool = False) -> Rule:
+    return Rule(f"one of {', '.join(options)}", lambda v: v in options, null)
+
+
+def integers(low: int) -> Rule:
+    return Rule(
+        f"a list of integers >= {low}",
+        lambda v: isinstance(v, list)
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in v),
+    )  # fmt: skip
+
+
+SEED = integer(0, 2**32 - 1)  # numpy's seed range
+FRACTION = number(0, 1, null=True)

@@ -1,0 +1,137 @@
+"""Every engram strategy plugin, its hyperparameters, their defaults and their rules.
+
+The one place a plugin's hyperparameters are declared: the ``engram-train`` schema
+(:mod:`engram.config`), the validation of every option (:mod:`engram.validation`),
+the runner's builder (:func:`build_plugins`) and each plugin's own ``__init__``
+defaults are derived from :data:`PLUGINS`; ``tests/strategies/test_registry.py``
+fails if a plugin file, its entry and the strategy YAMLs disagree. A new strategy is
+one plugin file, one entry here, one ``configs/strategy/*.yaml``.
+
+Light on purpose (no torch, no Avalanche): Hydra composes the config before anything
+heavy is imported. Plugin classes are imported when a run builds them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from engram.rules import Rule, choice, integer, number
+
+# The choices of the plugins' Literal types (the test checks they are the same).
+EWC_MODES = ("separate", "online")
+FISHER_ESTIMATORS = ("empirical", "true")
+POLICIES = ("reservoir", "class_balanced", "experience_balanced")
+ADMISSIONS = ("stream", "experience_end")
+
+
+def hp(default: Any, rule: Rule, doc: str = "") -> Any:
+    """A hyperparameter: its default, what it must be, and (optionally) why."""
+    return field(default=default, metadata={"rule": rule, "doc": doc})
+
+
+@dataclass
+class EWCConfig:
+    ewc_lambda: float = hp(50.0, number(0), "penalty weight (per-sample Fisher)")
+    mode: str = hp("separate", choice(EWC_MODES))
+    decay_factor: float | None = hp(None, number(0, 1, null=True), "online mode: Fisher decay")
+    estimator: str = hp("empirical", choice(FISHER_ESTIMATORS))
+    fisher_mb_size: int = hp(64, integer(1))
+
+
+@dataclass
+class SIConfig:
+    si_lambda: float = hp(1.0, number(0))
+    eps: float = hp(0.1, number(0, low_open=True))
+
+
+@dataclass
+class MASConfig:
+    lambda_reg: float = hp(0.01, number(0), "larger values diverge at lr 0.1 on digits")
+    alpha: float = hp(0.5, number(0, 1), "importance decay between experiences")
+    batch_size: int = hp(64, integer(1), "minibatch of the importance estimate")
+
+
+@dataclass
+class LwFConfig:
+    alpha: float = hp(1.0, number(0))
+    temperature: float = hp(2.0, number(0, low_open=True))
+
+
+@dataclass
+class ReplayConfig:
+    mem_size: int = hp(200, integer(1))
+    batch_size_mem: int | None = hp(None, integer(1, null=True), "None: the training batch size")
+    policy: str = hp("reservoir", choice(POLICIES))
+    admission: str = hp("stream", choice(ADMISSIONS), "experience_end: only earlier ones")
+
+
+@dataclass
+class DERConfig:
+    mem_size: int = hp(200, integer(1))
+    alpha: float = hp(0.1, number(0), "weight of the logit-matching term")
+    beta: float = hp(0.0, number(0), "weight of the label term (DER++ when > 0)")
+    batch_size_mem: int | None = hp(None, integer(1, null=True), "None: the training batch size")
+    policy: str = hp("reservoir", choice(POLICIES))
+    admission: str = hp("stream", choice(ADMISSIONS), "experience_end: the trained model's")
+
+
+@dataclass
+class AGEMConfig:
+    mem_size: int = hp(200, integer(1))
+    sample_size: int = hp(64, integer(1), "buffer samples per reference gradient")
+    policy: str = hp("experience_balanced", choice(POLICIES))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A strategy section of the config: the plugin that implements it, its schema."""
+
+    plugin: str  # "module:Class", imported on use
+    config: type
+
+
+#: Config section -> plugin, in the order plugins are built (and composed).
+PLUGINS: dict[str, Entry] = {
+    "ewc": Entry("engram.strategies.ewc:EWCPlugin", EWCConfig),
+    "si": Entry("engram.strategies.si:SIPlugin", SIConfig),
+    "mas": Entry("engram.strategies.mas:MASPlugin", MASConfig),
+    "lwf": Entry("engram.strategies.lwf:LwFPlugin", LwFConfig),
+    "replay": Entry("engram.strategies.replay:ERPlugin", ReplayConfig),
+    "der": Entry("engram.strategies.der:DERPlugin", DERConfig),
+    "agem": Entry("engram.strategies.agem:AGEMPlugin", AGEMConfig),
+}
+
+
+def default(section: str, name: str) -> Any:
+    """The default of hyperparameter ``name`` of ``section`` (for plugin signatures)."""
+    for f in fields(PLUGINS[section].config):
+        if f.name == name:
+            assert f.default is not MISSING
+            return f.default
+    raise KeyError(f"{section} has no hyperparameter {name!r}")
+
+
+def rules() -> dict[str, Rule]:
+    """``strategy.<section>.<name>`` -> its rule, for every registered hyperparameter."""
+    return {
+        f"strategy.{section}.{f.name}": f.metadata["rule"]
+        for section, entry in PLUGINS.items()
+        for f in fields(entry.config)
+    }
+
+
+def plugin_class(section: str) -> type:
+    module, _, name = PLUGINS[section].plugin.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_plugins(strategy: Mapping[str, Any]) -> list[Any]:
+    """One plugin per non-null section of a strategy config, in registry order."""
+    return [
+        plugin_class(section)(**dict(strategy[section]))
+        for section in PLUGINS
+        if strategy.get(section) is not None
+    ]

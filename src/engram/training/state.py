@@ -1,0 +1,88 @@
+"""The run's state beside the model and the plugins, as named :class:`Stateful` parts.
+
+The template commits ``{"optimizer", "plugins", "rng", "clock", "cursor",
+"adaptations", "metrics"}``; the parts here are the ones that are the template's own:
+each has ``state_dict``/``load_state_dict`` so the template only composes them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+CLOCK_FIELDS = (
+    "train_iterations",
+    "train_exp_counter",
+    "train_exp_epochs",
+    "train_exp_iterations",
+    "train_epoch_iterations",
+    "total_iterations",
+)
+
+
+@dataclass
+class Cursor:
+    """Where training stands: the next minibatch to train on."""
+
+    experience: int = 0  # index in the train stream of the experience in progress (or next)
+    epoch: int = 0
+    iteration: int = 0  # minibatches of `epoch` already trained
+
+    @property
+    def mid_experience(self) -> bool:
+        return self.epoch > 0 or self.iteration > 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"experience": self.experience, "epoch": self.epoch, "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.experience, self.epoch = state["experience"], state["epoch"]
+        self.iteration = state["iteration"]
+
+
+class RngStreams:
+    """The process-wide RNG streams: torch's, numpy's and Python's."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        version, internal, gauss = state["python"]  # JSON gave lists back, not tuples
+        random.setstate((version, tuple(internal), gauss))
+
+
+class ClockState:
+    """Avalanche's clock (iteration and experience counters its plugins read)."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+
+    def state_dict(self) -> dict[str, int]:
+        return {f: getattr(self.clock, f) for f in CLOCK_FIELDS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in CLOCK_FIELDS:
+            setattr(self.clock, f, state[f])
+
+
+class SchedulerState:
+    """An Avalanche ``LRSchedulerPlugin`` seen as Stateful: its scheduler's state."""
+
+    def __init__(self, plugin: Any) -> None:
+        self.plugin = plugin
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plugin.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plugin.scheduler.load_state_dict(state)
