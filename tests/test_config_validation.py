@@ -184,6 +184,7 @@ def test_every_option_of_the_schema_has_a_rule() -> None:
         "model.args",
         "model.name",
         "training.async_commit",
+        "training.deterministic",
         "run.quiet",
         "logger.tensorboard",
         "store.path",

@@ -74,6 +74,9 @@ class TrainingConfig:
     threads: int | None = 1
     # a non-finite loss or gradient: stop (nothing more committed) or skip the minibatch
     nonfinite: str = "stop"
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N, mps
+    precision: str = "32"  # 32, bf16-mixed, 16-mixed (fp16 with a persisted GradScaler)
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True) for the run
 
 
 @dataclass

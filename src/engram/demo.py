@@ -24,6 +24,7 @@ from torch import nn
 
 from engram.errors import EngramError
 from engram.store import Store
+from engram.training import execution
 
 N_EXPERIENCES = 5
 
@@ -91,7 +92,13 @@ def run(store_path: Path, max_experiences: int | None, epochs: int, seed: int, q
 
     with Store.open(store_path, mode="c") as store:
         head = store.head
+        now = execution.settings(torch.device("cpu"), "32")
         if head is not None:
+            # The same determinism contract as engram-train: different thread counts (or
+            # torch versions) continue validly but not bit-identically; say so.
+            for change in execution.differences(head.meta.get("execution"), now):
+                print(f"engram-demo: warning: {change}; the result will not be bit-identical "
+                      "to an uninterrupted run", file=sys.stderr)  # fmt: skip
             snap = store.load()
             model.load_state_dict(snap.model)
             optimizer.load_state_dict(snap.state["optimizer"])
@@ -115,7 +122,7 @@ def run(store_path: Path, max_experiences: int | None, epochs: int, seed: int, q
                 },
                 model=model,
                 message=f"after experience {e}",
-                meta={"experience": e, "strategy": "naive"},
+                meta={"experience": e, "strategy": "naive", "execution": now},
             )
 
         print_summary(store, accuracy_matrix)

@@ -25,13 +25,17 @@ if TYPE_CHECKING:
     from engram.store import Store
 
 
-def load_model(store: Store | str | os.PathLike[str], version: int | str = "HEAD") -> nn.Module:
+def load_model(
+    store: Store | str | os.PathLike[str], version: int | str = "HEAD", *, device: Any = "cpu"
+) -> nn.Module:
     """Rebuild a stored version's model, load its weights, and return it in eval mode.
 
     Args:
         store: a store path (opened read-only, so it works while a trainer writes) or
             an open :class:`~engram.store.Store`.
         version: ``"HEAD"``, a tag, an id (``7``), ``"v0007"`` or ``"HEAD~1"``.
+        device: where the model goes (``"cpu"``, ``"cuda"``, ``"auto"``: CUDA when
+            available); checkpoints themselves are device-neutral.
 
     Raises:
         VersionNotFoundError: no such version or tag.
@@ -41,15 +45,20 @@ def load_model(store: Store | str | os.PathLike[str], version: int | str = "HEAD
         CorruptionError: the checkpoint does not match its recorded hash.
     """
     from engram.store import Store
+    from engram.training.execution import resolve_device
 
+    target = resolve_device(device)
     if isinstance(store, Store):
-        return _load(store, version)
+        return _load(store, version).to(target)
     with Store.open(store, mode="r") as opened:
-        return _load(opened, version)
+        return _load(opened, version).to(target)
 
 
 def _load(store: Store, version: int | str) -> nn.Module:
-    info = store.info(version)
+    # One load: the version named is resolved once, so a concurrent gc or a moving tag
+    # cannot give the spec of one version and the weights of another.
+    snapshot = store.load(version, state=False)
+    info = snapshot.version
     where = f"{store.path} {info.name}"
     spec = info.meta.get("model_spec")
     if spec is None:
@@ -60,7 +69,7 @@ def _load(store: Store, version: int | str) -> nn.Module:
             "Store.load(version, state=False).model"
         )
     # Through load(), never the file: a compacted version's weights are delta-coded blobs.
-    weights = store.load(info.id, state=False).model
+    weights = snapshot.model
     if weights is None:
         raise EngramError(f"{where} has no model weights; choose a version that has them")
     return build_with_weights(spec, weights, where)

@@ -37,12 +37,14 @@ def train(cfg: DictConfig) -> list[list[float]]:
     """
     import torch
 
+    from engram.training.execution import deterministic_algorithms
     from engram.validation import validate
 
     validate(cfg)  # every option, before anything trains or a store opens
     threads = torch.get_num_threads()
     try:
-        return _run(cfg)
+        with deterministic_algorithms(cfg.training.deterministic):
+            return _run(cfg)
     finally:
         torch.set_num_threads(threads)
 
@@ -108,6 +110,8 @@ def _run(cfg: DictConfig) -> list[list[float]]:
         meta={"experience_ids": bench.experience_ids} if bench.experience_ids else None,
         gate=build.gate(cfg),
         nonfinite=cfg.training.nonfinite,
+        device=cfg.training.device,
+        precision=cfg.training.precision,
     ) as strategy:  # fmt: skip
         matrix = _fit(cfg, strategy, bench)
     if not cfg.run.quiet and matrix:
@@ -168,9 +172,14 @@ def _summary(matrix: list[list[float]], initial: list[float] | None) -> None:
     )
 
 
+# An OS fault leaves the store as it was: the same command resumes once it is fixed.
+_RETRY = "run the same command again (it resumes from HEAD)"
+
+
 def _hydra_main() -> None:
     import hydra
 
+    from engram.cli.faults import describe
     from engram.validation import check_overrides
 
     try:  # overrides omegaconf itself would reject with a traceback
@@ -181,17 +190,73 @@ def _hydra_main() -> None:
 
     @hydra.main(version_base="1.3", config_path="configs", config_name="train")
     def run(cfg: DictConfig) -> None:
-        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("ignore")  # libraries' noise; engram's own warnings:
+        warnings.filterwarnings("always", module="engram")
+        warnings.showwarning = _one_line_warning
         try:
             train(cfg)
         except GateFailed as e:
             print(f"engram-train: {e}", file=sys.stderr)
             sys.exit(3)
-        except EngramError as e:
-            print(f"engram-train: error: {e}", file=sys.stderr)
-            sys.exit(2)
+        except EngramError as e:  # (or an OS fault behind it, e.g. a store "not readable")
+            _error_exit(describe(e, _store_path(cfg), _RETRY) or str(e))
+        except Exception as e:  # an OS fault (a full disk, a read-only file system, ...)
+            message = describe(e, _store_path(cfg), _RETRY)
+            if message is None:
+                raise  # a bug: its traceback
+            _error_exit(message)
 
-    run()
+    _run_hydra_app(run)
+
+
+def _run_hydra_app(run: Any) -> None:
+    """``run()``, with an OS fault in Hydra's own job setup (it creates the run
+    directory, by default in the store, and writes its config files there before
+    ``train``) reported in one line with exit 2 too; any other error as Hydra does."""
+    import os
+
+    from engram.cli.faults import describe
+
+    asked = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing and exit(1)
+    try:
+        run()
+        return
+    except Exception as e:
+        error = e
+    finally:
+        if asked is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = asked
+    # a write to an open file names none, and Hydra's config no longer says where it was
+    run_dir = "Hydra's run directory (hydra.run.dir, by default STORE/hydra/)"
+    message = describe(error, run_dir, _RETRY)
+    if message is not None:
+        _error_exit(message)
+    from hydra._internal.utils import run_and_report  # Hydra's own report of the error
+
+    def reraise() -> None:
+        raise error
+
+    run_and_report(reraise)  # prints as Hydra would have and exits 1 (re-raises when asked)
+    raise error
+
+
+def _store_path(cfg: DictConfig) -> str:
+    try:
+        return str(cfg.store.path)
+    except Exception:  # not resolvable (the error being reported may be why)
+        return "the store"
+
+
+def _error_exit(message: str) -> None:
+    print(f"engram-train: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    print(f"engram-train: warning: {message}", file=sys.stderr, flush=True)
 
 
 def main() -> None:

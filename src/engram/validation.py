@@ -38,6 +38,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from engram import config as schema
 from engram.errors import EngramError
 from engram.strategies import registry
+from engram.training.execution import PRECISIONS
 
 #: Strategy sections, each one plugin (the registry's order).
 SECTIONS = tuple(registry.PLUGINS)
@@ -46,6 +47,7 @@ OPTIMIZERS = ("sgd", "adam")
 #: The resolver in ``configs/store/default.yaml`` that appends the job's overrides.
 SUFFIX_RESOLVER = "engram.overrides_suffix"
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
 _STRATEGY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _MAX_NAME_BYTES = 255  # one path component, on every common file system
 
@@ -99,6 +101,11 @@ def rules() -> dict[str, Rule]:
         "training.commit_every_seconds": number(0, low_open=True, null=True),
         "training.threads": integer(1, null=True),
         "training.nonfinite": choice(("stop", "skip")),  # DurableTemplate's nonfinite
+        "training.device": Rule(
+            "auto, cpu, cuda, cuda:N or mps",
+            lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None,
+        ),
+        "training.precision": choice(PRECISIONS),
         "store.lock_timeout": number(0, infinite=True),
         "gate.max_forgetting": FRACTION,
         "gate.min_average_accuracy": FRACTION,

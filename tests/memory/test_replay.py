@@ -142,10 +142,8 @@ def test_verify_reports_missing_samples(tmp_path: Path) -> None:
         buffer = ReplayBuffer(store, 20, seed=0)
         buffer.add(x, y, experience=0)
         store.commit({"replay": buffer.state_dict()})
-        store._write(
-            lambda txn: txn.delete(
-                int(buffer.slots[3]).to_bytes(8, "big"), db=store._dbs[b"samples"]
-            )
+        store.env.write(
+            lambda txn: store.env.delete(txn, b"samples", int(buffer.slots[3]).to_bytes(8, "big"))
         )
         report = store.verify()
     assert not report.ok and "replay samples missing" in str(report.problems[0])

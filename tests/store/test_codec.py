@@ -148,9 +148,9 @@ def test_unstorable_values_are_refused_with_their_path(store: Store, bad) -> Non
 
 
 def test_golden_bytes() -> None:
-    """Pins the format (version 2, whose plain commits are version 1): a change here breaks
-    every existing store."""
-    assert FORMAT_VERSION == 2 and PLAIN_FORMAT_VERSION == 1
+    """Pins the format (version 3: sealed records; plain manifests are version 1,
+    compacted ones 2): a change here breaks every existing store."""
+    assert FORMAT_VERSION == 3 and PLAIN_FORMAT_VERSION == 1
     assert CHUNK_BYTES == 16 * 2**20
     state = {
         "fisher": torch.tensor([1.0, -2.0]),
@@ -178,6 +178,13 @@ def test_golden_bytes() -> None:
     ]
 
 
+def test_golden_record_seal() -> None:
+    """Pins format 3's seal: payload, then XXH3-64(db NUL key payload), little-endian."""
+    from engram.store.records import seal
+
+    assert seal(b"refs", b"HEAD", b"7") == b"7" + bytes.fromhex("de7d40ea77dca884")
+
+
 def test_golden_store_layout(store: Store) -> None:
     """The committed manifest names chunks by SHA-256 and the index entry is 32 bytes."""
     store.commit({"fisher": torch.tensor([1.0, -2.0])})
@@ -200,7 +207,8 @@ def test_golden_delta_coding() -> None:
     """Pins format version 2's encoded blobs: index entries and the delta transform."""
     import zstandard
 
-    from engram.store.delta import EncodedBlob, FileBlob, decode, decode_entry, encode
+    from engram.store.blobs import EncodedBlob, FileBlob, decode_entry
+    from engram.store.delta import decode, encode
 
     base = np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32).tobytes()
     target = bytes.fromhex("0100803f000000c00100003f00004040")  # last-place steps of 2 floats

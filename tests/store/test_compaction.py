@@ -22,9 +22,12 @@ from test_codec import assert_same  # the same tree comparison (tests/store is o
 
 from engram.errors import CorruptionError, StoreFormatError
 from engram.store import Store
-from engram.store import store as store_module
-from engram.store.delta import EncodedBlob, FileBlob, decode_entry
+from engram.store import compact as compact_module
+from engram.store.blobs import EncodedBlob, FileBlob, decode_entry
+from engram.store.checkpoint import weights_digest
+from engram.store.codec import checksum, iter_array_records
 from engram.store.format import CHECKPOINT_DIR, DB_BLOBS, DB_META, FORMAT_VERSION, LMDB_DIR
+from engram.store.records import seal
 
 
 def lineage(n: int, *, frozen_backbone: bool = False, seed: int = 0):
@@ -87,8 +90,8 @@ def assert_restores(store: Store, reference) -> None:
 
 def index_entries(store: Store) -> dict[bytes, object]:
     """The blob index, decoded (read through the store's own LMDB handle)."""
-    with store._read() as txn, txn.cursor(db=store._dbs[DB_BLOBS]) as cur:
-        return {bytes(k): decode_entry(v, bytes(k).hex()) for k, v in cur}
+    with store.env.read() as txn:
+        return {k: decode_entry(v, k.hex()) for k, v in store.env.items(txn, DB_BLOBS)}
 
 
 def chain_depths(entries: dict) -> list[int]:
@@ -168,7 +171,9 @@ def test_frozen_backbone_is_shared_and_tags_stay_plain(store: Store) -> None:
 
 def test_chains_are_cut_by_keyframes(store: Store, monkeypatch) -> None:
     """Compacting after every commit lengthens chains; none grows past MAX_CHAIN."""
-    monkeypatch.setattr(store_module, "MAX_CHAIN", 3)
+    # compaction's own limit (the read path keeps 16): unpatched, 9 versions compacted
+    # one by one build chains of 8, so the assert below fails if the patch missed
+    monkeypatch.setattr(compact_module, "MAX_CHAIN", 3)
     versions = lineage(9)
     reference = []
     for i, (state, weights) in enumerate(versions):
@@ -192,7 +197,7 @@ def test_rollback_to_a_compacted_version_then_commit(store: Store) -> None:
     assert_same(store.load().model, reference[1].model)
     store.compact()  # HEAD's state blobs (shared with v0002) become plain again
     entries = index_entries(store)
-    for record in store_module.iter_array_records(store.manifest()["state"]):
+    for record in iter_array_records(store.manifest()["state"]):
         for digest, *_ in record.chunks:
             assert not isinstance(entries[bytes.fromhex(digest)], EncodedBlob)
     assert store.verify(all=True).ok
@@ -263,7 +268,7 @@ def write_v1_store(path: Path, versions) -> None:
         for vid, (fisher, weights) in enumerate(versions, start=1):
             raw = fisher.numpy().tobytes()
             digest = hashlib.sha256(raw).digest()
-            check = store_module.checksum(raw)
+            check = checksum(raw)
             (path / "blobs" / f"pack-{vid:08d}.bin").write_bytes(raw)
             txn.put(
                 digest, np.array([vid, 0, len(raw), check], dtype="<u8").tobytes(), db=dbs[b"blobs"]
@@ -276,7 +281,7 @@ def write_v1_store(path: Path, versions) -> None:
                 "parent": vid - 1 or None, "created_at": "2026-01-01T00:00:00.000000Z",
                 "message": "", "meta": {},
                 "state": {"fisher": {"__tensor__": {"dtype": "float32", "shape": list(fisher.shape), "chunks": [[digest.hex(), len(raw), check]]}}},
-                "checkpoint": {"file": file.name, "sha256": hashlib.sha256(body).hexdigest(), "nbytes": len(body), "xxh3": store_module.checksum(body), "weights": store_module.weights_digest(weights)},
+                "checkpoint": {"file": file.name, "sha256": hashlib.sha256(body).hexdigest(), "nbytes": len(body), "xxh3": checksum(body), "weights": weights_digest(weights)},
                 "nbytes": len(raw) + len(body), "new_bytes": len(raw) + len(body),
             }  # fmt: skip
             txn.put(vid.to_bytes(8, "big"), json.dumps(manifest).encode(), db=dbs[b"versions"])
@@ -302,18 +307,29 @@ def test_a_format_1_store_is_read_compacted_and_marked_format_2(tmp_path: Path) 
         assert _meta_format(store) == b"1"
         reference = [store.load(v.id) for v in store.versions()]
         store.compact()
-        assert _meta_format(store) == str(FORMAT_VERSION).encode()
+        assert _meta_format(store) == b"2"  # compacted, its records not sealed yet
         assert store.manifest(1)["format_version"] == 2 and store.manifest()["format_version"] == 1
-        assert store.verify(all=True).ok
+        report = store.verify(all=True)
+        assert report.ok and "predate checksums (format 2)" in report.notes[0]
         assert_restores(store, reference)
     # an engram that reads only format 1 would refuse it; ours reads it read-only too
     with Store.open(path) as store:
         assert_restores(store, reference)
+    # upgrading seals every record: format 3, every version as it was
+    with Store.open(path, mode="w") as store:
+        assert store.upgrade() > 0 and store.upgrade() == 0
+        assert _meta_format(store) == str(FORMAT_VERSION).encode()
+        report = store.verify(all=True)
+        assert report.ok and report.notes == []
+        assert_restores(store, reference)
+        store.commit({"fisher": versions[1][0]}, model=versions[1][1])
+    with Store.open(path) as store:
+        assert store.verify(all=True).ok and store.load().state["fisher"].shape
 
 
 def _meta_format(store: Store) -> bytes:
-    with store._read() as txn:
-        return bytes(txn.get(b"format_version", db=store._dbs[DB_META]))
+    with store.env.read() as txn:
+        return bytes(store.env.get(txn, DB_META, b"format_version"))
 
 
 def test_manifest_of_a_newer_format_is_refused(store: Store) -> None:
@@ -324,11 +340,9 @@ def test_manifest_of_a_newer_format_is_refused(store: Store) -> None:
     store.close()
     env = lmdb.open(str(store.path / LMDB_DIR), max_dbs=8)
     with env.begin(write=True) as txn:
-        txn.put(
-            (1).to_bytes(8, "big"),
-            json.dumps(manifest).encode(),
-            db=env.open_db(b"versions", txn=txn),
-        )
+        key = (1).to_bytes(8, "big")
+        txn.put(key, seal(b"versions", key, json.dumps(manifest).encode()),
+                db=env.open_db(b"versions", txn=txn))  # fmt: skip
     env.close()
     with Store.open(store.path) as reader, pytest.raises(StoreFormatError, match="upgrade"):
         reader.load(1)

@@ -20,7 +20,9 @@ from engram.errors import (
     StoreNotFoundError,
     VersionNotFoundError,
 )
-from engram.store import Store
+from engram.store import FORMAT_VERSION, Store
+from engram.store import load as load_module
+from engram.store.records import seal
 
 
 def ewc_state(seed: int, n: int = 4) -> dict:
@@ -209,8 +211,8 @@ def test_real_corruption_is_read_once_not_retried(
         store.commit(ewc_state(0), model=net)
     flip_byte(store_path / "blobs" / "pack-00000001.bin", 100)
     reads = []
-    real = Store._load
-    monkeypatch.setattr(Store, "_load", lambda self, *a: reads.append(a) or real(self, *a))
+    real = load_module._load  # one read of Store.load, retried by load_module.load
+    monkeypatch.setattr(load_module, "_load", lambda *a: reads.append(a) or real(*a))
     with Store.open(store_path) as store, pytest.raises(CorruptionError, match="v0001"):
         store.load()
     assert len(reads) == 1
@@ -290,9 +292,11 @@ def test_newer_format_is_refused(store_path: Path) -> None:
         store.commit({"x": 1})
     env = lmdb.open(str(store_path / "memory.lmdb"), max_dbs=8)
     with env.begin(write=True) as txn:
-        txn.put(b"format_version", b"3", db=env.open_db(b"meta", txn=txn))
+        newer = str(FORMAT_VERSION + 1).encode()
+        txn.put(b"format_version", seal(b"meta", b"format_version", newer),
+                db=env.open_db(b"meta", txn=txn))  # fmt: skip
     env.close()
-    with pytest.raises(StoreFormatError, match="format version 3.*upgrade engram"):
+    with pytest.raises(StoreFormatError, match=f"format version {FORMAT_VERSION + 1}.*upgrade engram"):
         Store.open(store_path)
 
 

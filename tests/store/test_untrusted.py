@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engram.errors import CorruptionError, EngramError, StoreFormatError
-from engram.store import Store
+from engram.store import FORMAT_VERSION, Store
 from engram.store.codec import (
     TAG_MAP,
     TAG_NDARRAY,
@@ -30,6 +30,7 @@ from engram.store.codec import (
     decode_tree,
     parse_array_record,
 )
+from engram.store.records import seal
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
@@ -73,9 +74,12 @@ records = st.fixed_dictionaries(
 
 
 def put_raw(store_path: Path, db: bytes, key: bytes, value: bytes) -> None:
+    """Write a record as a hostile tool would: with a valid seal (XXH3 is no secret), so
+    what is checked is the validation behind the checksum."""
     env = lmdb.open(str(store_path / "memory.lmdb"), max_dbs=8)
     with env.begin(write=True) as txn:
-        txn.put(key, value, db=env.open_db(db, txn=txn))
+        sealed = txn.get(b"records", db=env.open_db(b"meta", txn=txn)) is not None
+        txn.put(key, seal(db, key, value) if sealed else value, db=env.open_db(db, txn=txn))
     env.close()
 
 
@@ -270,8 +274,12 @@ def test_hostile_format_version_is_refused_or_harmless(
             with pytest.raises(StoreFormatError, match="malformed store metadata"):
                 Store.open(path)
             return
-        if int(meta_value.decode("ascii")) > 2:  # a newer format than this engram reads
+        if int(meta_value.decode("ascii")) > FORMAT_VERSION:  # newer than this engram reads
             with pytest.raises(StoreFormatError, match="newer than"):
+                Store.open(path)
+            return
+        if int(meta_value.decode("ascii")) < FORMAT_VERSION:  # but its records are sealed
+            with pytest.raises(StoreFormatError, match="malformed store metadata"):
                 Store.open(path)
             return
         # a number this engram reads: the data is untouched by it
@@ -334,14 +342,14 @@ def test_hostile_delta_entries(tmp_path: Path, compacted_store: Path, entry: byt
 
 
 def test_cyclic_delta_chain_is_corruption(tmp_path: Path, compacted_store: Path) -> None:
-    from engram.store.delta import EncodedBlob, decode_entry
+    from engram.store.blobs import EncodedBlob, decode_entry
 
     path = tmp_path / "s"
     shutil.copytree(compacted_store, path)
     with Store.open(path) as store:
         digest = bytes.fromhex(store.manifest(1)["state"]["w"]["__tensor__"]["chunks"][0][0])
-        with store._read() as txn:
-            entry = decode_entry(txn.get(digest, db=store._dbs[b"blobs"]), digest.hex())
+        with store.env.read() as txn:
+            entry = decode_entry(store.env.get(txn, b"blobs", digest), digest.hex())
     assert isinstance(entry, EncodedBlob) and entry.base is not None
     put_raw(path, b"blobs", digest, EncodedBlob(**{**entry.__dict__, "base": digest}).encode())
     with Store.open(path) as store:

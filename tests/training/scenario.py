@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     extra = [KillAt(args.kill_at_iteration)] if args.kill_at_iteration else []
     if args.kill_in_commit:
-        from engram.store import checkpoint
+        import engram.store.commit as commit_module
 
-        original, calls = checkpoint.write_checkpoint, [0]
+        original, calls = commit_module.write_checkpoint, [0]
 
         def dying_write(*a, **k):
             calls[0] += 1
@@ -152,11 +152,11 @@ def main(argv: list[str] | None = None) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return info
 
-        import engram.store.store as store_module
-
-        store_module.write_checkpoint = dying_write
+        commit_module.write_checkpoint = dying_write  # where the commit protocol calls it
     run(args.strategy, args.store, multihead=args.multihead, max_experiences=args.max_experiences,
         commit_every=args.commit_every, extra_plugins=extra)  # fmt: skip
+    if args.kill_in_commit and calls[0] < args.kill_in_commit:  # the wrapper was not called
+        sys.exit(f"write_checkpoint wrapper called {calls[0]} times, not {args.kill_in_commit}")
     print("done", flush=True)
 
 

@@ -9,7 +9,8 @@
   bit-identical to a run that never stopped.
 
 The background commit is held open by wrapping the store's real ``write_checkpoint``
-(it still writes the file): nothing is mocked.
+where the commit protocol calls it (``engram.store.commit``; it still writes the file):
+nothing is mocked, and every test that wraps it asserts the wrapper was called.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-import engram.store.store as store_module
+import engram.store.commit as commit_module
 from engram.errors import CommitError
 from engram.store import SampleIds, Store
 from engram.store.background import BackgroundCommitter, stage
@@ -41,13 +42,17 @@ _CONTEXT.set_forkserver_preload(["engram.training.template", "scenario"])
 
 
 class Gate:
-    """Wraps the store's ``write_checkpoint``: the Nth call waits for ``release``."""
+    """Wraps the commit's ``write_checkpoint``: the Nth call waits for ``release``.
+
+    ``calls`` counts the calls: a test asserts it is positive, so a wrapper that the
+    commit no longer calls (the name moved) fails the test instead of passing it.
+    """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, call: int = 1) -> None:
-        self.original = store_module.write_checkpoint
+        self.original = commit_module.write_checkpoint
         self.entered, self.release = threading.Event(), threading.Event()
         self.calls, self.call = 0, call
-        monkeypatch.setattr(store_module, "write_checkpoint", self)
+        monkeypatch.setattr(commit_module, "write_checkpoint", self)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -101,6 +106,7 @@ def test_submit_returns_while_the_commit_runs_and_commits_the_staged_state(
     assert snap.state["step"] == 1
     committer.close()
     assert store.verify(all=True).ok
+    assert gate.calls == 1
 
 
 def test_at_most_one_commit_in_flight(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,6 +125,7 @@ def test_at_most_one_commit_in_flight(store: Store, monkeypatch: pytest.MonkeyPa
     committer.close()
     first, last = store.versions()
     assert (first.message, last.message) == ("one", "two") and last.parent == first.id
+    assert gate.calls == 2
 
 
 def test_a_failed_background_commit_surfaces_at_the_next_commit_and_at_close(
@@ -153,6 +160,7 @@ def test_template_close_waits_for_the_commit_in_flight(
     closer.join(WAIT_S)
     with Store.open(tmp_path / "s") as s:
         assert s.head.message == "mid" and s.head.meta["kind"] == "mid-experience"
+    assert gate.calls >= 1
 
 
 @pytest.mark.parametrize("strategy", ["ewc", "er", "derpp"])
@@ -190,7 +198,7 @@ def async_run(argv: list[str]) -> None:
     torch.set_num_threads(1)  # as scenario.run's reference (this is a child process)
     strategy, store, *rest = argv
     option, n = (rest[0], int(rest[1])) if rest else (None, 0)
-    original, calls = store_module.write_checkpoint, [0]
+    original, calls = commit_module.write_checkpoint, [0]
     trained_on = threading.Event()
     extra = []
 
@@ -207,7 +215,7 @@ def async_run(argv: list[str]) -> None:
         return original(*args, **kwargs)
 
     if option:
-        store_module.write_checkpoint = write
+        commit_module.write_checkpoint = write
     if option == "--kill-while-in-flight":
         from avalanche.core import SupervisedPlugin
 
@@ -223,6 +231,8 @@ def async_run(argv: list[str]) -> None:
         strategy, Path(store), commit_every=5, async_commit=True, extra_plugins=extra
     ) as template:
         template.fit(train, test)
+    if option and calls[0] < n:  # the kill never came: the wrapper is not what commits call
+        sys.exit(f"write_checkpoint wrapper called {calls[0]} times, expected {n}")
 
 
 def child(*args: object, expect_kill: bool = False) -> None:

@@ -17,6 +17,7 @@ from engram import load_model
 from engram.errors import CorruptionError, GateFailed, NonFiniteError, VersionNotFoundError
 from engram.store import Store
 from engram.store import format as fmt
+from engram.store.records import seal, unseal
 from engram.train import train
 
 TINY = ["training.epochs=1", "run.quiet=true", "logger=none", "benchmark.n_experiences=5"]
@@ -138,9 +139,10 @@ def rewrite_parent(store_path: Path, vid: int, parent: int) -> None:
     try:
         db = env.open_db(fmt.DB_VERSIONS)
         with env.begin(write=True, db=db) as txn:
-            manifest = json.loads(bytes(txn.get(vid.to_bytes(8, "big"))))
+            key = vid.to_bytes(8, "big")
+            manifest = json.loads(bytes(unseal(b"versions", key, txn.get(key))))
             manifest["parent"] = parent
-            txn.put(vid.to_bytes(8, "big"), json.dumps(manifest).encode())
+            txn.put(key, seal(b"versions", key, json.dumps(manifest).encode()))
     finally:
         env.close()
 

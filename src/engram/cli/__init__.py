@@ -8,8 +8,9 @@
 
 Every command takes ``--json`` (stable keys, for scripts). Exit codes: 0 success,
 1 ``verify`` found a problem, 2 a user error (unknown version, not a store, corrupted
-data, bad arguments, a file that cannot be written), reported in one line without a
-traceback. With ``--json`` a failure also prints one JSON document on stdout,
+data, bad arguments, a file that cannot be written) or an OS fault (a full disk, a
+read-only file system, a permission: :mod:`engram.cli.faults`), reported in one line
+without a traceback. With ``--json`` a failure also prints one JSON document on stdout,
 ``{"error": "<the message>", "exit": <the exit code>}`` (``verify`` adds the two keys to
 its report), so a script reads stdout whatever happened; the one line still goes to stderr.
 
@@ -27,9 +28,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from engram.cli.faults import describe
 from engram.errors import EngramError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+_RETRY = "run the command again"
 
 
 class UsageError(EngramError):
@@ -76,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     command("show", "Summarise one version: meta, model, state, metrics.", "show", "the version")
     p = command("verify", "Re-hash what a version references.", "verify", "the version")
     p.add_argument("--all", action="store_true", help="every version and every stored blob")
+    p.add_argument("--untrusted", action="store_true", help="open and verify in a child "
+                   "process: an LMDB crash is reported, exit 1")  # fmt: skip
     p = command("rollback", "Move HEAD to a version (later ones stay until gc).", "rollback")
     p.add_argument("version", metavar="VERSION", help="the version HEAD moves to")
     p = command("tag", "Point a tag at a version, or delete it.", "tag")
@@ -91,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                 "compact")  # fmt: skip
     p.add_argument("--tagged", action="store_true", help="compact tagged versions too")
     command("du", "Bytes per component, logical vs on disk, deduplication ratio.", "du")
+    command("upgrade", "Seal every LMDB record of an older store with a checksum (format 3).",
+            "upgrade")  # fmt: skip
     p = command("export", "Write a self-contained deployable model.", "export", "the version")
     p.add_argument("--format", choices=("safetensors", "onnx"), help="default: from --out")
     p.add_argument("--out", required=True, metavar="PATH", help="the file to write")
@@ -109,19 +116,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     as_json = args.json
+    # what an I/O error that names no file was writing: the exported file, else the store
+    target = getattr(args, "out", None) or args.store
     try:
         return _command(args.run)(args)
-    except EngramError as e:
-        return _fail(str(e), EXIT_USAGE, as_json)
+    except EngramError as e:  # (or an OS fault behind it, e.g. a store "not readable")
+        return _fail(describe(e, target, _RETRY) or str(e), EXIT_USAGE, as_json)
     except KeyboardInterrupt:
         return _fail("interrupted", 130, as_json)
     except BrokenPipeError:  # `engram ls ... | head`
         sys.stderr.close()
         return EXIT_OK
-    except OSError as e:  # a file the command writes or reads: permissions, a full disk
-        where = f": {e.filename}" if e.filename else ""
-        return _fail(f"{e.strerror or e}{where}", EXIT_USAGE, as_json)
-    except Exception as e:  # a bug: the traceback follows, but the script still gets JSON
+    except Exception as e:
+        # An OS fault (a full disk, a read-only file system, a permission): the store is as
+        # it was before the command (docs/reliability.md, "OS faults"), so say what to fix.
+        message = describe(e, target, _RETRY)
+        if message is not None:
+            return _fail(message, EXIT_USAGE, as_json)
+        # a bug: the traceback follows, but the script still gets JSON
         if as_json:
             emit_json({"error": f"internal error: {type(e).__name__}: {e}", "exit": 1})
         raise

@@ -2,7 +2,8 @@
 
 Each takes the parsed arguments, prints text or (``--json``) one JSON document, and
 returns the exit code. State trees are summarised from manifests (no tensor is read for
-``ls``, ``show`` or ``du``); ``diff`` loads the two versions through ``Store.load``.
+``ls``, ``show`` or ``du``; ``du`` reads only replay slot tables, through
+``store.inspect``); ``diff`` loads the two versions through ``Store.load``.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,10 +22,9 @@ import torch
 
 from engram.cli import EXIT_OK, EXIT_PROBLEMS, UsageError, emit_json, human_bytes, table
 from engram.errors import StoreNotFoundError
-from engram.store import Store, VersionInfo, version_name
-from engram.store import format as fmt
+from engram.store import FORMAT_VERSION, Store, VersionInfo, version_name
 from engram.store.codec import TAG_SAMPLES, ArrayRecord, decode_tree
-from engram.store.samples import sample_key
+from engram.store.inspect import Usage, disk_usage, tree_arrays
 
 # Top-level keys of a DurableTemplate state that are bookkeeping, not learned memory.
 _BOOKKEEPING = ("rng", "clock", "cursor", "adaptations", "metrics")
@@ -42,13 +41,6 @@ def open_store(path: str, mode: str = "r") -> Iterator[Store]:
 
 
 # ------------------------------------------------------------------ state trees
-
-
-def records(tree: Any) -> list[tuple[str, ArrayRecord]]:
-    """Every array record of a manifest's state tree with its path; reads no bytes."""
-    found: list[tuple[str, ArrayRecord]] = []
-    decode_tree(tree, lambda record, path: found.append((path, record)))
-    return found
 
 
 def group_of(path: str) -> str:
@@ -76,7 +68,8 @@ def describe_group(group: str, replay: bool) -> tuple[str, str]:
 
 
 def flatten(tree: Any, path: str = "") -> dict[str, Any]:
-    """Leaves of a loaded state by path, with the same paths as :func:`records`."""
+    """Leaves of a loaded state by path, with the same paths as
+    :func:`~engram.store.inspect.tree_arrays`."""
     out: dict[str, Any] = {}
     if isinstance(tree, dict):
         for key, value in tree.items():
@@ -100,59 +93,12 @@ def _plain(tree: Any) -> Any:
     return tree
 
 
-def sample_ids(store: Store, vid: int, recs: list[tuple[str, ArrayRecord]]) -> dict[str, list]:
-    """The replay-sample ids each ``__samples__`` slot table of a version references.
-
-    Reads only those small arrays, through the store's private reader: the public
-    ``load`` would read the whole state.
-    """
-    out = {}
-    with store._read() as txn:
-        for path, record in recs:
-            if record.kind == TAG_SAMPLES:
-                out[path] = store._read_array(txn, record, vid, path, False).tolist()
-    return out
-
-
-def sample_sizes(store: Store, ids: set[int]) -> dict[int, int]:
-    """Bytes of each replay sample record (private: the samples database)."""
-    sizes = {}
-    with store._read() as txn:
-        db = store._dbs[fmt.DB_SAMPLES]
-        for i in ids:
-            value = txn.get(sample_key(i), db=db)
-            sizes[i] = 0 if value is None else len(value)
-    return sizes
-
-
-def disk_usage(root: Path) -> dict[str, int]:
-    """Bytes on disk under a store, by top-level entry (allocated, for sparse files)."""
-    usage = {"blobs": 0, "checkpoints": 0, "lmdb": 0, "other": 0, "run_files": 0}
-    bucket = {fmt.BLOB_DIR: "blobs", fmt.CHECKPOINT_DIR: "checkpoints", fmt.LMDB_DIR: "lmdb"}
-    for entry in root.iterdir():
-        key = bucket.get(entry.name, "run_files" if entry.name in fmt.RUN_DIRS else "other")
-        files = [entry] if not entry.is_dir() else _files_under(entry)
-        for f in files:
-            try:
-                st = f.lstat()
-            except FileNotFoundError:  # removed by a concurrent gc
-                continue
-            usage[key] += min(st.st_size, st.st_blocks * 512)
-    return usage
-
-
-def _files_under(directory: Path) -> Iterator[Path]:
-    for dirpath, _, filenames in os.walk(directory):
-        for name in filenames:
-            yield Path(dirpath) / name
-
-
 def _model_records(manifest: dict[str, Any]) -> list[tuple[str, ArrayRecord]]:
     """The weight records of a compacted version (format 2 ``"model"``), else none."""
     model = manifest.get("model")
     if not isinstance(model, dict) or "tensors" not in model:
         return []
-    return records(model["tensors"])
+    return tree_arrays(model["tensors"])
 
 
 def _compacted_model(manifest: dict[str, Any]) -> dict[str, Any] | None:
@@ -198,18 +144,66 @@ def _num(x: Any, digits: int = 3) -> str:
 # ------------------------------------------------------------------ ls
 
 
+def _damaged(store: Store, path: str) -> list[dict[str, Any]]:
+    """The versions whose manifests cannot be read, each with the command that drops
+    it (``gc --keep-last``: the CLI's only way to drop one version; HEAD and tagged
+    versions must be moved off first)."""
+    damaged = dict(store.damaged())
+    if not damaged:
+        return []
+    head, tags = store.inspect.head_id(), store.tags()
+    ids = sorted({v.id for v in store.versions()} | set(damaged))
+    good = [v for v in ids if v not in damaged]
+    shown = shlex.quote(path)
+    out = []
+    for vid, message in damaged.items():
+        names = sorted(name for name, t in tags.items() if t == vid)
+        if vid == head:
+            to = version_name(good[-1]) if good else "VERSION"
+            repair = (
+                f"it is HEAD: move HEAD to a good version (`engram rollback {shown} {to}`), "
+                f"then run `engram ls {shown}` again"
+            )
+        elif names:
+            repair = (
+                f"it is tagged {', '.join(names)}: delete the tag (`engram tag {shown} "
+                f"{names[0]} --delete`), then run `engram ls {shown}` again"
+            )
+        else:
+            newer = sum(1 for v in ids if v > vid)
+            older = [version_name(v) for v in ids
+                     if v < vid and v != head and v not in tags.values()]  # fmt: skip
+            also = f", and also drops {', '.join(older)}" if older else ""
+            repair = (
+                f"`engram gc {shown} --keep-last {newer}` drops it (it keeps the {newer} "
+                f"newest, HEAD and tagged versions{also})"
+            )
+        out.append({"id": vid, "name": version_name(vid), "message": message, "repair": repair})
+    return out
+
+
+def _print_damaged(damaged: list[dict[str, Any]]) -> None:
+    for d in damaged:
+        print(f"{d['name']}: damaged manifest, left out ({' '.join(d['message'].split())}); "
+              f"{d['repair']}")  # fmt: skip
+
+
 def ls(args: argparse.Namespace) -> int:
     with open_store(args.store) as store:
         versions = store.versions()
-        head = store.head
+        damaged = _damaged(store, args.store)
+        head_id = store.inspect.head_id()  # HEAD's manifest may be a damaged one
         store_id = store.store_id
-    head_id = head.id if head else None
     rows = [_version_json(v, head_id) for v in versions]
     if args.json:
-        emit_json({"store": args.store, "store_id": store_id, "head": head_id, "versions": rows})
+        emit_json({"store": args.store, "store_id": store_id, "head": head_id, "versions": rows,
+                   "damaged": damaged})  # fmt: skip
+        return EXIT_OK
+    if not rows and not damaged:
+        print(f"{args.store}: no versions yet")
         return EXIT_OK
     if not rows:
-        print(f"{args.store}: no versions yet")
+        _print_damaged(damaged)
         return EXIT_OK
     cells = [
         [
@@ -241,6 +235,7 @@ def ls(args: argparse.Namespace) -> int:
         "created (UTC)",
     ]
     print(table(cells, header, right={3, 6, 7, 8, 9}))
+    _print_damaged(damaged)
     return EXIT_OK
 
 
@@ -252,13 +247,15 @@ def show(args: argparse.Namespace) -> int:
         info = store.info(args.version)
         manifest = store.manifest(info.id)
         head = store.head
-        recs = records(manifest["state"])
+        recs = tree_arrays(manifest["state"])
         metrics_tree = (
             manifest["state"].get("metrics") if isinstance(manifest["state"], dict) else None
         )
         state_metrics: Any = None
         if metrics_tree is not None:
-            if records(metrics_tree):  # tensors in it: read the state (small ones only expected)
+            if tree_arrays(
+                metrics_tree
+            ):  # tensors in it: read the state (small ones only expected)
                 state_metrics = _plain(store.load(info.id, model=False).state.get("metrics"))
             else:  # plain JSON, already in the manifest
                 state_metrics = decode_tree(metrics_tree, lambda r, p: None)
@@ -386,8 +383,18 @@ def _print_show(v: dict[str, Any]) -> None:
 
 
 def verify(args: argparse.Namespace) -> int:
-    with open_store(args.store) as store:
-        report = store.verify(args.version, all=args.all)
+    fatal = None  # --untrusted: why the store could not be read through (one line)
+    if getattr(args, "untrusted", False):
+        from engram.store.untrusted import verify_in_child
+
+        try:
+            report = verify_in_child(args.store, args.version, all=args.all)
+        except StoreNotFoundError:
+            raise UsageError(f"no store at {args.store}: the path does not exist") from None
+        fatal = report.fatal
+    else:
+        with open_store(args.store) as store:
+            report = store.verify(args.version, all=args.all)
     out = {
         "ok": report.ok,
         "versions": [version_name(v) for v in report.versions],
@@ -401,13 +408,16 @@ def verify(args: argparse.Namespace) -> int:
             }
             for p in report.problems
         ],
+        "notes": list(getattr(report, "notes", [])),
     }
     if args.json:
         if not report.ok:  # what every failing command prints with --json
             first = " ".join(str(report.problems[0]).split())
-            out["error"] = f"{len(report.problems)} problem(s), the first: {first}"
+            out["error"] = fatal or f"{len(report.problems)} problem(s), the first: {first}"
             out["exit"] = EXIT_PROBLEMS
         emit_json(out)
+    elif fatal is not None:
+        print(" ".join(fatal.split()))
     else:
         what = "all versions" if args.all else ", ".join(out["versions"])
         status = "ok" if report.ok else f"{len(report.problems)} problem(s)"
@@ -417,9 +427,27 @@ def verify(args: argparse.Namespace) -> int:
         )
         for p in report.problems:
             print(f"  {p}")
+        for note in out["notes"]:
+            print(f"note: {note}")
         if not report.ok:
             print("roll back to a version that verifies (`engram rollback`), or restore the files")
     return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def upgrade(args: argparse.Namespace) -> int:
+    with open_store(args.store, mode="w") as store:
+        sealed = store.upgrade()
+        head = store.head
+    out = {"sealed_records": sealed, "format_version": FORMAT_VERSION}
+    if args.json:
+        emit_json(out)
+    elif sealed:
+        at = head.name if head else "none"
+        print(f"{args.store}: {sealed} LMDB records sealed with checksums; format "
+              f"{FORMAT_VERSION} (HEAD {at}, every version kept)")  # fmt: skip
+    else:
+        print(f"{args.store}: already format {FORMAT_VERSION} (every record sealed)")
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------ refs
@@ -563,58 +591,41 @@ class _Usage:
         return dict(vars(self))
 
 
+def _component(kind: str, path: str) -> str:
+    """The ``du`` component a charge of :meth:`Inspector.usage` goes to."""
+    if kind == "state":
+        return group_of(path)
+    if kind == "samples":
+        return f"{group_of(path)}#samples"
+    return "model" if kind == "model" else "metadata"
+
+
+def _describe_usage(name: str, usage: Usage) -> tuple[str, str]:
+    """``(kind, label)`` of a ``du`` component."""
+    if usage.kind == "model":
+        return "model", "model weights"
+    if usage.kind == "manifest":
+        return "metadata", "manifests (JSON)"
+    if usage.kind == "samples":
+        buffer = name.removesuffix("#samples").removeprefix("plugins/")
+        return "replay", f"replay buffer {buffer!r} (samples)"
+    return describe_group(name, usage.slot_tables)
+
+
 def du(args: argparse.Namespace) -> int:
     with open_store(args.store) as store:
-        versions = store.versions()
-        usage: dict[str, _Usage] = {"model": _Usage("model", "model", "model weights")}
-        chunks: set[str] = set()
-        files: set[str] = set()
-        samples_seen: set[int] = set()
-        for v in versions:
-            manifest = store.manifest(v.id)
-            recs = records(manifest["state"])
-            replay = {group_of(p) for p, r in recs if r.kind == TAG_SAMPLES}
-            for path, record in recs:
-                group = group_of(path)
-                if group not in usage:
-                    usage[group] = _Usage(group, *describe_group(group, group in replay))
-                usage[group].logical += record.nbytes
-                for digest, size, _ in record.chunks:
-                    if digest not in chunks:
-                        chunks.add(digest)
-                        usage[group].unique += size
-            for path, ids in sample_ids(store, v.id, recs).items():
-                group = group_of(path)
-                key = f"{group}#samples"
-                if key not in usage:
-                    name = group.removeprefix("plugins/")
-                    usage[key] = _Usage(key, "replay", f"replay buffer {name!r} (samples)")
-                sizes = sample_sizes(store, set(ids))
-                usage[key].logical += sum(sizes.values())
-                usage[key].unique += sum(s for i, s in sizes.items() if i not in samples_seen)
-                samples_seen.update(ids)
-            ckpt = manifest["checkpoint"]
-            if ckpt is not None:
-                usage["model"].logical += ckpt["nbytes"]
-                if ckpt["file"] not in files:
-                    files.add(ckpt["file"])
-                    usage["model"].unique += ckpt["nbytes"]
-            for _, record in _model_records(manifest):  # a compacted version's weights
-                usage["model"].logical += record.nbytes
-                for digest, size, _ in record.chunks:
-                    if digest not in chunks:
-                        chunks.add(digest)
-                        usage["model"].unique += size
-            meta = usage.setdefault("metadata", _Usage("metadata", "metadata", "manifests (JSON)"))
-            size = len(json.dumps(manifest, separators=(",", ":")).encode())
-            meta.logical += size
-            meta.unique += size
+        report = store.inspect.usage(_component)
         disk = disk_usage(store.path)
+        damaged = _damaged(store, args.store) if report.damaged else []
+    usage = {
+        name: _Usage(name, *_describe_usage(name, u), u.logical, u.unique)
+        for name, u in report.components.items()
+    }
     on_disk = disk["blobs"] + disk["checkpoints"] + disk["lmdb"] + disk["other"]
     logical = sum(u.logical for u in usage.values())
     unique = sum(u.unique for u in usage.values())
     out = {
-        "versions": len(versions),
+        "versions": report.versions,
         "components": [
             u.json()
             for u in sorted(usage.values(), key=lambda u: (_KIND_ORDER.index(u.kind), u.name))
@@ -631,11 +642,14 @@ def du(args: argparse.Namespace) -> int:
         },
         "run_files_bytes": disk["run_files"],
         "dedup_ratio": logical / on_disk if on_disk else None,
+        "damaged": damaged,  # versions left out: their manifests cannot be read
     }
     if args.json:
         emit_json(out)
         return EXIT_OK
-    print(f"{args.store}: {len(versions)} versions\n")
+    print(f"{args.store}: {report.versions} versions")
+    _print_damaged(damaged)
+    print()
     rows = [
         [u["label"], human_bytes(u["logical"]), human_bytes(u["unique"])] for u in out["components"]
     ]
@@ -703,8 +717,8 @@ def _is_array(x: Any) -> bool:
 def diff(args: argparse.Namespace) -> int:
     with open_store(args.store) as store:
         info_a, info_b = store.info(args.a), store.info(args.b)
-        recs_a = dict(records(store.manifest(info_a.id)["state"]))
-        recs_b = dict(records(store.manifest(info_b.id)["state"]))
+        recs_a = dict(tree_arrays(store.manifest(info_a.id)["state"]))
+        recs_b = dict(tree_arrays(store.manifest(info_b.id)["state"]))
         snap_a, snap_b = store.load(info_a.id), store.load(info_b.id)
     flat_a, flat_b = flatten(snap_a.state), flatten(snap_b.state)
     for prefix, weights_a, weights_b in (("model/", snap_a.model, snap_b.model),):

@@ -16,6 +16,7 @@ overwritten only with ``--force``; nothing is ever written inside the store's di
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 from engram import __version__
 from engram.cli import EXIT_OK, UsageError, emit_json, finite, human_bytes
 from engram.cli.commands import open_store
+from engram.cli.faults import fault_errno
 from engram.errors import EngramError
 
 
@@ -95,14 +97,26 @@ def _atomic_write(out: Path, write: Any, overwrite: bool) -> None:
             if os.path.lexists(out):
                 raise UsageError(f"--out {out} exists; pass --force to overwrite it") from None
             os.replace(tmp, out)
+    except OSError as e:  # a full disk, a read-only directory: name the file asked for
+        if e.filename is None or os.fsdecode(e.filename) == str(tmp):
+            raise OSError(e.errno, e.strerror, str(out)) from e
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # EROFS even if missing: never hide the error in flight
+            tmp.unlink(missing_ok=True)
 
 
 def _save_safetensors(weights: dict, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(weights, path, metadata=metadata)
+    try:
+        save_file(weights, path, metadata=metadata)
+    except SafetensorError as e:  # an I/O error (disk full, permission) comes wrapped
+        code = fault_errno(e)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def _require_onnx() -> None:

@@ -5,6 +5,7 @@ from engram.metrics.forgetting import (
     backward_transfer,
     forgetting,
     forward_transfer,
+    summary,
 )
 
-__all__ = ["average_accuracy", "backward_transfer", "forgetting", "forward_transfer"]
+__all__ = ["average_accuracy", "backward_transfer", "forgetting", "forward_transfer", "summary"]

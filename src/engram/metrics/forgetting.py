@@ -59,3 +59,13 @@ def forward_transfer(matrix: Matrix, initial: Sequence[float] | None) -> float:
         if j < len(initial) and (a := _at(matrix, j - 1, j)) is not None
     ]
     return sum(gains) / len(gains) if gains else 0.0
+
+
+def summary(matrix: Matrix, initial: Sequence[float] | None) -> dict[str, float]:
+    """Every metric of an accuracy matrix, as each version records it."""
+    return {
+        "average_accuracy": average_accuracy(matrix),
+        "forgetting": forgetting(matrix),
+        "bwt": backward_transfer(matrix),
+        "fwt": forward_transfer(matrix, initial),
+    }

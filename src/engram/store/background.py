@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from engram.errors import CommitError, EngramError
-from engram.store.store import Store, VersionInfo
+from engram.store.store import Store
+from engram.store.values import VersionInfo
 
 # Room kept free in the LMDB map while a commit is in flight (address space, not disk).
 _HEADROOM = 256 << 20
@@ -200,18 +201,11 @@ class BackgroundCommitter:
 
     # ---------------------------------------------------------- LMDB map growth
 
-    def _map_free(self) -> int | None:
-        env = self.store._env
-        if env is None:
-            return None
-        info = env.info()
-        return info["map_size"] - (info["last_pgno"] + 1) * env.stat()["psize"]
-
     def _make_room(self) -> None:
         """Grow the map now (no commit in flight) so the next one need not grow it."""
-        free = self._map_free()
+        free = self.store.env.free_bytes()
         if free is not None and free < _HEADROOM:
-            self.store._ensure_room(self.store._check_usable(), _HEADROOM)
+            self.store.env.ensure_room(_HEADROOM)
 
     def _wait_if_short_of_room(self, nbytes: int) -> None:
         """Called by the training thread before a sample append: an append that might
@@ -219,8 +213,8 @@ class BackgroundCommitter:
         thread = self._thread
         if thread is None or not thread.is_alive():
             return
-        free = self._map_free()
-        if free is not None and free - 2 * (nbytes + self._table._pending_bytes) < _MIN_FREE:
+        free = self.store.env.free_bytes()
+        if free is not None and free - 2 * (nbytes + self._table.pending_bytes) < _MIN_FREE:
             thread.join()
 
 

@@ -4,22 +4,29 @@ A checkpoint is loadable by anyone with ``safetensors`` alone::
 
     from safetensors.torch import load_file
     weights = load_file("runs/x/checkpoints/model-v0007-exp3.safetensors")
+
+:func:`checkpoint_spans` reads a file's header only: where each tensor's bytes are
+(compaction chunks them, and a delta's base can be a span of HEAD's file).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import mmap
 import os
+import struct
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import xxhash
 from safetensors import SafetensorError
+from safetensors.torch import load as st_load
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
@@ -128,43 +135,110 @@ def fsync_dir(directory: Path) -> None:
 def read_checkpoint(path: Path, info: CheckpointInfo, *, verify: bool, what: str) -> dict:
     """Load the weights of a checkpoint file, checking it against its manifest entry.
 
-    The XXH3 checksum is always checked; ``verify=True`` also re-checks SHA-256.
+    The XXH3 checksum is always checked; ``verify=True`` also re-checks SHA-256. The file
+    is opened once: the bytes checked are the bytes decoded, even if a concurrent ``gc``
+    unlinks or a rename replaces the name meanwhile (the open descriptor keeps the file).
 
     Raises:
         CorruptionError: the file is missing, truncated, or its bytes do not match.
     """
-    _check(path, info, verify=verify, what=what)
     try:
-        return st_load_file(path)
-    except (SafetensorError, ValueError) as e:
-        raise CorruptionError(
-            f"{what}: checkpoint {path.name} is not valid safetensors: {e}"
-        ) from e
+        with open(path, "rb") as f:
+            _check_open(f, path, info, verify=verify, what=what)
+            by_fd = Path(f"/proc/self/fd/{f.fileno()}")
+            try:
+                if by_fd.exists():  # Linux: safetensors opens this very file again
+                    return st_load_file(by_fd)
+                f.seek(0)
+                return st_load(f.read())
+            except (SafetensorError, ValueError) as e:
+                raise CorruptionError(
+                    f"{what}: checkpoint {path.name} is not valid safetensors: {e}"
+                ) from e
+    except FileNotFoundError:
+        raise CorruptionError(f"{what}: checkpoint file {path} is missing") from None
 
 
 def check_file(path: Path, info: CheckpointInfo, *, what: str) -> None:
     """Re-hash a checkpoint file (SHA-256 and XXH3) without decoding it."""
-    _check(path, info, verify=True, what=what)
+    try:
+        with open(path, "rb") as f:
+            _check_open(f, path, info, verify=True, what=what)
+    except FileNotFoundError:
+        raise CorruptionError(f"{what}: checkpoint file {path} is missing") from None
 
 
-def _check(path: Path, info: CheckpointInfo, *, verify: bool, what: str) -> None:
+def _check_open(f: Any, path: Path, info: CheckpointInfo, *, verify: bool, what: str) -> None:
+    size = os.fstat(f.fileno()).st_size
+    if size != info.nbytes:
+        raise CorruptionError(
+            f"{what}: checkpoint {path.name} has {size} bytes, the manifest says "
+            f"{info.nbytes}; the file was truncated or replaced"
+        )
+    # mmap, not read(): the checksum runs straight over the page cache.
+    empty = contextlib.nullcontext(b"")  # mmap refuses an empty file
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else empty as mm:
+        if checksum(mm) != info.xxh3 or (
+            verify and hashlib.sha256(mm).hexdigest() != info.sha256
+        ):
+            raise CorruptionError(
+                f"{what}: checkpoint {path.name} does not match its recorded hash; "
+                "the file is corrupted. Roll back to an earlier version or restore it."
+            )
+
+
+@dataclass(frozen=True)
+class TensorSpan:
+    """Where one tensor's bytes are in a safetensors file."""
+
+    name: str
+    dtype: str  # the store's dtype name
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+# safetensors' dtype names → the store's (codec.TORCH_DTYPES); what torch writes.
+_ST_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32",
+    "I64": "int64", "U16": "uint16", "U32": "uint32", "U64": "uint64", "F16": "float16",
+    "BF16": "bfloat16", "F32": "float32", "F64": "float64", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+def checkpoint_spans(path: Path) -> tuple[list[TensorSpan], dict[str, str]]:
+    """The tensors of a safetensors file, in file order, and its ``__metadata__``.
+
+    Raises:
+        CorruptionError: the header is malformed or names a dtype the store lacks.
+    """
+    what = f"checkpoint {path.name}"
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size != info.nbytes:
-                raise CorruptionError(
-                    f"{what}: checkpoint {path.name} has {size} bytes, the manifest says "
-                    f"{info.nbytes}; the file was truncated or replaced"
-                )
-            # mmap, not read(): the checksum runs straight over the page cache.
-            empty = contextlib.nullcontext(b"")  # mmap refuses an empty file
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else empty as mm:
-                if checksum(mm) != info.xxh3 or (
-                    verify and hashlib.sha256(mm).hexdigest() != info.sha256
-                ):
-                    raise CorruptionError(
-                        f"{what}: checkpoint {path.name} does not match its recorded hash; "
-                        "the file is corrupted. Roll back to an earlier version or restore it."
-                    )
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise CorruptionError(f"{what}: header longer than the file")
+            header = json.loads(f.read(n))
     except FileNotFoundError:
-        raise CorruptionError(f"{what}: checkpoint file {path} is missing") from None
+        raise CorruptionError(f"{what} is missing") from None
+    except (struct.error, ValueError) as e:
+        raise CorruptionError(f"{what}: malformed safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptionError(f"{what}: malformed safetensors header")
+    metadata = header.pop("__metadata__", None) or {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            span = TensorSpan(
+                name, _ST_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + n + begin, end - begin
+            )
+        except (KeyError, TypeError, ValueError):
+            raise CorruptionError(f"{what}: cannot compact tensor {name!r}") from None
+        if not 0 <= span.offset <= span.offset + span.nbytes <= size:
+            raise CorruptionError(f"{what}: tensor {name!r} lies outside the file")
+        spans.append(span)
+    spans.sort(key=lambda s: s.offset)  # the order safetensors' load_file returns
+    return spans, metadata

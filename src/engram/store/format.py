@@ -1,4 +1,4 @@
-"""The on-disk format of an engram store, version 2 (a superset of version 1).
+"""The on-disk format of an engram store, version 3 (a superset of versions 1 and 2).
 
 A store is one directory::
 
@@ -8,11 +8,21 @@ A store is one directory::
       checkpoints/            one plain safetensors file of model weights per version
       writer.lock             the writer lock (flock); its text names the holder
 
-``memory.lmdb`` holds four named databases:
+``memory.lmdb`` holds five named databases. In a format-3 store every value in every
+one of them is *sealed*: the bytes described below followed by 8 bytes, the XXH3-64
+(little-endian) of the database name, a NUL byte, the key and those bytes
+(:mod:`engram.store.records`); a reader checks it and reports a mismatch as corruption
+naming the database and key. ``meta/records`` = ``sealed-xxh3-64`` (itself sealed) marks
+such a store. Stores of formats 1 and 2 have no seals (and no ``meta/records``) until
+``engram upgrade`` rewrites every record sealed, in one transaction.
+
+The databases:
 
 ``meta``
-    ``format_version`` (ASCII int: 1 until :meth:`~engram.store.Store.compact` first
-    writes what only format 2 has, then 2), ``store_id`` (32 hex chars), ``created_at``
+    ``format_version`` (ASCII int: 3 for a store created by this engram; a store made
+    by an older one says 1, or 2 once :meth:`~engram.store.Store.compact` wrote what only
+    format 2 has, until it is upgraded), ``records`` (format 3: ``sealed-xxh3-64``),
+    ``store_id`` (32 hex chars), ``created_at``
     (ISO-8601 UTC), ``next_version`` and ``next_pack`` (ASCII ints; ids of
     published versions and packs are never reused).
 ``blobs``
@@ -104,7 +114,8 @@ store is pickled and nothing stored is ever executed.
 
 Compaction: (1) encoded (and plain) blobs appended to a new pack, fsynced; (2) one
 LMDB write transaction puts their index entries (replacing those of the same digests)
-and the compacted manifests, bumps ``next_pack`` and sets ``format_version`` to 2;
+and the compacted manifests, bumps ``next_pack`` and sets ``format_version`` to 2 (if it
+was lower);
 (3) as ``gc``: packs and checkpoint files nothing references any more are removed
 (after a transaction that repoints the index of rewritten packs). A crash at any
 point leaves every version loadable; leftovers are collected by the next ``gc``.
@@ -112,16 +123,24 @@ point leaves every version loadable; leftovers are collected by the next ``gc``.
 
 from __future__ import annotations
 
-# The newest format this engram reads and writes. A store (and each manifest) records
-# the oldest format that describes it: plain commits stay format 1, readable by older
-# engram versions, until compact() writes delta-coded blobs and compacted manifests.
-FORMAT_VERSION = 2
+import re
+
+# The newest format this engram reads and writes. A store records the oldest format
+# that describes it: 3 for every store created now (sealed records); a store made by an
+# older engram stays 1 (or 2 once compacted) until ``engram upgrade`` seals it. Each
+# manifest records its own: 1 for a plain commit, 2 for a compacted version.
+FORMAT_VERSION = 3
+SEALED_FORMAT_VERSION = 3  # every LMDB record carries a checksum (engram.store.records)
+COMPACTED_FORMAT_VERSION = 2  # delta-coded blobs and compacted manifests
 PLAIN_FORMAT_VERSION = 1
 
 LMDB_DIR = "memory.lmdb"
 BLOB_DIR = "blobs"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = "writer.lock"
+# The name of a checkpoint file, as manifests and file index entries give it: a name,
+# never a path (nothing stored can point outside checkpoints/).
+CHECKPOINT_NAME = re.compile(r"model-v\d+(-exp\d+)?\.safetensors")
 # Written beside the store by engram-train (resolved configs, TensorBoard events): a
 # directory holding only these may still become a store.
 RUN_DIRS = ("hydra", "tb")

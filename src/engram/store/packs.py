@@ -28,6 +28,7 @@ from engram.errors import CorruptionError
 ALIGN = 64
 PACK_NAME = re.compile(r"pack-(\d{8,18})\.bin")
 _ENTRY = struct.Struct("<QQQQ")  # pack id, offset, nbytes, xxh3
+PLAIN_ENTRY_SIZE = _ENTRY.size  # the index entry of a plain blob (format 1)
 
 
 def pack_name(pack_id: int) -> str:
@@ -95,12 +96,85 @@ class PackWriter:
         self.path.unlink(missing_ok=True)
 
 
+class NewPack:
+    """The pack file of one write, created on its first append (none if nothing is new).
+
+    Used as a context: on success the pack is finished (fsynced; the caller fsyncs the
+    directory), on an error it is removed.
+    """
+
+    def __init__(self, directory: Path, pack_id: int) -> None:
+        self.directory = directory
+        self.pack_id = pack_id
+        self.writer: PackWriter | None = None
+
+    @property
+    def written(self) -> bool:
+        return self.writer is not None
+
+    def append(self, data: memoryview | bytes, xxh3: int) -> BlobLocation:
+        if self.writer is None:
+            self.writer = PackWriter(self.directory, self.pack_id)
+        return self.writer.append(data, xxh3)
+
+    def __enter__(self) -> NewPack:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if self.writer is None:
+            return
+        if exc_type is not None:
+            self.writer.abort()
+            return
+        try:
+            self.writer.finish()
+        except BaseException:
+            self.writer.abort()
+            raise
+
+
+class MappedFiles:
+    """Read-only mmaps of the files of one directory, opened on first use and kept
+    until forgotten (pack files here; checkpoint files serving blobs in blobs.py)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._maps: dict[str, mmap.mmap | bytes] = {}
+
+    def get(self, name: str) -> mmap.mmap | bytes:
+        """The bytes of ``directory/name``.
+
+        Raises:
+            FileNotFoundError: there is no such file.
+        """
+        data = self._maps.get(name)
+        if data is None:
+            with open(self.directory / name, "rb") as f:
+                # mmap refuses an empty file
+                empty = os.fstat(f.fileno()).st_size == 0
+                data = b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[name] = data
+        return data
+
+    def forget(self, name: str) -> None:
+        """Drop a cached map (after the file was removed or rewritten)."""
+        data = self._maps.pop(name, None)
+        if isinstance(data, mmap.mmap):
+            # BufferError: a view still exports this map; it is unmapped when that view dies.
+            with contextlib.suppress(BufferError):
+                data.close()
+
+    def close(self) -> None:
+        for name in list(self._maps):
+            self.forget(name)
+
+
 class PackReader:
     """Read-only mmaps of pack files, opened on first use and kept until :meth:`close`."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._maps: dict[int, mmap.mmap | bytes] = {}
+        self._files = MappedFiles(directory)
 
     def view(self, location: BlobLocation, digest: str) -> memoryview:
         """Zero-copy view of a blob's bytes.
@@ -108,39 +182,21 @@ class PackReader:
         Raises:
             CorruptionError: the pack is missing or shorter than the index says.
         """
-        data = self._maps.get(location.pack)
-        if data is None:
-            data = self._maps[location.pack] = self._open(location.pack)
+        name = pack_name(location.pack)
+        try:
+            data = self._files.get(name)
+        except FileNotFoundError:
+            raise CorruptionError(f"pack file {self.directory / name} is missing") from None
         end = location.offset + location.nbytes
         if end > len(data):
             raise CorruptionError(
-                f"blob {digest[:12]} lies past the end of {pack_name(location.pack)} "
-                "(the pack file is truncated)"
+                f"blob {digest[:12]} lies past the end of {name} (the pack file is truncated)"
             )
         return memoryview(data)[location.offset : end]
 
-    def _open(self, pack_id: int) -> mmap.mmap | bytes:
-        path = self.directory / pack_name(pack_id)
-        try:
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size == 0:
-                    return b""
-                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except FileNotFoundError:
-            raise CorruptionError(f"pack file {path} is missing") from None
-
     def forget(self, pack_id: int) -> None:
         """Drop a cached map (after gc removed or rewrote the pack)."""
-        data = self._maps.pop(pack_id, None)
-        if isinstance(data, mmap.mmap):
-            _close_quietly(data)
+        self._files.forget(pack_name(pack_id))
 
     def close(self) -> None:
-        for pack_id in list(self._maps):
-            self.forget(pack_id)
-
-
-def _close_quietly(data: mmap.mmap) -> None:
-    # BufferError: a view still exports this map; it is unmapped when that view dies.
-    with contextlib.suppress(BufferError):
-        data.close()
+        self._files.close()

@@ -15,7 +15,6 @@ interpret them): reading a minibatch is one LMDB read transaction and one
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import lmdb
 import numpy as np
@@ -24,9 +23,7 @@ import torch
 from engram.errors import CorruptionError
 from engram.store import format as fmt
 from engram.store.codec import SampleIds
-
-if TYPE_CHECKING:
-    from engram.store.store import Store
+from engram.store.env import Env
 
 _NEXT = b"next_sample"
 
@@ -49,26 +46,27 @@ class SampleTable:
     _BLOCK = 4096
     _MAX_PENDING_BYTES = 32 * 1024 * 1024  # memory bound: flush earlier than the commit
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, env: Env) -> None:
+        self._env = env
         self._pending: dict[int, bytes] = {}
         self._pending_bytes = 0
         self._next = self._limit = 0  # the reserved, not yet used block [next, limit)
 
-    def _db(self) -> lmdb._Database:
-        return self._store._dbs[fmt.DB_SAMPLES]
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the records not yet written (they are written by the next flush)."""
+        return self._pending_bytes
 
     def _reserve(self, n: int) -> int:
         if self._limit - self._next < n:
-            meta = self._store._dbs[fmt.DB_META]
             block = max(n, self._BLOCK)
 
             def bump(txn: lmdb.Transaction) -> int:
-                first = int(bytes(txn.get(_NEXT, db=meta) or b"1"))
-                txn.put(_NEXT, str(first + block).encode(), db=meta)
+                first = self._env.counter(txn, _NEXT, default=1)
+                self._env.set_counter(txn, _NEXT, first + block)
                 return first
 
-            self._next = self._store._write(bump)
+            self._next = self._env.write(bump)
             self._limit = self._next + block
         first = self._next
         self._next += n
@@ -96,7 +94,7 @@ class SampleTable:
         items = self.pending_items()
         if not items:
             return 0
-        self._store._write(
+        self._env.write(
             lambda txn: self.put(txn, items),
             reserve=sum(len(r) for _, r in items) + 64 * len(items),
         )
@@ -110,8 +108,7 @@ class SampleTable:
     def put(self, txn: lmdb.Transaction, items: list[tuple[int, bytes]]) -> None:
         """Write ``items`` (from :meth:`pending_items`) inside the caller's ``txn``;
         once it committed, :meth:`forget` them. Safe to re-run in a retried ``txn``."""
-        with txn.cursor(db=self._db()) as cur:
-            cur.putmulti(((sample_key(i), r) for i, r in items), append=True)
+        self._env.put_sorted(txn, fmt.DB_SAMPLES, ((sample_key(i), r) for i, r in items))
 
     def forget(self, items: list[tuple[int, bytes]]) -> None:
         """Drop written ``items`` from the pending records (they are in the database)."""
@@ -127,33 +124,29 @@ class SampleTable:
         """
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         pending = self._pending
-        with self._store._read() as txn:
+        get = self._env.get
+        with self._env.read() as txn:
             values = [
-                pending[i] if i in pending else txn.get(sample_key(i), db=self._db()) for i in ids
+                pending[i] if i in pending else get(txn, fmt.DB_SAMPLES, sample_key(i)) for i in ids
             ]
             for sample_id, value in zip(ids, values, strict=True):
                 if value is None or len(value) != record_size:
                     what = "missing" if value is None else f"{len(value)} bytes, not {record_size}"
-                    raise CorruptionError(
-                        f"replay sample {sample_id} in {self._store.path} is {what}"
-                    )
+                    where = self._env.path
+                    raise CorruptionError(f"replay sample {sample_id} in {where} is {what}")
             joined = b"".join(values)  # the one copy out of the map
         return np.frombuffer(joined, dtype=np.uint8).reshape(len(ids), record_size)
 
     def __len__(self) -> int:
-        with self._store._read() as txn:
-            return txn.stat(self._db())["entries"] + len(self._pending)
+        with self._env.read() as txn:
+            return self._env.count(txn, fmt.DB_SAMPLES) + len(self._pending)
 
     def sweep(self, txn: lmdb.Transaction, live: set[int]) -> int:
         """Inside ``txn``, delete every sample whose id is not in ``live``; returns how many."""
-        with txn.cursor(db=self._db()) as cur:
-            dead = [
-                bytes(key)
-                for key in cur.iternext(values=False)
-                if int.from_bytes(key, "big") not in live
-            ]
+        keys = self._env.keys(txn, fmt.DB_SAMPLES)
+        dead = [key for key in keys if int.from_bytes(key, "big") not in live]
         for key in dead:
-            txn.delete(key, db=self._db())
+            self._env.delete(txn, fmt.DB_SAMPLES, key)
         return len(dead)
 
 

@@ -45,16 +45,25 @@ class Cursor:
 
 
 class RngStreams:
-    """The process-wide RNG streams: torch's, numpy's and Python's."""
+    """The process-wide RNG streams: torch's, numpy's and Python's, and with ``cuda`` each
+    visible CUDA device's (dropout on the GPU draws from those)."""
+
+    def __init__(self, cuda: bool = False) -> None:
+        self.cuda = cuda
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "torch": torch.get_rng_state(),
             "numpy": np.random.get_state(),
             "python": random.getstate(),
         }
+        if self.cuda:
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.cuda and len(state.get("cuda") or []) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])  # else: a device change, warned about
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         version, internal, gauss = state["python"]  # JSON gave lists back, not tuples

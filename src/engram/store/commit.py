@@ -1,0 +1,289 @@
+"""The commit protocol (:mod:`engram.store.format`): its three steps.
+
+1. :meth:`Blobs.write_new <engram.store.blobs.Blobs.write_new>`: the chunks the store
+   lacks, appended to a new pack file, fsynced;
+2. :func:`_start_checkpoint`: the checkpoint file, written to a temporary name,
+   fsynced, renamed (unless the parent's holds the same weights);
+3. :func:`_publish`: one LMDB write transaction that makes the version visible.
+
+(1) and (2) run at the same time (hashing, file writes and fsyncs release the GIL).
+A crash before (3) leaves HEAD where it was; what (1) and (2) wrote is left to ``gc``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import torch
+
+from engram import __version__
+from engram.errors import CommitError, EncodingError, EngramError
+from engram.store import format as fmt
+from engram.store.blobs import Blobs, hash_chunk
+from engram.store.checkpoint import (
+    CheckpointInfo,
+    fsync_dir,
+    prepare_weights,
+    weights_digest,
+    write_checkpoint,
+)
+from engram.store.codec import PendingArray, encode_tree
+from engram.store.env import Env, now
+from engram.store.history import History, is_count, manifest_bytes, version_info
+from engram.store.samples import SampleTable
+from engram.store.values import VersionInfo, version_name
+
+_INLINE_HASH_BYTES = 4 << 20  # a state up to this size is hashed in the committing thread
+
+
+def commit(
+    env: Env,
+    history: History,
+    blobs: Blobs,
+    samples: Any,
+    state: Mapping[str, Any] | None,
+    model: torch.nn.Module | Mapping[str, torch.Tensor] | None,
+    *,
+    message: str,
+    meta: Mapping[str, Any] | None,
+) -> VersionInfo:
+    """:meth:`Store.commit <engram.store.Store.commit>`; ``samples``: ``store.samples``
+    (a :class:`SampleTable`, or a background committer's wrapper of one)."""
+    env.check_writable()
+    if state is not None and not isinstance(state, Mapping):
+        raise EncodingError(f"state must be a mapping, not {type(state).__qualname__}")
+    try:
+        # as the manifest will hold it, so the VersionInfo built here is what a read gives
+        meta = json.loads(json.dumps(dict(meta or {}), allow_nan=True))
+    except (TypeError, ValueError) as e:
+        raise EncodingError(f"meta must be JSON-serializable: {e}") from None
+    tree, pending = encode_tree(dict(state or {}))
+    weights = None
+    if model is not None:
+        weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        weights = prepare_weights(weights)
+    try:
+        return _commit(env, history, blobs, samples, tree, pending, weights, message, meta)
+    except (OSError, lmdb.Error) as e:
+        head = _reopen_after_failure(env, history)
+        raise CommitError(
+            f"commit to {env.path} failed: {e}. HEAD is still "
+            f"{version_name(head) if head is not None else '(empty)'}; "
+            "free disk space or fix the error, then commit again"
+        ) from e
+
+
+@dataclass(frozen=True)
+class _NewVersion:
+    """What a commit knows of its version before it writes anything."""
+
+    id: int
+    parent: int | None  # HEAD when the commit began
+    pack_id: int  # of the pack its new blobs go to
+    created_at: str
+    meta: dict[str, Any]
+
+
+def _commit(
+    env: Env,
+    history: History,
+    blobs: Blobs,
+    samples: Any,
+    tree: Any,
+    pending: list[PendingArray],
+    weights: dict[str, torch.Tensor] | None,
+    message: str,
+    meta: dict[str, Any],
+) -> VersionInfo:
+    # Replay samples this version may reference must be durable no later than it:
+    # they go into the transaction that publishes it (one synced transaction, not
+    # two). A wrapped table (a background committer's, shared by two threads) is
+    # flushed on its own, under its lock.
+    table = samples if isinstance(samples, SampleTable) else None
+    if table is None:
+        samples.flush()
+    sample_items = table.pending_items() if table is not None else []
+    with env.read() as txn:
+        new = _NewVersion(
+            id=env.counter(txn, b"next_version"),
+            parent=history.head(txn),
+            pack_id=env.counter(txn, b"next_pack"),
+            created_at=now(),
+            meta=meta,
+        )
+    index, new_bytes, ckpt = _write_files(env, history, blobs, new, pending, weights)
+    manifest = {
+        "format_version": fmt.PLAIN_FORMAT_VERSION,
+        "engram_version": __version__,
+        "store_id": env.store_id,
+        "id": new.id,
+        "parent": new.parent,
+        "created_at": new.created_at,
+        "message": message,
+        "meta": meta,
+        "state": tree,
+        "checkpoint": None if ckpt is None else ckpt.to_json(),
+        "nbytes": sum(len(p.raw) for p in pending) + (ckpt.nbytes if ckpt else 0),
+        "new_bytes": new_bytes,
+    }
+    _publish(env, history, blobs, (table, sample_items), manifest, index, new.pack_id)  # (3)
+    return version_info(manifest, {})  # a new id: no tag names it yet
+
+
+def _write_files(
+    env: Env,
+    history: History,
+    blobs: Blobs,
+    new: _NewVersion,
+    pending: list[PendingArray],
+    weights: dict[str, torch.Tensor] | None,
+) -> tuple[list[tuple[bytes, bytes]], int, CheckpointInfo | None]:
+    """Steps (1) and (2), at the same time: hashing, file writes and fsyncs release the
+    GIL. Returns the new index entries, the bytes written and the checkpoint."""
+    digest = weights_digest(weights) if weights is not None else ""
+    ckpt = None
+    if weights is not None:
+        ckpt = _parent_checkpoint_if_same(env, history, new.parent, digest)
+    for p in pending:
+        p.record["chunks"] = []  # filled in chunk order by Blobs.write_new
+    pieces = [
+        (p, p.raw[off : off + fmt.CHUNK_BYTES])
+        for p in pending
+        for off in range(0, len(p.raw), fmt.CHUNK_BYTES)
+    ]
+    # One worker more than cores: the checkpoint job mostly waits on its write and fsync.
+    # A small state is hashed in this thread: each worker started costs a GIL
+    # hand-off (up to the 5 ms switch interval), more than hashing a few MiB.
+    inline = sum(len(view) for _, view in pieces) <= _INLINE_HASH_BYTES
+    workers = 1 if inline else (os.cpu_count() or 1) + 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        ckpt_job = None
+        if weights is not None and ckpt is None:  # (2), while (1) runs
+            ckpt_job = _start_checkpoint(pool, env, new, weights, digest)
+        if inline:
+            hashes = [_done(hash_chunk(view)) for _, view in pieces]
+        else:
+            hashes = [pool.submit(hash_chunk, view) for _, view in pieces]
+        index, new_bytes = blobs.write_new(pieces, hashes, new.pack_id)  # (1)
+        if index:  # a new pack file: its directory entry, while the checkpoint's runs
+            fsync_dir(env.path / fmt.BLOB_DIR)
+        if ckpt_job is not None:
+            ckpt = ckpt_job.result()
+            new_bytes += ckpt.nbytes
+    return index, new_bytes, ckpt
+
+
+def _start_checkpoint(
+    pool: ThreadPoolExecutor,
+    env: Env,
+    new: _NewVersion,
+    weights: dict[str, torch.Tensor],
+    digest: str,
+) -> Future[CheckpointInfo]:
+    """Step (2), in ``pool``: the checkpoint file, durably, under its final name."""
+    file = f"model-{version_name(new.id)}"
+    if is_count(new.meta.get("experience")):
+        file += f"-exp{new.meta['experience']}"
+    return pool.submit(
+        _write_checkpoint_durably,
+        env.path / fmt.CHECKPOINT_DIR,
+        file + ".safetensors",
+        weights,
+        _checkpoint_metadata(env, new),
+        digest,
+    )
+
+
+def _publish(
+    env: Env,
+    history: History,
+    blobs: Blobs,
+    samples: tuple[SampleTable | None, list[tuple[int, bytes]]],
+    manifest: dict[str, Any],
+    index: list[tuple[bytes, bytes]],
+    pack_id: int,
+) -> None:
+    """Step (3): one transaction makes the version visible: pending replay samples
+    (``samples``: the table and its items), index, manifest, HEAD, counters."""
+    vid = manifest["id"]
+    payload = manifest_bytes(manifest)
+    table, sample_items = samples
+
+    def publish(txn: lmdb.Transaction) -> None:
+        if sample_items:
+            table.put(txn, sample_items)
+        for digest, entry in index:
+            blobs.put(txn, digest, entry)
+        history.put_manifest(txn, vid, payload)
+        history.set_head(txn, vid)
+        env.set_counter(txn, b"next_version", vid + 1)
+        if index:
+            env.set_counter(txn, b"next_pack", pack_id + 1)
+
+    sample_bytes = sum(len(r) + 64 for _, r in sample_items)
+    env.write(publish, reserve=len(payload) + 64 * len(index) + sample_bytes)
+    if sample_items:
+        table.forget(sample_items)
+
+
+def _write_checkpoint_durably(directory: Path, file: str, *args: Any) -> CheckpointInfo:
+    """:func:`write_checkpoint`, then an fsync of its directory (the new name)."""
+    info = write_checkpoint(directory, file, *args)
+    fsync_dir(directory)
+    return info
+
+
+def _parent_checkpoint_if_same(
+    env: Env, history: History, parent: int | None, digest: str
+) -> CheckpointInfo | None:
+    """The parent's checkpoint if it holds exactly these weights (and is still there)."""
+    if parent is None:
+        return None
+    with env.read() as txn:
+        ckpt = history.manifest(txn, parent)["checkpoint"]
+    if ckpt is None or ckpt["weights"] != digest:
+        return None
+    path = env.path / fmt.CHECKPOINT_DIR / ckpt["file"]
+    if not path.is_file() or path.stat().st_size != ckpt["nbytes"]:
+        return None
+    return CheckpointInfo(**ckpt)
+
+
+def _checkpoint_metadata(env: Env, new: _NewVersion) -> dict[str, str]:
+    """The safetensors metadata of a new checkpoint file."""
+    out = {
+        "format": "engram",
+        "engram_version": __version__,
+        "store_id": env.store_id,
+        "version": version_name(new.id),
+        "parent": "" if new.parent is None else version_name(new.parent),
+        "created_at": new.created_at,
+    }
+    meta = new.meta
+    for key in ("experience", "strategy"):
+        if key in meta and isinstance(meta[key], int | str) and not isinstance(meta[key], bool):
+            out[key] = str(meta[key])
+    return out
+
+
+def _reopen_after_failure(env: Env, history: History) -> int | None:
+    """After a failed write, LMDB's environment may be unusable: reopen it; HEAD's id."""
+    try:
+        env.reopen()
+        with env.read() as txn:
+            return history.head(txn)
+    except EngramError:
+        return None
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future

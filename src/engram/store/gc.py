@@ -1,0 +1,243 @@
+"""Garbage collection: drop versions, then everything no kept version needs.
+
+Crash-safe in three steps: (1) live blobs of mostly-garbage packs (and weights served
+from files that go) are copied into a new pack, fsynced; (2) one LMDB transaction
+(:func:`collect`'s ``sweep``) re-links, deletes and repoints; (3) only then are files
+nothing references removed. A crash leaves every kept version loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import lmdb
+
+from engram.errors import EngramError
+from engram.store import format as fmt
+from engram.store.blobs import Blobs, EncodedBlob, FileBlob, IndexEntry
+from engram.store.checkpoint import fsync_dir
+from engram.store.codec import TAG_SAMPLES, iter_array_records
+from engram.store.env import Env
+from engram.store.history import History, manifest_bytes, relinks
+from engram.store.packs import ALIGN, PACK_NAME, BlobLocation, NewPack, pack_name
+from engram.store.values import GcReport, VersionSpec, version_name
+
+# What an interrupted checkpoint write leaves: our temp name, or safetensors' own temp
+# file (its save_file writes `.tmpXXXXXX` and renames it into place).
+_CHECKPOINT_LEFTOVER = re.compile(
+    rf"{fmt.CHECKPOINT_NAME.pattern}|\.model-v\d+.*\.tmp-\d+|\.tmp[A-Za-z0-9]{{6,}}"
+)
+
+
+def gc(
+    env: Env,
+    history: History,
+    blobs: Blobs,
+    samples: object,
+    *,
+    keep_last: int | None,
+    drop: Iterable[VersionSpec],
+) -> GcReport:
+    """:meth:`Store.gc <engram.store.Store.gc>`; ``samples``: ``store.samples``."""
+    if keep_last is not None and keep_last < 0:
+        raise ValueError("keep_last must be >= 0")
+    with env.read() as txn:
+        ids = history.ids(txn)
+        pinned = set(history.tags(txn).values())
+        head = history.head(txn)
+        if head is not None:
+            pinned.add(head)
+        kept = set(ids) if keep_last is None else pinned | set(ids[len(ids) - keep_last :])
+        dropping = {history.resolve(txn, v) for v in drop}
+        if dropping & pinned:
+            names = ", ".join(version_name(v) for v in sorted(dropping & pinned))
+            raise ValueError(f"cannot drop {names}: HEAD and tagged versions are kept")
+    kept -= dropping
+    return collect(env, history, blobs, samples, kept, repack_at=0.5)
+
+
+@dataclass
+class _Live:
+    """What the kept versions need."""
+
+    blobs: set[bytes] = field(default_factory=set)
+    files: set[str] = field(default_factory=set)  # checkpoint files
+    samples: set[int] = field(default_factory=set)
+
+
+def collect(
+    env: Env,
+    history: History,
+    blobs: Blobs,
+    samples: object | None,
+    kept: set[int],
+    *,
+    repack_at: float,
+) -> GcReport:
+    """Drop versions not in ``kept`` and everything no kept version needs.
+
+    A pack whose garbage (bytes no index entry needs) is at least ``repack_at`` of
+    its size is rewritten with only its live blobs. ``samples``: the replay sample
+    table to sweep too (None: leave samples alone).
+    """
+    with env.read() as txn:
+        ids = history.ids(txn)
+        kept &= set(ids)
+
+        def parent_of(vid: int) -> int | None:
+            try:
+                return history.manifest(txn, vid)["parent"]
+            except EngramError:  # a dropped version's unreadable manifest: no ancestor
+                return None
+
+        relink = relinks(kept, set(ids) - kept, parent_of)
+        live = _live(history, blobs, txn, kept)
+        entries = blobs.entries(txn)
+        _add_bases(live.blobs, entries)
+        next_pack = env.counter(txn, b"next_pack")
+    dropped = tuple(sorted(set(ids) - kept))
+    dead = [key for key in entries if key not in live.blobs]
+    dead_bytes = sum(entries[key].nbytes for key in dead)
+    live_by_pack = _live_by_pack(live.blobs, entries)
+    repack = _to_repack(env, live_by_pack, repack_at)
+    moved = _rewrite(env, blobs, repack, _to_rehome(entries, live), next_pack)
+
+    def sweep(txn: lmdb.Transaction) -> int:
+        for vid, parent in relink.items():  # the tree stays a tree: see history.relinks
+            manifest = history.manifest(txn, vid)
+            manifest["parent"] = parent
+            history.put_manifest(txn, vid, manifest_bytes(manifest))
+        for vid in dropped:
+            history.delete(txn, vid)
+        for key in dead:
+            blobs.delete(txn, key)
+        for key, entry in moved:
+            blobs.put(txn, key, entry)
+        if moved:
+            env.set_counter(txn, b"next_pack", next_pack + 1)
+        return samples.sweep(txn, live.samples) if samples is not None else 0
+
+    samples_gone = env.write(sweep, reserve=96 * len(moved) + 4096 * len(relink))
+    # Only now, with the index committed, may files go: first packs nothing references.
+    referenced = (set(live_by_pack) - set(repack)) | ({next_pack} if moved else set())
+    removed = _remove_files(blobs, env, referenced, live.files)
+    return GcReport(dropped, len(dead), dead_bytes, tuple(removed), samples_gone)
+
+
+def _live(history: History, blobs: Blobs, txn: lmdb.Transaction, kept: set[int]) -> _Live:
+    """The blobs, checkpoint files and replay samples the ``kept`` versions reference."""
+    live = _Live()
+    for vid in kept:
+        manifest = history.manifest(txn, vid)
+        records = iter_array_records(manifest["state"])
+        for record in records:
+            if record.kind == TAG_SAMPLES:
+                live.samples.update(blobs.sample_ids(txn, record, vid, "sample ids"))
+        if manifest.get("model") is not None:
+            records += iter_array_records(manifest["model"]["tensors"])
+        for record in records:
+            live.blobs.update(bytes.fromhex(c[0]) for c in record.chunks)
+        if manifest["checkpoint"] is not None:
+            live.files.add(manifest["checkpoint"]["file"])
+    return live
+
+
+def _add_bases(live: set[bytes], entries: dict[bytes, IndexEntry]) -> None:
+    """The bases of live delta-coded blobs are live too, transitively."""
+    stack = [d for d in live if d in entries]
+    while stack:
+        entry = entries[stack.pop()]
+        if isinstance(entry, EncodedBlob) and entry.base and entry.base not in live:
+            live.add(entry.base)
+            stack.append(entry.base)
+
+
+_PackItems = list[tuple[bytes, IndexEntry, BlobLocation]]
+
+
+def _live_by_pack(live: set[bytes], entries: dict[bytes, IndexEntry]) -> dict[int, _PackItems]:
+    """Live blobs stored in packs, by pack: (digest, entry, where its stored bytes are)."""
+    by_pack: dict[int, _PackItems] = {}
+    for key in live:
+        entry = entries.get(key)
+        location = entry.stored if isinstance(entry, EncodedBlob) else entry
+        if isinstance(location, BlobLocation):
+            by_pack.setdefault(location.pack, []).append((key, entry, location))
+    return by_pack
+
+
+def _to_repack(
+    env: Env, live_by_pack: dict[int, _PackItems], repack_at: float
+) -> dict[int, _PackItems]:
+    """The packs whose garbage is at least ``repack_at`` of their size."""
+    repack = {}
+    for pack, items in live_by_pack.items():
+        try:
+            size = (env.path / fmt.BLOB_DIR / pack_name(pack)).stat().st_size
+        except FileNotFoundError:
+            continue  # verify reports it; nothing to rewrite
+        garbage = size - sum(-(-loc.nbytes // ALIGN) * ALIGN for _, _, loc in items)
+        if garbage > ALIGN and garbage >= repack_at * size:
+            repack[pack] = items
+    return repack
+
+
+def _to_rehome(entries: dict[bytes, IndexEntry], live: _Live) -> list[tuple[bytes, FileBlob]]:
+    """Live weights served from a file no kept version names: they move into a pack."""
+    return [
+        (key, entry)
+        for key, entry in entries.items()
+        if key in live.blobs and isinstance(entry, FileBlob) and entry.file not in live.files
+    ]
+
+
+def _rewrite(
+    env: Env,
+    blobs: Blobs,
+    repack: dict[int, _PackItems],
+    rehome: list[tuple[bytes, FileBlob]],
+    pack_id: int,
+) -> list[tuple[bytes, bytes]]:
+    """Step (1): copy the live blobs of ``repack`` and the ``rehome`` spans into pack
+    ``pack_id``, fsynced; returns their new index entries."""
+    moved: list[tuple[bytes, bytes]] = []
+    if not (repack or rehome):
+        return moved
+    blob_dir = env.path / fmt.BLOB_DIR
+    with NewPack(blob_dir, pack_id) as pack:
+        for items in repack.values():
+            for key, entry, location in items:
+                view = blobs.packs.view(location, key.hex())
+                new = pack.append(view, location.xxh3)
+                if isinstance(entry, EncodedBlob):
+                    moved.append((key, entry.moved(new).encode()))
+                else:
+                    moved.append((key, new.encode()))
+        for key, entry in rehome:
+            view = blobs.files.view(entry, key.hex())
+            moved.append((key, pack.append(view, entry.xxh3).encode()))
+    fsync_dir(blob_dir)
+    return moved
+
+
+def _remove_files(
+    blobs: Blobs, env: Env, referenced_packs: set[int], live_files: set[str]
+) -> list[str]:
+    """Step (3): remove packs and checkpoint files (and leftovers) nothing references."""
+    removed = []
+    blob_dir = env.path / fmt.BLOB_DIR
+    for file in sorted(os.listdir(blob_dir)):
+        m = PACK_NAME.fullmatch(file)
+        if m and int(m.group(1)) not in referenced_packs:
+            blobs.packs.forget(int(m.group(1)))
+            (blob_dir / file).unlink(missing_ok=True)
+            removed.append(f"{fmt.BLOB_DIR}/{file}")
+    for file in sorted(os.listdir(env.path / fmt.CHECKPOINT_DIR)):
+        if _CHECKPOINT_LEFTOVER.fullmatch(file) and file not in live_files:
+            blobs.files.forget(file)
+            (env.path / fmt.CHECKPOINT_DIR / file).unlink(missing_ok=True)
+            removed.append(f"{fmt.CHECKPOINT_DIR}/{file}")
+    return removed

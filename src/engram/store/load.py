@@ -1,0 +1,132 @@
+"""Reading a version back: its state and model weights, and a plain-file export."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from engram.errors import CorruptionError, EngramError
+from engram.store import format as fmt
+from engram.store.blobs import Blobs
+from engram.store.checkpoint import (
+    CheckpointInfo,
+    checkpoint_spans,
+    fsync_dir,
+    read_checkpoint,
+    weights_digest,
+    write_checkpoint,
+)
+from engram.store.codec import decode_tree, iter_array_records
+from engram.store.env import Env
+from engram.store.history import History, version_info
+from engram.store.values import Snapshot, VersionSpec, version_name
+
+_LOAD_TRIES = 4
+
+
+def load(
+    env: Env,
+    history: History,
+    blobs: Blobs,
+    version: VersionSpec,
+    *,
+    state: bool,
+    model: bool,
+    verify: bool,
+) -> Snapshot:
+    """:meth:`Store.load <engram.store.Store.load>`: one consistent read, retried only
+    when a write happened while it ran."""
+    for _ in range(_LOAD_TRIES - 1):
+        seen: list[int] = []  # the id of the snapshot the try read
+        try:
+            return _load(env, history, blobs, version, state, model, verify, seen)
+        except CorruptionError:
+            # A concurrent gc may have moved or dropped packs (or a checkpoint file)
+            # after the snapshot this try read: another try sees the new index (or no
+            # such version). With no write after that snapshot, the bytes really are
+            # damaged: one more full read would fail the same way. (The snapshot's own
+            # id, not last_txnid read beforehand: LMDB may hand a reader an older one.)
+            if seen and env.last_txnid() <= seen[0]:
+                raise
+    return _load(env, history, blobs, version, state, model, verify, [])
+
+
+def _load(
+    env: Env,
+    history: History,
+    blobs: Blobs,
+    version: VersionSpec,
+    state: bool,
+    model: bool,
+    verify: bool,
+    seen: list[int],
+) -> Snapshot:
+    """One try of :func:`load`: state and compacted weights in one read transaction,
+    then a plain checkpoint file. Appends the transaction's snapshot id to ``seen``."""
+    with env.read() as txn:
+        seen.append(txn.id())
+        vid = history.resolve(txn, version)
+        manifest = history.manifest(txn, vid)
+        info = version_info(manifest, history.tags(txn))
+        loaded_state: dict[str, Any] = {}
+        if state:
+            _check_memory(sum(r.nbytes for r in iter_array_records(manifest["state"])), vid)
+            loaded_state = decode_tree(
+                manifest["state"],
+                lambda record, path: blobs.read_array(txn, record, vid, path, verify),
+            )
+        compacted = manifest.get("model")
+        if model and compacted is not None:
+            weights = decode_tree(
+                compacted["tensors"],
+                lambda record, path: blobs.read_array(txn, record, vid, f"model{path}", verify),
+            )
+            return Snapshot(info, loaded_state, weights)
+    weights = None
+    if model and manifest["checkpoint"] is not None:
+        ckpt = CheckpointInfo(**manifest["checkpoint"])
+        weights = read_checkpoint(
+            env.path / fmt.CHECKPOINT_DIR / ckpt.file,
+            ckpt,
+            verify=verify,
+            what=f"{env.path} {version_name(vid)}",
+        )
+    return Snapshot(info, loaded_state, weights)
+
+
+def export_checkpoint(
+    env: Env, history: History, blobs: Blobs, version: VersionSpec, path: str | os.PathLike[str]
+) -> CheckpointInfo | None:
+    """:meth:`Store.export_checkpoint <engram.store.Store.export_checkpoint>`."""
+    snap = load(env, history, blobs, version, state=False, model=True, verify=False)
+    if snap.model is None:
+        return None
+    with env.read() as txn:
+        manifest = history.manifest(txn, snap.version.id)
+    if manifest.get("model") is not None:
+        metadata = manifest["model"]["metadata"]
+    else:
+        _, metadata = checkpoint_spans(env.path / fmt.CHECKPOINT_DIR / snap.version.checkpoint)
+    dest = Path(path)
+    digest = weights_digest(snap.model)
+    info = write_checkpoint(dest.parent, dest.name, snap.model, metadata, digest)
+    fsync_dir(dest.parent)
+    return info
+
+
+def _check_memory(nbytes: int, vid: int) -> None:
+    """Refuse a load that could not fit in memory instead of letting the OS kill us."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(
+                int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")
+            )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return
+    if nbytes > available:
+        raise EngramError(
+            f"{version_name(vid)} holds {nbytes / 2**30:.1f} GiB of state, more than the "
+            f"{available / 2**30:.1f} GiB of memory available; load it with state=False or on "
+            "a larger machine"
+        )

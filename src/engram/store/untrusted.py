@@ -1,0 +1,316 @@
+"""Opening a store that may be damaged: never a SIGBUS, never a dead interpreter.
+
+LMDB maps ``data.mdb`` and trusts what it finds there. Two kinds of damage kill the
+process that reads it instead of raising an error:
+
+* a **truncated** ``data.mdb`` (an interrupted copy): pages LMDB's last committed
+  transaction uses lie past the end of the file, and touching them is a SIGBUS.
+  :func:`check_not_truncated` reads the two meta pages with plain ``read`` calls and
+  compares the file's size with what the newest one needs, before LMDB maps anything;
+* **damaged pages** (flipped bytes in the B-tree): LMDB's C code may follow a bad
+  offset or length anywhere (SIGSEGV/SIGBUS). Nothing in-process can catch that, so
+  :func:`verify_in_child` (``engram verify --untrusted``) opens and verifies the store
+  in a fresh interpreter and reports a crash as a problem found.
+
+The meta page layout (LMDB 0.9, ``mdb.c``, 64-bit builds; both meta pages share it):
+a 16-byte page header (``mp_pgno`` u64, ``mp_pad`` u16, ``mp_flags`` u16 with
+``P_META`` 0x08, 4 bytes of bounds), then ``MDB_meta``: ``mm_magic`` u32
+(0xBEEFC0DE), ``mm_version`` u32 (1), ``mm_address`` u64, ``mm_mapsize`` u64,
+``mm_dbs[2]`` (48 bytes each: ``md_pad`` u32, which in the free-page database's
+record is the page size, ``md_flags`` u16, ``md_depth`` u16, five u64), ``mm_last_pg``
+u64, ``mm_txnid`` u64. Meta page 0 is at offset 0, meta page 1 one page further.
+Native byte order; engram stores are little-endian (x86-64, arm64).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engram.errors import (
+    CorruptionError,
+    EngramError,
+    NotAStoreError,
+    StoreNotFoundError,
+    VersionNotFoundError,
+)
+from engram.store import format as fmt
+from engram.store.values import Problem, VerifyReport, VersionSpec
+
+DATA_FILE = "data.mdb"
+
+_MDB_MAGIC = 0xBEEFC0DE
+_MDB_DATA_VERSION = 1
+_P_META = 0x08
+_PAGE_HEADER = struct.Struct("<QHH")  # mp_pgno, mp_pad, mp_flags
+_META_HEAD = struct.Struct("<II")  # mm_magic, mm_version (right after the 16-byte header)
+_PSIZE_AT = 16 + 24  # md_pad of mm_dbs[FREE_DBI]
+_LAST_PG_AT = 16 + 24 + 2 * 48  # mm_last_pg, then mm_txnid
+_META_BYTES = _LAST_PG_AT + 16
+
+
+@dataclass(frozen=True)
+class _Meta:
+    page_size: int
+    last_page: int
+    txnid: int
+
+
+def _read_meta(f: Any, offset: int) -> _Meta | None:
+    """The meta page at ``offset``, or None if it is not a valid LMDB meta page."""
+    f.seek(offset)
+    raw = f.read(_META_BYTES)
+    if len(raw) < _META_BYTES:
+        return None
+    _, _, flags = _PAGE_HEADER.unpack_from(raw, 0)
+    magic, version = _META_HEAD.unpack_from(raw, 16)
+    if not flags & _P_META or magic != _MDB_MAGIC or version != _MDB_DATA_VERSION:
+        return None
+    (page_size,) = struct.unpack_from("<I", raw, _PSIZE_AT)
+    last_page, txnid = struct.unpack_from("<QQ", raw, _LAST_PG_AT)
+    if not (512 <= page_size <= 1 << 16 and page_size & (page_size - 1) == 0):
+        return None
+    return _Meta(page_size, last_page, txnid)
+
+
+def _has_data_files(store_root: Path) -> bool:
+    for sub in (fmt.BLOB_DIR, fmt.CHECKPOINT_DIR):
+        directory = store_root / sub
+        if directory.is_dir() and any(p.is_file() for p in directory.iterdir()):
+            return True
+    return False
+
+
+def _truncation(lmdb_dir: Path) -> str | None:
+    """Why ``lmdb_dir``'s data.mdb cannot be what LMDB last committed (None: it can)."""
+    truncated = f"store {lmdb_dir.parent} is truncated: {DATA_FILE}"
+    restore = "restore it from a complete copy"
+    try:
+        with open(lmdb_dir / DATA_FILE, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first = _read_meta(f, 0)
+            # LMDB finds meta page 1 with meta page 0's page size; if page 0 is damaged,
+            # try the OS page size (what LMDB created the file with).
+            second = _read_meta(f, first.page_size if first else os.sysconf("SC_PAGE_SIZE"))
+    except FileNotFoundError:
+        size = 0
+    except OSError:  # unreadable: LMDB's own open reports it
+        return None
+    if size == 0:
+        # LMDB starts an empty or missing file afresh: right for a store whose creation
+        # was cut short, fatal for one whose packs and checkpoints it would orphan.
+        if _has_data_files(lmdb_dir.parent):
+            return f"{truncated} is empty or missing but the store has data files; {restore}"
+        return None
+    metas = [m for m in (first, second) if m is not None]
+    if not metas and size < 2 * os.sysconf("SC_PAGE_SIZE"):
+        return f"{truncated} has {size} bytes, less than LMDB's two meta pages; {restore}"
+    if not metas:
+        return f"store {lmdb_dir.parent} is corrupt: no valid LMDB meta page; {restore}"
+    newest = max(metas, key=lambda m: m.txnid)
+    needed = max(2, newest.last_page + 1) * newest.page_size
+    if size < needed:
+        return (
+            f"{truncated} has {size} bytes, LMDB's last committed transaction needs {needed}; "
+            f"{restore}"
+        )
+    return None
+
+
+def check_not_truncated(lmdb_dir: Path) -> None:
+    """Refuse a ``data.mdb`` shorter than its newest committed transaction needs.
+
+    Reads only the two meta pages, with ``read`` (no mapping, no LMDB call), so it is
+    safe on any file. A missing or empty ``data.mdb`` passes when the store has no
+    pack or checkpoint file (LMDB then starts it afresh: a creation cut short).
+
+    Raises:
+        CorruptionError: the file is truncated, shorter than two pages, or has no
+            valid meta page; the message says to restore a complete copy.
+    """
+    why = _truncation(lmdb_dir)
+    if why is not None:
+        # A writer in another process grows the file before it publishes the meta page
+        # that needs it; a second look tells a race with its pwrite from a truncation.
+        why = _truncation(lmdb_dir)
+    if why is not None:
+        raise CorruptionError(why)
+
+
+# ------------------------------------------------------------ verify in a child
+
+
+DEFAULT_TIMEOUT = 3600.0  # a full verify re-hashes every byte: ~1 GiB/s on one core
+
+# Errors the child reports that are about the request, not the store's bytes: raised
+# again in the parent, as the in-process verify would raise them.
+_USER_ERRORS: dict[str, type[EngramError]] = {
+    "StoreNotFoundError": StoreNotFoundError,
+    "NotAStoreError": NotAStoreError,
+    "VersionNotFoundError": VersionNotFoundError,
+}
+
+_CHILD = (
+    "import resource, sys; resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); "
+    "from engram.store.untrusted import _child_main; _child_main(sys.argv[1:])"
+)
+
+
+@dataclass
+class UntrustedReport(VerifyReport):
+    """A :class:`VerifyReport` from :func:`verify_in_child`.
+
+    ``fatal`` is set when the store could not be read through: the child crashed
+    (SIGSEGV/SIGBUS in LMDB), timed out, or could not open it. It is then the one-line
+    reason, also the report's only problem.
+    """
+
+    fatal: str | None = None
+
+
+def verify_in_child(
+    path: str | os.PathLike[str],
+    version: VersionSpec = "HEAD",
+    *,
+    all: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> UntrustedReport:
+    """:meth:`Store.verify <engram.store.Store.verify>` of a store that may be damaged,
+    in a fresh interpreter: this process never maps the store's LMDB file.
+
+    The child (``sys.executable``, started with fork+exec, so no LMDB environment
+    crosses a fork) checks the directory, checks that ``data.mdb`` is not truncated,
+    opens the store read-only and verifies it; its report comes back as JSON. If LMDB
+    crashes it, or it runs past ``timeout`` seconds (it is killed), or the store cannot
+    be opened, the report has ``fatal`` set to one line saying so.
+
+    Raises:
+        StoreNotFoundError, NotAStoreError: the path is not a store directory.
+        VersionNotFoundError: ``version`` names no version.
+    """
+    root = Path(path).expanduser()  # as given: messages name it; the child shares our cwd
+    spec = json.dumps(version)
+    env = dict(os.environ)
+    # The child imports this very engram, whatever the current directory.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(root), spec, "all" if all else "one"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired as e:
+        phase = _last_phase(e.stdout or b"")
+        return _fatal(
+            f"store {root} could not be verified: the reader did not finish within "
+            f"{timeout:g} s while {phase} it and was stopped (a damaged store can make "
+            "LMDB loop; a very large one needs a longer timeout)"
+        )
+    messages = _messages(done.stdout)
+    phase = _last_phase(done.stdout)
+    if done.returncode < 0:
+        sig = -done.returncode
+        return _fatal(
+            f"store {root} is corrupt: the reader crashed ({_signal_name(sig)}) while {phase} it"
+        )
+    result = next((m for m in reversed(messages) if "report" in m or "error" in m), None)
+    if result is None:
+        tail = " ".join(done.stderr.decode(errors="replace").split())[-300:]
+        return _fatal(
+            f"store {root} could not be verified: the reader exited with status "
+            f"{done.returncode} while {phase} it ({tail or 'no message'})"
+        )
+    if "error" in result:
+        kind, message = result["error"]["type"], result["error"]["message"]
+        if kind in _USER_ERRORS and result["phase"] != "opening":
+            raise _USER_ERRORS[kind](message)
+        if kind in ("CorruptionError", "NotAStoreError", "StoreFormatError"):
+            return _fatal(message if message.startswith("store ") else
+                          f"store {root} is corrupt: {message}")  # fmt: skip
+        if kind == "lmdb.Error":
+            return _fatal(f"store {root} is corrupt: LMDB reports {message} while "
+                          f"{result['phase']} it")  # fmt: skip
+        return _fatal(
+            f"store {root} is corrupt: the reader failed while {result['phase']} it "
+            f"({kind}: {message})"
+        )
+    report = result["report"]
+    return UntrustedReport(
+        versions=report["versions"],
+        blobs=report["blobs"],
+        bytes=report["bytes"],
+        problems=[Problem(p["version"], p["where"], p["message"]) for p in report["problems"]],
+    )
+
+
+def _fatal(message: str) -> UntrustedReport:
+    return UntrustedReport(problems=[Problem(None, "reader", message)], fatal=message)
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return f"signal {sig}, {signal.Signals(sig).name}"
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _messages(stdout: bytes) -> list[dict[str, Any]]:
+    """The child's JSON lines (anything else on its stdout is ignored)."""
+    out = []
+    for line in stdout.decode(errors="replace").splitlines():
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(message, dict):
+            out.append(message)
+    return out
+
+
+def _last_phase(stdout: bytes) -> str:
+    phases = [m["phase"] for m in _messages(stdout) if isinstance(m.get("phase"), str)]
+    return phases[-1] if phases else "opening"
+
+
+def _child_main(argv: list[str]) -> None:
+    """The child of :func:`verify_in_child`: one JSON line per phase on stdout, then
+    the report or the error. Never called in the parent."""
+    # The store's modules import this one (env.py checks truncation): import them here,
+    # in the child only, so that no module-level import runs in a circle.
+    import lmdb
+
+    from engram.store import Store
+    from engram.store.env import prepare_directory
+
+    root, version, all = Path(argv[0]), json.loads(argv[1]), argv[2] == "all"
+
+    def send(message: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()  # what was sent survives a crash in the next phase
+
+    phase = "checking"
+    try:
+        prepare_directory(root, "r", 0.0)
+        phase = "opening"
+        send({"phase": phase})
+        check_not_truncated(root / fmt.LMDB_DIR)
+        with Store.open(root, mode="r") as store:
+            phase = "verifying"
+            send({"phase": phase})
+            report = store.verify(version, all=all)
+    except Exception as e:
+        kind = "lmdb.Error" if isinstance(e, lmdb.Error) else type(e).__name__
+        send({"phase": phase, "error": {"type": kind, "message": str(e)}})
+        return
+    problems = [vars(p) for p in report.problems]
+    send({"phase": "done", "report": {**vars(report), "problems": problems}})

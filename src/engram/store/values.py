@@ -1,0 +1,98 @@
+"""The store's value objects: what its verbs take and return (no I/O here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+Mode = Literal["r", "w", "c"]
+VersionSpec = int | str | None
+
+
+def version_name(version_id: int) -> str:
+    return f"v{version_id:04d}"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """Summary of one committed version."""
+
+    id: int
+    parent: int | None
+    created_at: str
+    message: str
+    meta: dict[str, Any]
+    nbytes: int  # logical bytes of the state and the checkpoint
+    new_bytes: int  # bytes this commit actually wrote (new blobs + checkpoint)
+    checkpoint: str | None  # None: no model, or its weights were compacted
+    tags: tuple[str, ...] = ()
+    compacted: bool = False  # model weights delta-coded in the blob store (no plain file)
+
+    @property
+    def name(self) -> str:
+        return version_name(self.id)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A loaded version: its summary, the committed state, and the model weights."""
+
+    version: VersionInfo
+    state: dict[str, Any]
+    model: dict[str, torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One integrity problem found by :meth:`Store.verify`."""
+
+    version: int | None
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        at = version_name(self.version) if self.version is not None else "store"
+        return f"{at} {self.where}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    """Result of :meth:`Store.verify`; truthy when nothing is wrong."""
+
+    versions: list[int] = field(default_factory=list)
+    blobs: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    # Not problems: e.g. that the store's records predate checksums (formats 1, 2).
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What :meth:`Store.gc` removed."""
+
+    versions: tuple[int, ...]
+    blobs: int
+    blob_bytes: int
+    files: tuple[str, ...]
+    samples: int = 0  # replay samples no kept version references any more
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    """What :meth:`Store.compact` did."""
+
+    versions: tuple[int, ...]  # versions whose blobs and weights were (newly) delta-coded
+    blobs: int  # blobs written encoded (or, for weights leaving their file, plain)
+    raw_bytes: int  # their size decoded
+    stored_bytes: int  # their size as written
+    files: tuple[str, ...]  # checkpoint and pack files removed
