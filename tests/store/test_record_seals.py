@@ -147,3 +147,45 @@ def test_an_older_store_is_read_noted_and_upgraded_by_the_cli(tmp_path: Path, ca
     with Store.open(path) as store:
         report = store.verify(all=True)
         assert "record samples" in [p.where for p in report.problems] and report.notes == []
+
+
+def put_sealed(path: Path, db: bytes, key: bytes, payload: bytes) -> None:
+    """A hostile record with a valid seal: what is tested is the validation behind it."""
+    from engram.store.records import seal
+
+    env = lmdb.open(str(path / LMDB_DIR), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(key, seal(db, key, payload), db=env.open_db(db, txn=txn))
+    env.close()
+
+
+def test_a_tag_key_that_is_not_text_is_corruption_not_a_decode_error(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    make_store(path)
+    put_sealed(path, b"refs", b"tag/\xff\xfe", b"1")
+    with Store.open(path) as store:
+        with pytest.raises(CorruptionError, match="a tag key is not a tag name"):
+            store.versions()
+        with pytest.raises(CorruptionError, match="refs database is damaged"):
+            store.tags()
+
+
+def test_a_compacted_manifest_claiming_a_huge_tensor_is_refused_before_allocating(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from engram.errors import EngramError
+
+    path = tmp_path / "s"
+    with Store.open(path, mode="c") as store:
+        for i in range(3):
+            store.commit({"i": i}, model={"w": torch.full((64,), float(i))})
+        store.compact()
+        manifest = store.manifest(1)
+    record = manifest["model"]["tensors"]["__map__"][0][1]["__tensor__"]
+    record["shape"] = [2**40]  # 4 TiB of float32
+    put_sealed(path, b"versions", (1).to_bytes(8, "big"), json.dumps(manifest).encode())
+    refused = "malformed tensor record|memory available"  # either way: before allocating
+    with Store.open(path) as store, pytest.raises(EngramError, match=refused):
+        store.load(1)

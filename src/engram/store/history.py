@@ -119,17 +119,24 @@ class History:
             return int(bytes(raw).decode("ascii"))
         except (ValueError, UnicodeDecodeError):
             raise CorruptionError(
-                f"store {self.env.path}: ref {key.decode()!r} is malformed"
+                f"store {self.env.path}: ref {key.decode('ascii', 'replace')!r} is malformed"
             ) from None
 
     def head(self, txn: lmdb.Transaction) -> int | None:
         return self.ref(txn, fmt.HEAD_REF)
 
     def tags(self, txn: lmdb.Transaction) -> dict[str, int]:
-        return {
-            key[len(fmt.TAG_PREFIX) :].decode(): self.ref(txn, key)
-            for key in self.env.keys(txn, fmt.DB_REFS, fmt.TAG_PREFIX)
-        }
+        out = {}
+        for key in self.env.keys(txn, fmt.DB_REFS, fmt.TAG_PREFIX):
+            name = key[len(fmt.TAG_PREFIX) :]
+            try:  # a hostile or damaged store may hold any bytes as a key
+                out[name.decode("ascii")] = self.ref(txn, key)
+            except UnicodeDecodeError:
+                raise CorruptionError(
+                    f"store {self.env.path}: a tag key is not a tag name ({name.hex()[:32]}); "
+                    "the refs database is damaged: restore the store from a copy"
+                ) from None
+        return out
 
     def set_head(self, txn: lmdb.Transaction, vid: int) -> None:
         self.env.put(txn, fmt.DB_REFS, fmt.HEAD_REF, str(vid).encode())

@@ -78,6 +78,8 @@ def _load(
             )
         compacted = manifest.get("model")
         if model and compacted is not None:
+            # As for the state: the sizes a manifest claims are checked before allocating.
+            _check_memory(sum(r.nbytes for r in iter_array_records(compacted["tensors"])), vid)
             weights = decode_tree(
                 compacted["tensors"],
                 lambda record, path: blobs.read_array(txn, record, vid, f"model{path}", verify),
