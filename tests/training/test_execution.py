@@ -134,3 +134,15 @@ def test_deterministic_algorithms_are_recorded_and_restored_afterwards(tmp_path:
     assert torch.are_deterministic_algorithms_enabled() == before
     with Store.open(tmp_path / "s") as s:
         assert s.head.meta["execution"]["deterministic"] is True
+
+
+def test_engram_show_lists_the_execution_settings(tmp_path: Path, capsys) -> None:
+    from engram.cli import main
+
+    train, test = streams(1)
+    with build(tmp_path / "s", "bf16") as t:
+        t.fit(train, test)
+    assert main(["show", str(tmp_path / "s")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("execution"))
+    assert f"torch {torch.__version__}, cpu (cpu)" in line and "precision bf16-mixed" in line
+    assert f"{torch.get_num_threads()} threads" in line

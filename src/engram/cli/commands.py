@@ -278,6 +278,7 @@ def show(args: argparse.Namespace) -> int:
         "meta": info.meta,
         "hparams": info.meta.get("hparams"),
         "model_spec": info.meta.get("model_spec"),
+        "execution": info.meta.get("execution"),
         "checkpoint": None
         if ckpt is None
         else {"file": ckpt["file"], "nbytes": ckpt["nbytes"], "sha256": ckpt["sha256"]},
@@ -320,6 +321,14 @@ def _print_show(v: dict[str, Any]) -> None:
         )
     spec = v["model_spec"]
     print(f"model       {json.dumps(spec) if spec else '(no model spec recorded)'}")
+    ex = v["execution"]
+    if ex:  # what bit-identical resumption depends on (docs/training.md)
+        print(
+            f"execution   torch {ex.get('torch')}, {ex.get('device')} ({ex.get('device_name')}), "
+            f"{ex.get('threads')} threads, precision {ex.get('precision')}, deterministic "
+            f"{ex.get('deterministic')}, cudnn deterministic {ex.get('cudnn_deterministic')} "
+            f"benchmark {ex.get('cudnn_benchmark')}"
+        )
     ckpt, packed = v["checkpoint"], v["compacted_model"]
     if ckpt:
         print(
@@ -337,7 +346,8 @@ def _print_show(v: dict[str, Any]) -> None:
         f"size        {human_bytes(v['nbytes'])} logical, "
         f"{human_bytes(v['new_bytes'])} written by this commit"
     )
-    shown = {"model_spec", "metrics", "accuracy", "hparams", "strategy", "experience", "kind"}
+    shown = {"model_spec", "metrics", "accuracy", "hparams", "strategy", "experience", "kind",
+             "execution"}  # fmt: skip
     rest = {k: val for k, val in v["meta"].items() if k not in shown}
     for title, tree in (("hparams", v["hparams"]), ("meta", rest)):
         leaves = flatten(tree) if tree else {}
