@@ -310,3 +310,36 @@ def test_store_close_reports_unsaved_samples_as_a_commit_error(tmp_path: Path) -
     assert_intact(store, head=1)
     with Store.open(store, mode="w") as again:  # the lock was released; it takes a commit
         assert again.commit({"x": torch.zeros(3)}).id == 2
+    # the advice follows the errno (EFBIG here, as LMDB reports it: EIO or EFBIG)
+    assert "free space" in out["message"] or "check the disk" in out["message"], out
+
+
+OPEN_FOR_WRITING = r"""
+import errno, json, sys
+from engram.store import Store
+try:
+    Store.open(sys.argv[1], mode="w").close()
+except Exception as e:
+    print(json.dumps({"type": type(e).__name__, "os": isinstance(e, OSError),
+                      "errno": getattr(e, "errno", None), "message": str(e)}))
+else:
+    print(json.dumps({"type": None}))
+"""
+
+
+@pytest.mark.parametrize("fault", [READ_ONLY, PERMISSION])
+def test_opening_a_store_for_writing_raises_the_os_error(tmp_path: Path, fault: str) -> None:
+    """Not "not an engram store": a library caller gets the OSError it can act on."""
+    if not write_fails(fault, tmp_path):
+        pytest.skip(f"cannot make a {fault} fault here")
+    store = tmp_path / "store"
+    with Store.open(store, mode="c") as s:
+        s.commit({"x": torch.ones(3)})
+    proc = run_faulted(fault, [store / "memory.lmdb"],
+                       [sys.executable, "-c", OPEN_FOR_WRITING, str(store)])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["os"], out
+    assert out["errno"] in ({30} if fault == READ_ONLY else {13, 1}), out  # EROFS; EACCES/EPERM
+    assert str(store / "memory.lmdb") in out["message"], out
+    assert_intact(store, head=1)

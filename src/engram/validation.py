@@ -67,6 +67,7 @@ def rules() -> dict[str, Rule]:
     """Every checked option, by its dotted key (strategy sections: when not null)."""
     from engram.store.store import is_valid_tag_name
     from engram.streams import NAMES
+
     tag = Rule(
         "a tag name (letters, digits, '.', '_' or '-', starting with a letter or '_'; "
         "not HEAD or a version name like v0003)",

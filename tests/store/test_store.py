@@ -296,7 +296,9 @@ def test_newer_format_is_refused(store_path: Path) -> None:
         txn.put(b"format_version", seal(b"meta", b"format_version", newer),
                 db=env.open_db(b"meta", txn=txn))  # fmt: skip
     env.close()
-    with pytest.raises(StoreFormatError, match=f"format version {FORMAT_VERSION + 1}.*upgrade engram"):
+    with pytest.raises(
+        StoreFormatError, match=f"format version {FORMAT_VERSION + 1}.*upgrade engram"
+    ):
         Store.open(store_path)
 
 

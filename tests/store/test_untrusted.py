@@ -357,3 +357,174 @@ def test_cyclic_delta_chain_is_corruption(tmp_path: Path, compacted_store: Path)
             store.load(1)
         assert not store.verify(all=True).ok
         store.load()  # HEAD does not depend on it
+
+
+# ------------------------------------------------------- random byte flips in real data
+
+
+def flipped(data: bytes, flips: list[tuple[int, int]]) -> bytes:
+    """``data`` with the byte at each ``position % len`` XORed with a non-zero mask."""
+    out = bytearray(data)
+    masks = {}  # one mask per position: two flips of one byte could cancel out
+    for position, mask in flips:
+        masks.setdefault(position % len(out), mask)
+    for position, mask in masks.items():
+        out[position] ^= mask
+    return bytes(out)
+
+
+byte_flips = st.lists(st.tuples(st.integers(0, 2**20), st.integers(1, 255)), min_size=1,
+                      max_size=3)  # fmt: skip
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(flips=byte_flips, which=st.integers(0, 10**6))
+def test_flipped_bytes_in_delta_entries(
+    tmp_path: Path, compacted_store: Path, flips: list[tuple[int, int]], which: int
+) -> None:
+    """Real delta index entries, bytes flipped and re-sealed (so what is tested is the
+    entry's own validation): every version reads back exactly or fails as corruption."""
+    from engram.store.blobs import EncodedBlob, decode_entry
+
+    with Store.open(compacted_store) as store, store.env.read() as txn:
+        coded = sorted(store._blobs.encoded_digests(txn))
+        digest = coded[which % len(coded)]
+        entry = bytes(store.env.get(txn, b"blobs", digest))
+    assert isinstance(decode_entry(entry, digest.hex()), EncodedBlob)
+    with fresh_copy(compacted_store, tmp_path) as path:
+        put_raw(path, b"blobs", digest, flipped(entry, flips))
+        detected_or_intact(path, {i + 1: slowly_changing(i) for i in range(3)})
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(flips=byte_flips, which=st.integers(0, 10**6))
+def test_flipped_bytes_in_delta_frames(
+    tmp_path: Path, compacted_store: Path, flips: list[tuple[int, int]], which: int
+) -> None:
+    """The zstd frames themselves, flipped in the pack file on disk: always detected."""
+    from engram.store.blobs import decode_entry
+    from engram.store.packs import pack_name
+
+    with Store.open(compacted_store) as store, store.env.read() as txn:
+        coded = sorted(store._blobs.encoded_digests(txn))
+        digest = coded[which % len(coded)]
+        entry = decode_entry(store.env.get(txn, b"blobs", digest), digest.hex())
+    with fresh_copy(compacted_store, tmp_path) as path:
+        pack = path / "blobs" / pack_name(entry.pack)
+        data = bytearray(pack.read_bytes())
+        frame = data[entry.offset : entry.offset + entry.stored_nbytes]
+        data[entry.offset : entry.offset + entry.stored_nbytes] = flipped(bytes(frame), flips)
+        pack.write_bytes(bytes(data))
+        assert detected_or_intact(path, {i + 1: slowly_changing(i) for i in range(3)})
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(flips=st.lists(st.tuples(st.integers(0, 2**12), st.integers(1, 255)), min_size=1,
+                      max_size=3))  # fmt: skip
+def test_flipped_bytes_in_checkpoint_headers(
+    tmp_path: Path, base_store: Path, flips: list[tuple[int, int]]
+) -> None:
+    """A checkpoint's safetensors header, flipped: loads fail on the file's hash, and the
+    header parser compaction and export use (which runs before any hash) either refuses
+    it or returns spans that satisfy safetensors' invariants."""
+    from engram.store.checkpoint import checkpoint_spans
+
+    with fresh_copy(base_store, tmp_path) as path:
+        file = path / "checkpoints" / "model-v0001.safetensors"
+        data = file.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = flipped(data[: 8 + n], flips)  # the length and the JSON header
+        file.write_bytes(header + data[8 + n :])
+        assert detected_or_intact(path, {1: base_committed()})
+        try:
+            spans, metadata = checkpoint_spans(file)
+        except CorruptionError:
+            return
+        at = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+        for span in spans:  # they tile the data section, each as big as its shape says
+            assert span.offset == at
+            assert span.nbytes == math.prod(span.shape) * getattr(torch, span.dtype).itemsize
+            at += span.nbytes
+        assert at == file.stat().st_size
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+
+
+def _header_file(path: Path, header: dict, data: bytes, length: int | None = None) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes((len(raw) if length is None else length).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "length", "match"),
+    [
+        ({}, b"", 2**63, "exceeds the 100 MB cap"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8), None,
+         "overlaps another or leaves a gap"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8), None,
+         "overlaps another or leaves a gap"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(8), None,
+         "4 bytes after the last tensor"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), None,
+         "its shape needs 12"),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), None,
+         "cannot compact tensor 'a'"),
+        ({"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, bytes(8), None,
+         "cannot compact tensor 'a'"),
+        ({"__metadata__": {"k": 1}}, b"", None, "not a map of strings"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 2**70]}}, bytes(8), None,
+         "lies outside the file"),
+    ],
+)  # fmt: skip
+def test_checkpoint_header_parser_applies_safetensors_checks(
+    tmp_path: Path, header: dict, data: bytes, length: int | None, match: str
+) -> None:
+    from engram.store.checkpoint import checkpoint_spans
+
+    with pytest.raises(CorruptionError, match=match):
+        checkpoint_spans(_header_file(tmp_path / "x.safetensors", header, data, length))
+
+
+def test_checkpoint_header_parser_reads_what_torch_writes(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from engram.store.checkpoint import checkpoint_spans
+
+    weights = {"w": torch.ones(3, 2), "e": torch.zeros(0), "b": torch.ones(5, dtype=torch.bfloat16)}
+    save_file(weights, tmp_path / "m.safetensors", metadata={"k": "v"})
+    spans, metadata = checkpoint_spans(tmp_path / "m.safetensors")
+    assert {s.name: (s.dtype, s.shape) for s in spans} == {
+        "w": ("float32", (3, 2)), "e": ("float32", (0,)), "b": ("bfloat16", (5,))
+    }  # fmt: skip
+    assert metadata == {"k": "v"}
+
+
+def test_compaction_refuses_a_damaged_checkpoint_instead_of_laundering_it(
+    tmp_path: Path,
+) -> None:
+    """Compaction re-hashes the weights it moves into blobs: a checkpoint damaged on disk
+    must be reported, not turned into blobs that verify while its file is deleted."""
+    path = tmp_path / "s"
+    with Store.open(path, mode="c") as store:
+        for i in range(3):
+            state, model = slowly_changing(i)
+            store.commit(state, model=model)
+    victim = path / "checkpoints" / "model-v0001.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0x40  # a weight's last byte: the header still parses
+    victim.write_bytes(bytes(data))
+    with Store.open(path, mode="w") as store:
+        with pytest.raises(CorruptionError, match="v0001.*does not match its recorded hash"):
+            store.compact()
+        assert victim.exists()
+        assert not store.info(1).compacted
+        assert [p.message for p in store.verify(all=True).problems if p.version == 1]
+        state, model = slowly_changing(2)
+        assert same(store.load().model, model)

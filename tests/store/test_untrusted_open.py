@@ -297,3 +297,39 @@ def test_a_run_resumes_with_a_damaged_old_version(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s") as s:
         assert [vid for vid, _ in s.damaged()] == [1]
         assert s.head.meta["experience"] == 1 and s.verify().ok
+
+
+def test_pruning_with_a_damaged_old_version_warns_and_training_goes_on(tmp_path: Path) -> None:
+    """Pruning mid-experience versions is housekeeping: while a kept old version is
+    damaged gc deletes nothing, so the run says so once and keeps training."""
+    from torch import nn
+
+    from engram.strategies import EWCPlugin
+    from engram.streams.digits import split_digits
+    from engram.training.template import DurableTemplate
+
+    bench = split_digits(5)
+    train, test = bench.train_stream[:3], bench.test_stream[:3]
+
+    def template(keep: bool) -> DurableTemplate:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+        return DurableTemplate(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+            store=tmp_path / "s", plugins=[EWCPlugin(ewc_lambda=1.0)], name="ewc",
+            commit_every_iterations=3, keep_mid_experience=keep,
+        )  # fmt: skip
+
+    with template(keep=True) as t:
+        t.fit(train, test, max_experiences=1)
+    damage_manifests(tmp_path / "s", 1)  # a kept mid-experience version of experience 0
+    with pytest.warns(UserWarning, match=r"were not pruned: .*v0001") as caught:
+        with template(keep=False) as t:
+            matrix = t.fit(train, test)
+    assert len(matrix) == 3
+    assert len([w for w in caught if "not pruned" in str(w.message)]) == 2  # one per experience
+    with Store.open(tmp_path / "s") as s:
+        assert [vid for vid, _ in s.damaged()] == [1]
+        assert s.head.meta["experience"] == 2 and s.verify().ok
+        mid = [v.id for v in s.versions() if v.meta.get("kind") == "mid-experience"]
+        assert any(s.info(v).meta["experience"] == 2 for v in mid)  # kept, not lost

@@ -109,7 +109,9 @@ def test_a_resume_with_another_thread_count_warns_and_names_it(tmp_path: Path) -
         torch.set_num_threads(2)
         with (
             build(tmp_path / "s", "dropout") as t,
-            pytest.warns(ExecutionChangedWarning, match=r"threads: store 1 vs now 2.*not bit-identical"),
+            pytest.warns(
+                ExecutionChangedWarning, match=r"threads: store 1 vs now 2.*not bit-identical"
+            ),
         ):
             t.fit(train, test)
         assert t.execution_changes == ["threads: store 1 vs now 2"]

@@ -96,8 +96,7 @@ def test_a_first_experience_that_fails_the_gate_resets_head(tmp_path: Path) -> N
 def test_pruned_mid_experience_versions_leave_a_tree(tmp_path: Path) -> None:
     """HEAD~N, diff, rollback and load_model walk through pruned versions' places."""
     store_path = tmp_path / "s"
-    train(config(store_path, "training.commit_every_iterations=3",
-                 "run.max_experiences=3"))
+    train(config(store_path, "training.commit_every_iterations=3", "run.max_experiences=3"))
     with Store.open(store_path) as store:
         versions = store.versions()
         assert [v.meta["kind"] for v in versions] == ["experience"] * 3

@@ -16,40 +16,9 @@ import os
 import re
 import sys
 
-from engram.errors import NotAStoreError
+from engram.faults import FAULTS, fault_errno
 
-# errno -> (what happened, what to do); "write" faults name the path as "cannot write".
-_FAULTS: dict[int, tuple[str, str]] = {
-    errno.ENOSPC: ("disk full", "free space"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
-    errno.EFBIG: ("disk full or file-size limit reached",
-                  "free space or raise the file-size limit (ulimit -f)"),
-    errno.EROFS: ("read-only file system", "remount it read-write or use a writable disk"),
-    errno.EACCES: ("permission denied",
-                   "give this user write access (chmod/chown) or run as the owner"),
-    errno.EPERM: ("operation not permitted",
-                  "give this user write access (chmod/chown) or run as the owner"),
-    # LMDB reports a short write (a full disk, a file-size limit) as EIO
-    errno.EIO: ("I/O error, often a full disk or a file-size limit",
-                "check the disk and free space"),
-}  # fmt: skip
-_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust (safetensors) says errno
 _PATH_IN_TEXT = re.compile(r'at path "([^"]+)"')
-
-
-def fault_errno(exc: BaseException) -> int | None:
-    """The errno of an OS I/O error (an ``OSError``, an ``lmdb.Error`` with an errno
-    code, a safetensors I/O error), or None for any other exception."""
-    if isinstance(exc, OSError):
-        return exc.errno or 0  # 0: raised without one (e.g. "LMDB map still full")
-    lmdb = sys.modules.get("lmdb")
-    if lmdb is not None and isinstance(exc, lmdb.Error):
-        code = getattr(exc, "code", 0)  # > 0: an errno; < 0: an LMDB code (a bug)
-        return code if isinstance(code, int) and code > 0 else None
-    if type(exc).__name__ == "SafetensorError":
-        found = _OS_ERROR_IN_TEXT.search(str(exc))
-        return int(found.group(1)) if found else None
-    return None
 
 
 def fault_path(exc: BaseException, default: str | os.PathLike[str]) -> str:
@@ -84,15 +53,12 @@ def describe(exc: BaseException, default_path: str | os.PathLike[str], retry: st
     """
     code = fault_errno(exc)
     if code is None:
-        # Env wraps an errno from lmdb.open in NotAStoreError: a wrong diagnosis
-        if isinstance(exc, NotAStoreError) and exc.__cause__ is not None:
-            return describe(exc.__cause__, default_path, retry)
         return None
     path = fault_path(exc, default_path)
     reason = os.strerror(code) if code else str(exc)
-    if code not in _FAULTS:
+    if code not in FAULTS:
         return f"{path}: {reason}; fix it, then {retry}"
-    what, remedy = _FAULTS[code]
+    what, remedy = FAULTS[code]
     detail = "" if what.lower() == reason.lower() else f" ({reason})"
     verb = "cannot access" if code in (errno.EACCES, errno.EPERM) else "cannot write"
     return f"{verb} {path}: {what}{detail}; {remedy}, then {retry}"

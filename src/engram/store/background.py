@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from engram.errors import CommitError, EngramError
+from engram.faults import remedy
 from engram.store.store import Store
 from engram.store.values import VersionInfo
 
@@ -185,7 +186,7 @@ class BackgroundCommitter:
                 where = "HEAD is the version before it"
             raise CommitError(
                 f"the background commit {self._message!r} to {self.store.path} failed: "
-                f"{type(error).__name__}: {error}. {where}; fix the error and commit again"
+                f"{type(error).__name__}: {error}. {where}; {remedy(error)}, then commit again"
             ) from error
         return result
 

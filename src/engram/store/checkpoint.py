@@ -31,7 +31,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
 from engram.errors import CorruptionError, EncodingError
-from engram.store.codec import checksum
+from engram.store.codec import TORCH_DTYPES, checksum
 
 
 @dataclass(frozen=True)
@@ -159,11 +159,11 @@ def read_checkpoint(path: Path, info: CheckpointInfo, *, verify: bool, what: str
         raise CorruptionError(f"{what}: checkpoint file {path} is missing") from None
 
 
-def check_file(path: Path, info: CheckpointInfo, *, what: str) -> None:
-    """Re-hash a checkpoint file (SHA-256 and XXH3) without decoding it."""
+def check_file(path: Path, info: CheckpointInfo, *, what: str, sha256: bool = True) -> None:
+    """Re-hash a checkpoint file (XXH3, and SHA-256 unless told not) without decoding it."""
     try:
         with open(path, "rb") as f:
-            _check_open(f, path, info, verify=True, what=what)
+            _check_open(f, path, info, verify=sha256, what=what)
     except FileNotFoundError:
         raise CorruptionError(f"{what}: checkpoint file {path} is missing") from None
 
@@ -178,9 +178,7 @@ def _check_open(f: Any, path: Path, info: CheckpointInfo, *, verify: bool, what:
     # mmap, not read(): the checksum runs straight over the page cache.
     empty = contextlib.nullcontext(b"")  # mmap refuses an empty file
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else empty as mm:
-        if checksum(mm) != info.xxh3 or (
-            verify and hashlib.sha256(mm).hexdigest() != info.sha256
-        ):
+        if checksum(mm) != info.xxh3 or (verify and hashlib.sha256(mm).hexdigest() != info.sha256):
             raise CorruptionError(
                 f"{what}: checkpoint {path.name} does not match its recorded hash; "
                 "the file is corrupted. Roll back to an earlier version or restore it."
@@ -207,8 +205,18 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
+# safetensors refuses a header over 100 MB (``MAX_HEADER_SIZE`` in its Rust source);
+# this parser reads headers of files safetensors itself never opened, so it applies
+# the same cap before it reads (a hostile length must not become a 16 EiB read).
+MAX_HEADER_BYTES = 100_000_000
+
+
 def checkpoint_spans(path: Path) -> tuple[list[TensorSpan], dict[str, str]]:
     """The tensors of a safetensors file, in file order, and its ``__metadata__``.
+
+    Validates what safetensors validates before anything is trusted: the header's
+    length (capped), that each tensor's byte count is its shape times its dtype's
+    size, and that the tensors tile the data section exactly (no overlap, no gap).
 
     Raises:
         CorruptionError: the header is malformed or names a dtype the store lacks.
@@ -218,27 +226,54 @@ def checkpoint_spans(path: Path) -> tuple[list[TensorSpan], dict[str, str]]:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise CorruptionError(f"{what}: header of {n} bytes exceeds the 100 MB cap")
             if n > size - 8:
                 raise CorruptionError(f"{what}: header longer than the file")
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise CorruptionError(f"{what} is missing") from None
-    except (struct.error, ValueError) as e:
+    except (struct.error, ValueError, RecursionError) as e:
         raise CorruptionError(f"{what}: malformed safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CorruptionError(f"{what}: malformed safetensors header")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CorruptionError(f"{what}: __metadata__ is not a map of strings")
     spans = []
     for name, entry in header.items():
         try:
             begin, end = entry["data_offsets"]
-            span = TensorSpan(
-                name, _ST_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + n + begin, end - begin
-            )
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            if not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in (begin, end, *shape)
+            ):
+                raise TypeError
+            if min(shape, default=0) < 0:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CorruptionError(f"{what}: cannot compact tensor {name!r}") from None
-        if not 0 <= span.offset <= span.offset + span.nbytes <= size:
+        span = TensorSpan(name, dtype, shape, 8 + n + begin, end - begin)
+        if not 0 <= 8 + n <= span.offset <= span.offset + span.nbytes <= size:
             raise CorruptionError(f"{what}: tensor {name!r} lies outside the file")
+        numel = 1
+        for x in shape:
+            numel *= x
+        if numel * TORCH_DTYPES[dtype].itemsize != span.nbytes:
+            raise CorruptionError(
+                f"{what}: tensor {name!r} holds {span.nbytes} bytes, its shape needs "
+                f"{numel * TORCH_DTYPES[dtype].itemsize}"
+            )
         spans.append(span)
-    spans.sort(key=lambda s: s.offset)  # the order safetensors' load_file returns
+    spans.sort(key=lambda s: (s.offset, s.nbytes))  # the order safetensors' load_file returns
+    at = 8 + n
+    for span in spans:  # safetensors' own rule: the tensors tile the data section
+        if span.offset != at:
+            raise CorruptionError(f"{what}: tensor {span.name!r} overlaps another or leaves a gap")
+        at += span.nbytes
+    if at != size:
+        raise CorruptionError(f"{what}: {size - at} bytes after the last tensor")
     return spans, metadata

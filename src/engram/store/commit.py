@@ -25,6 +25,7 @@ import torch
 
 from engram import __version__
 from engram.errors import CommitError, EncodingError, EngramError
+from engram.faults import remedy
 from engram.store import format as fmt
 from engram.store.blobs import Blobs, hash_chunk
 from engram.store.checkpoint import (
@@ -76,7 +77,7 @@ def commit(
         raise CommitError(
             f"commit to {env.path} failed: {e}. HEAD is still "
             f"{version_name(head) if head is not None else '(empty)'}; "
-            "free disk space or fix the error, then commit again"
+            f"{remedy(e)}, then commit again"
         ) from e
 
 

@@ -14,9 +14,16 @@ from typing import Any
 
 import lmdb
 
+from engram.errors import CorruptionError
 from engram.store import format as fmt
 from engram.store.blobs import Blobs, EncodedBlob, FileBlob, IndexEntry, hash_chunk
-from engram.store.checkpoint import TensorSpan, checkpoint_spans, fsync_dir
+from engram.store.checkpoint import (
+    CheckpointInfo,
+    TensorSpan,
+    check_file,
+    checkpoint_spans,
+    fsync_dir,
+)
 from engram.store.codec import (
     NUMPY_DTYPES,
     TAG_MAP,
@@ -31,7 +38,7 @@ from engram.store.env import Env
 from engram.store.gc import collect
 from engram.store.history import History, manifest_bytes, version_arrays
 from engram.store.packs import NewPack
-from engram.store.values import CompactReport
+from engram.store.values import CompactReport, version_name
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,13 @@ class Compaction:
     def _plan(self, head: int) -> None:
         """Read every manifest and chunk table; decide which versions stay plain."""
         txn = self.txn
-        self.manifests = {v: self.history.manifest(txn, v) for v in self.history.ids(txn)}
+        try:
+            self.manifests = {v: self.history.manifest(txn, v) for v in self.history.ids(txn)}
+        except CorruptionError as e:
+            raise CorruptionError(
+                f"{e}; compaction rewrites every version, so it changes nothing while one "
+                f"is damaged: `engram ls {self.env.path}` names the command that drops it"
+            ) from e
         tags = self.history.tags(txn)
         self.plain = {head} if self.tagged else {head, *tags.values()}
         self.order = compaction_order(
@@ -110,9 +123,15 @@ class Compaction:
         }
         self.staying_files = {files_of[v] for v in self.plain if v in files_of}
         ckpt_dir = self.env.path / fmt.CHECKPOINT_DIR
-        self.spans: dict[str, tuple[list[TensorSpan], dict[str, str]]] = {
-            file: checkpoint_spans(ckpt_dir / file) for file in set(files_of.values())
-        }
+        # Compaction re-hashes the weights it moves into blobs: a file damaged on disk
+        # would be laundered into blobs that verify. So each file is checked against
+        # its manifest first (XXH3: the chunking reads every byte anyway).
+        self.spans: dict[str, tuple[list[TensorSpan], dict[str, str]]] = {}
+        for v, file in sorted(files_of.items()):
+            if file not in self.spans:
+                info = CheckpointInfo(**self.manifests[v]["checkpoint"])
+                check_file(ckpt_dir / file, info, what=version_name(v), sha256=False)
+                self.spans[file] = checkpoint_spans(ckpt_dir / file)
         self.tables = {v: self._chunk_table(m, v) for v, m in self.manifests.items()}
         # A chunk a plain version references keeps its form; if it is served from a
         # file that goes away, it is served from a staying file or copied plain.

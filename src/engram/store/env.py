@@ -125,7 +125,9 @@ class Env:
                     f"store {self.path} is already open in this process (LMDB allows one "
                     "handle per process); use that Store object, or read from another process"
                 ) from None
-            raise NotAStoreError(f"{self.path} is not a readable engram store: {e}") from e
+            raise _os_fault(e, self.path) or NotAStoreError(
+                f"{self.path} is not a readable engram store: {e}"
+            ) from e
         try:
             if writable:
                 self._lmdb.reader_check()  # clear reader slots of dead processes
@@ -147,7 +149,9 @@ class Env:
                 self._check_meta(txn)
         except lmdb.Error as e:
             self._lmdb.close()
-            raise NotAStoreError(f"{self.path} is not a valid engram store: {e}") from e
+            raise _os_fault(e, self.path) or NotAStoreError(
+                f"{self.path} is not a valid engram store: {e}"
+            ) from e
         except BaseException:
             self._lmdb.close()
             raise
@@ -405,3 +409,13 @@ class Env:
 
     def set_counter(self, txn: lmdb.Transaction, name: bytes, value: int) -> None:
         self.put(txn, fmt.DB_META, name, str(value).encode())
+
+
+def _os_fault(e: lmdb.Error, path: Path) -> OSError | None:
+    """An ``lmdb.Error`` that carries an errno (permission denied, a read-only or full
+    disk) as the ``OSError`` it is — not "not a store", which would be a wrong diagnosis
+    — or None for LMDB's own codes (a damaged or foreign file)."""
+    code = getattr(e, "code", 0)
+    if isinstance(code, int) and code > 0:
+        return OSError(code, os.strerror(code), str(path / fmt.LMDB_DIR))
+    return None

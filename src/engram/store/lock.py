@@ -53,8 +53,12 @@ class WriterLock:
             "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        try:  # who holds it is advice for the next writer: a full disk must not leak fd
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+        except OSError:
+            os.close(fd)  # closing releases the flock too
+            raise
         self._fd = fd
 
     def release(self) -> None:

@@ -27,6 +27,7 @@ import lmdb
 import torch
 
 from engram.errors import CommitError
+from engram.faults import remedy
 from engram.store import format as fmt
 from engram.store import load as _reading
 from engram.store.blobs import Blobs
@@ -151,8 +152,8 @@ class Store:
                     raise CommitError(
                         f"closing store {self.path}: the {pending} replay samples appended "
                         f"since the last commit were not saved ({e}); no version references "
-                        "them, so every committed version is intact; free disk space or fix "
-                        "the error before the next run"
+                        f"them, so every committed version is intact; {remedy(e)} before the "
+                        "next run"
                     ) from e
         finally:
             self.env.close()

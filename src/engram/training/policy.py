@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from engram.store import Store, VersionInfo
+from engram.errors import CorruptionError
+from engram.store import Store, VersionInfo, version_name
 
 
 @dataclass
@@ -60,5 +62,13 @@ class CommitPolicy:
     def prune(self, store: Store, before: set[int], index: int) -> None:
         """Drop :meth:`stale` versions; gc re-links what they parented."""
         stale = self.stale(store.versions(), before, index)
-        if stale:
+        if not stale:
+            return
+        try:
             store.gc(drop=stale)
+        except CorruptionError as e:  # housekeeping: the committed version is safe
+            warnings.warn(
+                f"mid-experience versions {', '.join(version_name(v) for v in stale)} were "
+                f"not pruned: {e}",
+                stacklevel=2,
+            )
