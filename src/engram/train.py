@@ -12,6 +12,8 @@ open the store once, fit, report.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import sys
 import warnings
@@ -20,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from engram import distributed
 from engram.build import build_optimizer, build_plugins, model_spec
 from engram.config import register
 from engram.errors import EngramError, GateFailed, NotAStoreError, StoreNotFoundError
@@ -42,11 +45,25 @@ def train(cfg: DictConfig) -> list[list[float]]:
 
     validate(cfg)  # every option, before anything trains or a store opens
     threads = torch.get_num_threads()
+    joined = False
     try:
+        if distributed.launched() and distributed.world().size == 1:  # torchrun, N > 1
+            import hashlib
+
+            import engram.training.template  # noqa: F401 - Avalanche creates its default
+
+            # loggers on import, and refuses to on a non-main rank once the group exists
+            from engram.distributed.sync import same_config
+
+            world = distributed.init_from_env(cfg.training.device)
+            joined = True
+            same_config(world, hashlib.sha256(OmegaConf.to_yaml(cfg).encode()).hexdigest())
         with deterministic_algorithms(cfg.training.deterministic):
             return _run(cfg)
     finally:
         torch.set_num_threads(threads)
+        if joined:
+            distributed.shutdown()
 
 
 def _open_existing(cfg: DictConfig) -> Any:
@@ -64,6 +81,7 @@ def _run(cfg: DictConfig) -> list[list[float]]:
     import torch
 
     from engram import build
+    from engram.distributed.sync import agree
     from engram.models import build_model
     from engram.store import Store
     from engram.streams import build_benchmark
@@ -75,26 +93,38 @@ def _run(cfg: DictConfig) -> list[list[float]]:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    store = _open_existing(cfg)
-    try:
+    world = distributed.world()  # data-parallel: rank 0 owns the store
+    store = None
+
+    def open_store() -> dict[str, Any]:
+        nonlocal store
+        store = _open_existing(cfg)
         head = store.head if store is not None else None
-        stored = (head.meta.get("model_spec") if head is not None else None) or {}
+        return (head.meta.get("model_spec") if head is not None else None) or {}
+
+    def create_store() -> None:
+        nonlocal store
+        if store is None:
+            store = Store.open(cfg.store.path, mode="c", lock_timeout=cfg.store.lock_timeout)
+
+    try:
+        stored = agree(world, "open the store", open_store) if world.size > 1 else open_store()
         bench = build_benchmark(
             OmegaConf.to_container(cfg.benchmark), n_classes=stored.get("args", {}).get("n_classes")
         )
         spec = model_spec(cfg, bench.input_shape, bench.n_classes, bench.task_labels)
-        if store is None:
-            store = Store.open(cfg.store.path, mode="c", lock_timeout=cfg.store.lock_timeout)
+        agree(world, "create the store", create_store) if world.size > 1 else create_store()
     except BaseException:
         if store is not None:
             store.close()
         raise
     model = build_model(spec)
-    with store, DurableTemplate(
+    quiet = cfg.run.quiet or not world.is_main
+    with store or contextlib.nullcontext(), DurableTemplate(
         model=model,
         optimizer=build_optimizer(cfg, model),
-        store=store,
-        plugins=build_plugins(cfg.strategy) + ([] if cfg.run.quiet else [ProgressBar()]),
+        store=store if store is not None else cfg.store.path,
+        plugins=build_plugins(cfg.strategy) + ([] if quiet else [ProgressBar()]),
         train_mb_size=cfg.training.batch_size,
         train_epochs=cfg.training.epochs,
         eval_mb_size=cfg.training.eval_batch_size,
@@ -114,7 +144,7 @@ def _run(cfg: DictConfig) -> list[list[float]]:
         precision=cfg.training.precision,
     ) as strategy:  # fmt: skip
         matrix = _fit(cfg, strategy, bench)
-    if not cfg.run.quiet and matrix:
+    if not quiet and matrix:
         _summary(matrix, strategy.initial_accuracy)
     return matrix
 
@@ -124,12 +154,13 @@ def _fit(cfg: DictConfig, strategy: Any, bench: Any) -> list[list[float]]:
     from engram import build
     from engram.metrics.tensorboard import ForgettingWriter
 
-    path, store, quiet = cfg.store.path, strategy.store, cfg.run.quiet
+    path, store = cfg.store.path, strategy.store
+    quiet = cfg.run.quiet or store is None  # data-parallel: rank 0 reports, alone
     train_list, test_list = list(bench.train_stream), list(bench.test_stream)
     done_before = strategy.restore(train_list + test_list)
     already = strategy.cursor.experience
     board = None
-    if cfg.logger.tensorboard:
+    if cfg.logger.tensorboard and store is not None:
         board = ForgettingWriter(Path(path) / "tb", initial=strategy.initial_accuracy)
         written = {v.meta["experience"]: v.new_bytes for v in store.versions()
                    if v.meta.get("kind") == "experience"}  # fmt: skip
@@ -155,7 +186,7 @@ def _fit(cfg: DictConfig, strategy: Any, bench: Any) -> list[list[float]]:
             board.initial = strategy.initial_accuracy
             board.hparams(build.flat_hparams(cfg), strategy.accuracy_matrix)
             board.close()
-    if already >= len(train_list):
+    if already >= len(train_list) and store is not None:
         print(f"{path}: all {already} experiences are already trained")
     return matrix
 
@@ -187,6 +218,9 @@ def _hydra_main() -> None:
     except EngramError as e:
         print(f"engram-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 alone writes Hydra's files
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled",
+                     "hydra/hydra_logging=disabled"]  # fmt: skip
 
     @hydra.main(version_base="1.3", config_path="configs", config_name="train")
     def run(cfg: DictConfig) -> None:
@@ -196,8 +230,11 @@ def _hydra_main() -> None:
         try:
             train(cfg)
         except GateFailed as e:
-            print(f"engram-train: {e}", file=sys.stderr)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"engram-train: {e}", file=sys.stderr)
             sys.exit(3)
+        except distributed.PeerFailed:  # rank 0 said why
+            sys.exit(1)
         except EngramError as e:  # (or an OS fault behind it, e.g. a store "not readable")
             _error_exit(describe(e, _store_path(cfg), _RETRY) or str(e))
         except Exception as e:  # an OS fault (a full disk, a read-only file system, ...)
@@ -251,7 +288,9 @@ def _store_path(cfg: DictConfig) -> str:
 
 
 def _error_exit(message: str) -> None:
-    print(f"engram-train: error: {' '.join(message.split())}", file=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))
+    who = f"engram-train (rank {rank})" if rank else "engram-train"
+    print(f"{who}: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(2)
 
 

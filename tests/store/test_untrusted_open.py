@@ -323,9 +323,11 @@ def test_pruning_with_a_damaged_old_version_warns_and_training_goes_on(tmp_path:
     with template(keep=True) as t:
         t.fit(train, test, max_experiences=1)
     damage_manifests(tmp_path / "s", 1)  # a kept mid-experience version of experience 0
-    with pytest.warns(UserWarning, match=r"were not pruned: .*v0001") as caught:
-        with template(keep=False) as t:
-            matrix = t.fit(train, test)
+    with (
+        pytest.warns(UserWarning, match=r"were not pruned: .*v0001") as caught,
+        template(keep=False) as t,
+    ):
+        matrix = t.fit(train, test)
     assert len(matrix) == 3
     assert len([w for w in caught if "not pruned" in str(w.message)]) == 2  # one per experience
     with Store.open(tmp_path / "s") as s:

@@ -14,29 +14,31 @@ without a traceback. With ``--json`` a failure also prints one JSON document on 
 ``{"error": "<the message>", "exit": <the exit code>}`` (``verify`` adds the two keys to
 its report), so a script reads stdout whatever happened; the one line still goes to stderr.
 
-This module imports nothing heavy: ``engram --help`` stays fast, and each subcommand
-imports what it needs (the store needs torch; nothing here imports Avalanche except
+This module holds the parser and :func:`main`; each group of subcommands is one module
+that computes a plain result (what ``--json`` prints) and, separately, prints it as
+text: :mod:`~engram.cli.history` (ls, show, diff), :mod:`~engram.cli.integrity` (verify,
+upgrade), :mod:`~engram.cli.refs` (tag, rollback), :mod:`~engram.cli.maintenance` (gc,
+compact, du) and :mod:`~engram.cli.export`; their shared store helpers are in
+:mod:`~engram.cli.common`, exit codes and printing in :mod:`~engram.cli.output`.
+
+This module imports nothing heavy: ``engram --help`` stays fast, and only the module of
+the subcommand run is imported (the store needs torch; nothing imports Avalanche except
 exporting or loading a model whose spec needs it).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import importlib
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from engram.cli.faults import describe
+from engram.cli.output import EXIT_OK, EXIT_USAGE, UsageError, emit_json
 from engram.errors import EngramError
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 _RETRY = "run the command again"
-
-
-class UsageError(EngramError):
-    """A command-line argument that cannot be used (reported like every EngramError)."""
 
 
 class _ArgumentError(UsageError):
@@ -60,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help: str, run: str, version: str | None = None) -> _Parser:
+    def command(name: str, help: str, module: str, version: str | None = None) -> _Parser:
+        """A subcommand run by the function ``name`` of ``engram.cli.<module>``."""
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("store", metavar="STORE", help="the store directory")
         if version is not None:
@@ -72,32 +75,32 @@ def _parser() -> argparse.ArgumentParser:
                 help=f"{version} (default HEAD); an id, vNNNN, HEAD~N or a tag",
             )
         p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.set_defaults(run=run)
+        p.set_defaults(module=module)
         return p
 
-    command("ls", "List the versions (HEAD marked with *).", "ls")
-    command("show", "Summarise one version: meta, model, state, metrics.", "show", "the version")
-    p = command("verify", "Re-hash what a version references.", "verify", "the version")
+    command("ls", "List the versions (HEAD marked with *).", "history")
+    command("show", "Summarise one version: meta, model, state, metrics.", "history", "the version")
+    p = command("verify", "Re-hash what a version references.", "integrity", "the version")
     p.add_argument("--all", action="store_true", help="every version and every stored blob")
     p.add_argument("--untrusted", action="store_true", help="open and verify in a child "
                    "process: an LMDB crash is reported, exit 1")  # fmt: skip
-    p = command("rollback", "Move HEAD to a version (later ones stay until gc).", "rollback")
+    p = command("rollback", "Move HEAD to a version (later ones stay until gc).", "refs")
     p.add_argument("version", metavar="VERSION", help="the version HEAD moves to")
-    p = command("tag", "Point a tag at a version, or delete it.", "tag")
+    p = command("tag", "Point a tag at a version, or delete it.", "refs")
     p.add_argument("name", metavar="NAME", help="the tag (letters, digits, . _ -)")
     p.add_argument("version", metavar="VERSION", nargs="?", default=None, help="default HEAD")
     p.add_argument("--delete", action="store_true", help="delete the tag")
-    p = command("diff", "What changed between two versions.", "diff")
+    p = command("diff", "What changed between two versions.", "history")
     p.add_argument("a", metavar="A", help="the older version")
     p.add_argument("b", metavar="B", help="the newer version")
-    p = command("gc", "Delete unreachable data (never HEAD or tagged versions).", "gc")
+    p = command("gc", "Delete unreachable data (never HEAD or tagged versions).", "maintenance")
     p.add_argument("--keep-last", type=int, metavar="N", help="also drop all but the N newest")
     p = command("compact", "Delta-code the history (lossless; HEAD stays a plain file).",
-                "compact")  # fmt: skip
+                "maintenance")  # fmt: skip
     p.add_argument("--tagged", action="store_true", help="compact tagged versions too")
-    command("du", "Bytes per component, logical vs on disk, deduplication ratio.", "du")
+    command("du", "Bytes per component, logical vs on disk, deduplication ratio.", "maintenance")
     command("upgrade", "Seal every LMDB record of an older store with a checksum (format 3).",
-            "upgrade")  # fmt: skip
+            "integrity")  # fmt: skip
     p = command("export", "Write a self-contained deployable model.", "export", "the version")
     p.add_argument("--format", choices=("safetensors", "onnx"), help="default: from --out")
     p.add_argument("--out", required=True, metavar="PATH", help="the file to write")
@@ -119,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # what an I/O error that names no file was writing: the exported file, else the store
     target = getattr(args, "out", None) or args.store
     try:
-        return _command(args.run)(args)
+        return _command(args.module, args.command)(args)
     except EngramError as e:  # (or an OS fault behind it, e.g. a store "not readable")
         return _fail(describe(e, target, _RETRY) or str(e), EXIT_USAGE, as_json)
     except KeyboardInterrupt:
@@ -139,14 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
-def _command(name: str) -> Callable[[argparse.Namespace], int]:
-    if name == "export":
-        from engram.cli.export import export
-
-        return export
-    from engram.cli import commands
-
-    return getattr(commands, name)
+def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """The function running subcommand ``name``, importing only its module."""
+    return getattr(importlib.import_module(f"engram.cli.{module}"), name)
 
 
 def _fail(message: str, code: int, as_json: bool, prog: str = "engram") -> int:
@@ -156,48 +154,3 @@ def _fail(message: str, code: int, as_json: bool, prog: str = "engram") -> int:
         emit_json({"error": message, "exit": code})
     print(f"{prog}: error: {message}", file=sys.stderr)
     return code
-
-
-# ------------------------------------------------------------------ output helpers
-
-
-def emit_json(obj: Any) -> None:
-    json.dump(finite(obj), sys.stdout, indent=2, allow_nan=False, default=_json_default)
-    sys.stdout.write("\n")
-
-
-def finite(tree: Any) -> Any:
-    """``tree`` with NaN and infinities (not valid JSON for most readers) as null."""
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    if isinstance(tree, dict):
-        return {k: finite(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [finite(v) for v in tree]
-    return tree
-
-
-def _json_default(value: Any) -> Any:
-    raise TypeError(f"not JSON: {type(value).__qualname__}")
-
-
-def human_bytes(n: int | float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def table(rows: list[Sequence[Any]], header: Sequence[str], right: set[int] = frozenset()) -> str:
-    """A plain text table; columns in ``right`` are right-aligned (numbers)."""
-    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = []
-    for r in cells:
-        parts = [
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)

@@ -23,31 +23,45 @@ from pathlib import Path
 from typing import Any
 
 from engram import __version__
-from engram.cli import EXIT_OK, UsageError, emit_json, finite, human_bytes
-from engram.cli.commands import open_store
+from engram.cli.common import open_store
 from engram.cli.faults import fault_errno
+from engram.cli.output import EXIT_OK, UsageError, emit_json, finite, human_bytes
 from engram.errors import EngramError
 
 
 def export(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    fmt_name = args.format or ("onnx" if out.suffix == ".onnx" else "safetensors")
+    result = export_version(
+        args.store, args.version, Path(args.out), fmt=args.format, force=args.force
+    )
+    if args.json:
+        emit_json(result)
+    else:
+        print_export(result)
+    return EXIT_OK
+
+
+def export_version(
+    path: str, version: str, out: Path, *, fmt: str | None, force: bool
+) -> dict[str, Any]:
+    """Write ``version`` of the store at ``path`` to ``out`` as ``fmt`` (default: from
+    the suffix of ``out``); what was written, and its size."""
+    fmt_name = fmt or ("onnx" if out.suffix == ".onnx" else "safetensors")
     if not out.parent.is_dir():
         raise UsageError(f"cannot write {out}: directory {out.parent} does not exist")
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name")
-    store_dir, where = Path(args.store).resolve(), out.parent.resolve()
+    store_dir, where = Path(path).resolve(), out.parent.resolve()
     if where == store_dir or store_dir in where.parents:
         raise UsageError(
-            f"--out {out} is inside the store {args.store}, whose files it could overwrite; "
+            f"--out {out} is inside the store {path}, whose files it could overwrite; "
             "export to a path outside the store"
         )
-    if os.path.lexists(out) and not args.force:
+    if os.path.lexists(out) and not force:
         raise UsageError(f"--out {out} exists; pass --force to overwrite it")
     if fmt_name == "onnx":
         _require_onnx()
-    with open_store(args.store) as store:
-        info = store.info(args.version)
+    with open_store(path) as store:
+        info = store.info(version)
         metadata = {
             "format": "engram-export",
             "engram_version": __version__,
@@ -63,19 +77,21 @@ def export(args: argparse.Namespace) -> int:
             weights = store.load(info.id, state=False).model  # compacted or plain
             if weights is None:
                 raise EngramError(f"{store.path} {info.name} has no model weights to export")
-            _atomic_write(out, lambda tmp: _save_safetensors(weights, tmp, metadata), args.force)
+            _atomic_write(out, lambda tmp: _save_safetensors(weights, tmp, metadata), force)
         else:
             from engram.inference import load_model
 
             model = load_model(store, info.id)
             spec = info.meta["model_spec"]
-            _atomic_write(out, lambda tmp: _save_onnx(model, spec, tmp, metadata), args.force)
-    size = out.stat().st_size
-    if args.json:
-        emit_json({"format": fmt_name, "out": str(out), "version": info.name, "bytes": size})
-    else:
-        print(f"exported {info.name} as {fmt_name} to {out} ({human_bytes(size)})")
-    return EXIT_OK
+            _atomic_write(out, lambda tmp: _save_onnx(model, spec, tmp, metadata), force)
+    return {"format": fmt_name, "out": str(out), "version": info.name, "bytes": out.stat().st_size}
+
+
+def print_export(result: dict[str, Any]) -> None:
+    print(
+        f"exported {result['version']} as {result['format']} to {result['out']} "
+        f"({human_bytes(result['bytes'])})"
+    )
 
 
 def _atomic_write(out: Path, write: Any, overwrite: bool) -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from engram import distributed
 from engram.stateful import PersistentFields
 
 Batch = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
@@ -169,6 +170,14 @@ def _mean_per_sample(
                 count += len(x)
     finally:
         model.train(was_training)
+    # Data-parallel: each rank saw its shard; the sums (exact for counts) make every
+    # rank's importance the same, the mean over the whole dataset.
+    world = distributed.world()
+    if world.size > 1:
+        from engram.distributed.reduce import sum_counts, sum_tensors
+
+        sum_tensors(total, world)
+        (count,) = sum_counts([count], world)
     if count == 0:
         raise ValueError(f"cannot estimate {what} from an empty dataset")
     return {name: value / count for name, value in total.items()}

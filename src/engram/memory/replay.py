@@ -47,12 +47,16 @@ class ReplayBufferError(EngramError, ValueError):
 class ReplayBuffer:
     """Fixed-capacity replay memory backed by a store (see the module docstring)."""
 
-    def __init__(self, store: Store, capacity: int, policy: Policy = "reservoir", seed: int = 0):
+    def __init__(
+        self, store: Store | Any, capacity: int, policy: Policy = "reservoir", seed: int = 0
+    ):
         if capacity < 1:
             raise ReplayBufferError("capacity must be >= 1")
         if policy not in ("reservoir", "class_balanced", "experience_balanced"):
             raise ReplayBufferError(f"unknown policy {policy!r}")
-        self.store = store
+        # where the samples are written: the store's table, or (a data-parallel rank
+        # without the store) anything with the same append/read
+        self.samples = store.samples if isinstance(store, Store) else store
         self.capacity = capacity
         self.policy = policy
         self.seed = seed
@@ -107,7 +111,7 @@ class ReplayBuffer:
             plan.offer(item, key, u)
         order = sorted(plan.decisions.items(), key=lambda kv: kv[1][0])
         rows = self._records(x, y, task, logits, experience, [item for _, (item, _) in order])
-        ids = self.store.samples.append([row.tobytes() for row in rows])
+        ids = self.samples.append([row.tobytes() for row in rows])
         # 2. adopt the plan
         self.schema = schema
         mirror = self._mirror_array()
@@ -182,15 +186,13 @@ class ReplayBuffer:
             return self.read(self.slots[picks].tolist())
         missing = np.unique(picks[~self._mirrored[picks]])
         if len(missing):  # e.g. after load_state_dict: read once from the store
-            mirror[missing] = self.store.samples.read(
-                self.slots[missing].tolist(), self._record_size()
-            )
+            mirror[missing] = self.samples.read(self.slots[missing].tolist(), self._record_size())
             self._mirrored[missing] = True
         return self._parse(mirror[picks])
 
     def read(self, sample_ids: list[int]) -> dict[str, torch.Tensor]:
         """Records by sample id, stacked: x, y, task, experience (and logits)."""
-        return self._parse(self.store.samples.read(sample_ids, self._record_size()))
+        return self._parse(self.samples.read(sample_ids, self._record_size()))
 
     def _parse(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Records ``(B, record size)`` as tensors: x, y, task, experience (and logits)."""
@@ -254,6 +256,44 @@ class ReplayBuffer:
         self._mirrored[:] = False
         self.admit_rng.set_state(state["admit_rng"])
         self.sample_rng.set_state(state["sample_rng"])
+
+
+def shard_capacity(capacity: int, rank: int, size: int) -> int:
+    """Rank ``rank``'s share of a global ``capacity`` (they sum to it)."""
+    return capacity // size + (rank < capacity % size)
+
+
+def repartition(shards: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """Buffer shard states of one world size as ``size`` shards (a resume at another
+    world size): every buffered sample is kept, dealt round-robin in (old rank, slot)
+    order; counters are split so they sum as before; shard ``r`` keeps old shard
+    ``r``'s random streams (a new rank takes rank 0's, re-seeded by its rank)."""
+    ids = torch.cat([s["slots"].as_subclass(torch.Tensor) for s in shards])
+    keys = torch.cat([s["slot_keys"] for s in shards])
+    seen = sum(s["seen"] for s in shards)
+    per_key: dict[str, int] = {}
+    for s in shards:
+        for k, v in s["seen_per_key"].items():
+            per_key[k] = per_key.get(k, 0) + v
+    capacity = sum(s["hparams"]["capacity"] for s in shards)
+    out = []
+    for r in range(size):
+        old = shards[r] if r < len(shards) else shards[0]
+        take = torch.arange(r, len(ids), size)
+        state = {
+            **old,
+            "hparams": {**old["hparams"], "capacity": shard_capacity(capacity, r, size)},
+            "seen": seen // size + (r < seen % size),
+            "seen_per_key": {k: v // size + (r < v % size) for k, v in per_key.items()},
+            "slots": SampleIds.of(ids[take]),
+            "slot_keys": keys[take].clone(),
+        }
+        if r >= len(shards):
+            for name, offset in (("admit_rng", 0), ("sample_rng", 1)):
+                g = torch.Generator().manual_seed(old["hparams"]["seed"] + 7919 * r + offset)
+                state[name] = g.get_state()
+        out.append(state)
+    return out
 
 
 class _Admission:

@@ -56,7 +56,8 @@ class SampleIds(torch.Tensor):
     """An int64 tensor of replay-sample ids that a committed state references.
 
     Wrap a buffer's slot table in it (``SampleIds.of(ids)``) so ``gc`` keeps those
-    samples (see :mod:`engram.store.samples`). It loads back as a plain int64 tensor.
+    samples (see :mod:`engram.store.samples`). It loads back as ``SampleIds``, so a
+    loaded state committed again keeps its samples referenced.
     """
 
     @staticmethod
@@ -253,6 +254,8 @@ def parse_array_record(kind: str, record: Any, where: str = "") -> ArrayRecord:
 
 def array_from_bytes(record: ArrayRecord, raw: torch.Tensor) -> torch.Tensor | np.ndarray:
     """Reinterpret a filled ``(nbytes,)`` uint8 tensor as the recorded array."""
+    if record.kind == TAG_SAMPLES:
+        return SampleIds.of(raw.view(torch.int64))
     if record.kind != TAG_NDARRAY:
         return raw.view(TORCH_DTYPES[record.dtype]).reshape(record.shape)
     return raw.numpy().view(NUMPY_DTYPES[record.dtype]).reshape(record.shape)

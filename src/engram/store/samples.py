@@ -137,6 +137,23 @@ class SampleTable:
             joined = b"".join(values)  # the one copy out of the map
         return np.frombuffer(joined, dtype=np.uint8).reshape(len(ids), record_size)
 
+    def read_records(self, ids: Sequence[int]) -> list[bytes]:
+        """The records of ``ids`` as they are, whatever their sizes (a data-parallel
+        resume sends each rank the samples its buffer shard references).
+
+        Raises:
+            CorruptionError: a sample is missing.
+        """
+        pending, get = self._pending, self._env.get
+        out = []
+        with self._env.read() as txn:
+            for i in ids:
+                value = pending[i] if i in pending else get(txn, fmt.DB_SAMPLES, sample_key(i))
+                if value is None:
+                    raise CorruptionError(f"replay sample {i} in {self._env.path} is missing")
+                out.append(bytes(value))
+        return out
+
     def __len__(self) -> int:
         with self._env.read() as txn:
             return self._env.count(txn, fmt.DB_SAMPLES) + len(self._pending)

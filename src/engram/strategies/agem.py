@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from avalanche.models import avalanche_forward
 
-from engram.memory.replay import Policy
+from engram import distributed
+from engram.distributed.reduce import average, sum_counts
+from engram.memory.replay import Policy, ReplayBufferError
 from engram.strategies.registry import default
 from engram.strategies.replay import BufferPlugin
 
@@ -34,8 +36,13 @@ class AGEMPlugin(BufferPlugin):
         return {**super().hparams(), "sample_size": self.sample_size}
 
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if not sum_counts([len(self.buffer)], distributed.world())[0]:
+            return  # (every rank decides alike: the reference gradient is a collective)
         if not len(self.buffer):
-            return
+            raise ReplayBufferError(
+                "A-GEM: this rank's buffer shard is empty while others' are not; use a "
+                "mem_size of at least the world size"
+            )
         params = [p for p in strategy.model.parameters() if p.requires_grad]
         grads = [
             p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params
@@ -53,6 +60,7 @@ class AGEMPlugin(BufferPlugin):
                 for r, p in zip(reference, params, strict=True)
             ]
         )
+        g_ref = average(g_ref, distributed.world())  # data-parallel: the global reference
         dot = torch.dot(g, g_ref)
         if dot < 0:
             g = g - dot / torch.dot(g_ref, g_ref) * g_ref

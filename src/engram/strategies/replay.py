@@ -13,7 +13,14 @@ from typing import Any, Literal
 import torch
 from avalanche.core import SupervisedPlugin
 
-from engram.memory.replay import Policy, ReplayBuffer, ReplayBufferError
+from engram import distributed
+from engram.memory.replay import (
+    Policy,
+    ReplayBuffer,
+    ReplayBufferError,
+    repartition,
+    shard_capacity,
+)
 from engram.strategies.registry import default
 
 Admission = Literal["stream", "experience_end"]
@@ -55,7 +62,14 @@ class BufferPlugin(SupervisedPlugin):
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         if self.buffer is None:
-            self.buffer = ReplayBuffer(strategy.store, self.mem_size, self.policy, self.seed)
+            # Data-parallel: mem_size is global; each rank holds a shard of it, admitting
+            # from its own data shard with its own random streams.
+            w = distributed.world()
+            capacity = shard_capacity(self.mem_size, w.rank, w.size)
+            self.buffer = ReplayBuffer(strategy.samples, capacity, self.policy, self.seed)
+            if w.rank:
+                for g, offset in ((self.buffer.admit_rng, 0), (self.buffer.sample_rng, 1)):
+                    g.manual_seed(self.seed + 7919 * w.rank + offset)
         if self._pending is not None:
             self.buffer.load_state_dict(self._pending)
             self._pending = None
@@ -81,7 +95,8 @@ class BufferPlugin(SupervisedPlugin):
         from torch.utils.data import DataLoader
 
         dataset = strategy.experience.dataset.eval()
-        loader = DataLoader(dataset, batch_size=strategy.train_mb_size, shuffle=False,
+        loader = DataLoader(dataset, batch_size=strategy.train_mb_size,
+                            sampler=distributed.world().shard(len(dataset)),  # this rank's
                             collate_fn=getattr(dataset, "collate_fn", None))  # fmt: skip
         was_training = strategy.model.training
         strategy.model.eval()
@@ -102,6 +117,13 @@ class BufferPlugin(SupervisedPlugin):
         if self.buffer is None:
             return dict(self._pending or {})
         return self.buffer.state_dict()
+
+    @staticmethod
+    def repartition(states: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+        """The shards of a data-parallel run of another world size as ``size`` shards."""
+        if not all(states):  # no buffer yet (nothing trained)
+            return [states[0]] * size
+        return repartition(states, size)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:

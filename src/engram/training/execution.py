@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from engram import distributed
+
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 _CUBLAS = "CUBLAS_WORKSPACE_CONFIG"
 
@@ -54,6 +56,7 @@ def settings(device: torch.device, precision: str) -> dict[str, Any]:
         "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "precision": precision,
+        "world_size": distributed.world().size,  # data-parallel ranks (torchrun)
     }
 
 

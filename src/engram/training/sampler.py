@@ -6,6 +6,9 @@ that consumed that RNG before. Here each epoch's permutation comes from its own
 generator, seeded from the run's seed, the experience and the epoch, so a run resumed
 in the middle of an epoch replays exactly the remaining minibatches by skipping the
 ones already trained on, without loading them and without touching the global RNG.
+
+Data-parallel: the minibatch order is the job's (the same on every rank); each rank
+takes its shard of every global minibatch, so a resumed rank skips exactly as many.
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """Shuffled minibatches of ``range(n)``; :meth:`set_epoch` picks the order and start."""
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, experience: int, drop_last: bool = False
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        experience: int,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -35,6 +45,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.experience = experience
         self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.start = 0  # minibatches of this epoch to skip (already trained on)
 
@@ -46,7 +57,17 @@ class ResumableBatchSampler(Sampler[list[int]]):
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.experience, self.epoch))
         order = torch.randperm(self.n, generator=gen).tolist()
         for b in range(self.start, len(self)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self._shard(batch) if self.world_size > 1 else batch
+
+    def _shard(self, batch: list[int]) -> list[int]:
+        """This rank's part of a global minibatch: every ``world_size``-th item from
+        ``rank``. As ``DistributedSampler`` does, a minibatch whose size is not a
+        multiple of the world size is padded by repeating its first items, so every
+        rank gets the same number and the averaged gradient weighs ranks equally."""
+        w = self.world_size
+        padded = [batch[i % len(batch)] for i in range(-(-len(batch) // w) * w)]
+        return padded[self.rank :: w]
 
     def __len__(self) -> int:
         if self.drop_last:

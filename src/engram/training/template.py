@@ -48,7 +48,10 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader
 
-from engram import metrics
+from engram import distributed, metrics
+from engram.distributed import sync
+from engram.distributed.reduce import average_gradients, broadcast_module, sum_counts
+from engram.distributed.state import LocalSamples
 from engram.errors import ArchitectureMismatchError, EngramError, GateFailed, NonFiniteError
 from engram.stateful import Stateful
 from engram.store import Snapshot, Store
@@ -161,11 +164,23 @@ class DurableTemplate(SupervisedTemplate):
             evaluator=evaluator,
             eval_every=-1,
         )
+        # Avalanche's own (experimental) distributed mode checks plugins for its flag;
+        # engram distributes the run itself (engram.distributed), so that check is moot.
+        self._distributed_check = True
         self.policy = CommitPolicy(commit_every_iterations, commit_every_seconds,
                                    keep_mid_experience)  # fmt: skip
-        self._owns_store = not isinstance(store, Store)
-        self.store = Store.open(store, mode="c") if self._owns_store else store
-        self._committer = BackgroundCommitter(self.store) if async_commit else None
+        # Data-parallel (inside a process group): rank 0 owns the store; the other ranks
+        # keep their replay samples in memory and send their part at each commit.
+        self.world = distributed.world()
+        main = self.world.is_main
+        self._store_path = Path(store.path if isinstance(store, Store) else store)
+        self._owns_store = main and not isinstance(store, Store)
+        self.store: Store | None = None
+        if main:
+            self.store = Store.open(store, mode="c") if self._owns_store else store
+        self._local_samples = None if main else LocalSamples()
+        self._committer = BackgroundCommitter(self.store) if async_commit and main else None
+        broadcast_module(self.model, self.world)  # every rank starts from rank 0's model
         self.seed = seed
         self.branch = branch
         self.name = name
@@ -184,6 +199,7 @@ class DurableTemplate(SupervisedTemplate):
         self._adaptations: list[list[Any]] = []  # [stream, experience index, training]
         self._snapshot: Snapshot | None = None  # the state being resumed, until applied
         self._restored = False
+        self._has_history = False
         self._branched: dict[str, Any] = {}  # optimizer settings a branch changed
         self._replaying = False
         self._in_fit = False
@@ -240,13 +256,21 @@ class DurableTemplate(SupervisedTemplate):
         return self.accuracy_matrix
 
     def evaluate(self, test_stream: Iterable[Any]) -> list[float]:
-        """Accuracy of the current model on each experience of ``test_stream``."""
+        """Accuracy of the current model on each experience of ``test_stream``
+        (data-parallel: each rank counts its shard; the counts are summed, exactly)."""
         self._check_finite_weights("evaluating")  # argmax of NaN is class 0, not a score
-        row = []
+        counts = []
         for experience in test_stream:
             self.eval(experience)
-            row.append(self._recorder.correct / max(self._recorder.seen, 1))
-        return row
+            counts += [self._recorder.correct, self._recorder.seen]
+        counts = sum_counts(counts, self.world)
+        return [c / max(n, 1) for c, n in zip(counts[::2], counts[1::2], strict=True)]
+
+    @property
+    def samples(self) -> Any:
+        """Where replay buffers write samples: the store's table (rank 0), or this
+        rank's :class:`~engram.distributed.state.LocalSamples`."""
+        return self.store.samples if self.store is not None else self._local_samples
 
     def close(self) -> None:
         """Wait for a background commit in flight, then close the store if this template
@@ -280,26 +304,22 @@ class DurableTemplate(SupervisedTemplate):
         and test streams), to rebuild dynamically grown modules.
         """
         if self._restored:
-            return self._snapshot is not None or self.store.head is not None
+            return self._has_history
         self._restored = True
-        head = self.store.head
-        if head is None:
+        if self.world.size == 1:
+            loaded = self._load_head()
+            if loaded is not None and "ranks" in loaded[0]:  # written by more ranks
+                state, weights = loaded
+                stored = [{"rng": state["rng"], "plugins": state["plugins"]}, *state["ranks"]]
+                common = {k: v for k, v in state.items() if k != "ranks"}
+                loaded = {**common, **self._repartition(stored, 1)[0]}, weights
+        else:
+            loaded = sync.restore(self.world, self._load_head, self._read_records,
+                                  self._local_samples, self._repartition)  # fmt: skip
+        self._has_history = loaded is not None
+        if loaded is None:
             return False
-        stored_hparams = head.meta.get("hparams", {})
-        check_lineage(head, path=self.store.path, hparams=self.hparams(),
-                      model_spec=self.model_spec, branch=self.branch,
-                      experience_ids=self.extra_meta.get("experience_ids"))  # fmt: skip
-        # Branching with new optimizer settings (e.g. lr): the stored optimizer state
-        # would bring the old values back, so the changed ones are re-applied over it.
-        stored_optimizer = stored_hparams.get("optimizer", {})
-        self._branched = {
-            k: v for k, v in self.hparams()["optimizer"].items()
-            if k != "class" and stored_optimizer.get(k) != v
-        } if self.branch else {}  # fmt: skip
-        self.execution_changes = execution.warn_if_changed(
-            self.store.path, head.name, head.meta.get("execution"), self._execution()
-        )
-        snapshot = self.store.load()
+        snapshot = Snapshot(None, *loaded)  # type: ignore[arg-type]
         self._replay_adaptations(snapshot.state["adaptations"], experiences)
         self._check_architecture(snapshot.model or {})
         # The optimizer must know the grown modules' parameters before its state loads;
@@ -316,6 +336,46 @@ class DurableTemplate(SupervisedTemplate):
         if self.cursor.mid_experience:
             self._snapshot = snapshot  # re-applied after the resumed epoch's hooks
         return True
+
+    def _load_head(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """HEAD's state and weights once this run may continue it (rank 0's part)."""
+        head = self.store.head
+        if head is None:
+            return None
+        stored_hparams = head.meta.get("hparams", {})
+        check_lineage(head, path=self.store.path, hparams=self.hparams(),
+                      model_spec=self.model_spec, branch=self.branch,
+                      experience_ids=self.extra_meta.get("experience_ids"))  # fmt: skip
+        # Branching with new optimizer settings (e.g. lr): the stored optimizer state
+        # would bring the old values back, so the changed ones are re-applied over it.
+        stored_optimizer = stored_hparams.get("optimizer", {})
+        self._branched = {
+            k: v for k, v in self.hparams()["optimizer"].items()
+            if k != "class" and stored_optimizer.get(k) != v
+        } if self.branch else {}  # fmt: skip
+        self.execution_changes = execution.warn_if_changed(
+            self.store.path, head.name, head.meta.get("execution"), self._execution()
+        )
+        snapshot = self.store.load()
+        return snapshot.state, snapshot.model or {}
+
+    def _read_records(self, ids: list[int]) -> list[bytes]:
+        return self.store.samples.read_records(ids)
+
+    def _repartition(self, parts: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+        """The stored ranks' parts (another world size) as ``size`` parts: each
+        plugin with a ``repartition`` (replay buffers) deals its shards anew; other
+        state is replicated (rank 0's); new ranks take rank 0's RNG streams."""
+        plugins = self._stateful_plugins()
+        out = [{"rng": (parts[r] if r < len(parts) else parts[0])["rng"], "plugins": {}}
+               for r in range(size)]  # fmt: skip
+        for key in parts[0]["plugins"]:
+            states = [p["plugins"].get(key, {}) for p in parts]
+            split = getattr(plugins.get(key), "repartition", None)
+            shards = split(states, size) if split is not None else [states[0]] * size
+            for r in range(size):
+                out[r]["plugins"][key] = shards[r]
+        return out
 
     def _replay_adaptations(self, recorded: list, experiences: Sequence[Any]) -> None:
         by_key = {}
@@ -341,6 +401,7 @@ class DurableTemplate(SupervisedTemplate):
     def _check_architecture(self, weights: Mapping[str, torch.Tensor]) -> None:
         current = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         stored = {k: tuple(v.shape) for k, v in weights.items()}
+        head = self.store.head.name if self.store is not None else "HEAD"
         problems = [f"missing in the model: {k}" for k in sorted(stored.keys() - current.keys())]
         problems += [f"not in the store: {k}" for k in sorted(current.keys() - stored.keys())]
         problems += [
@@ -350,8 +411,8 @@ class DurableTemplate(SupervisedTemplate):
         ]
         if problems:
             raise ArchitectureMismatchError(
-                f"the model does not match the checkpoint in {self.store.path} "
-                f"(HEAD {self.store.head.name}): "
+                f"the model does not match the checkpoint in {self._store_path} "
+                f"({head}): "
                 + "; ".join(problems[:20])
                 + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
                 + ". Use the architecture that produced the store, or a new store."
@@ -460,7 +521,9 @@ class DurableTemplate(SupervisedTemplate):
             meta["accuracy"] = self.accuracy_matrix[-1]
             meta["metrics"] = metrics.summary(self.accuracy_matrix, self.initial_accuracy)
         start = time.perf_counter()
-        if self._committer is not None and mid:
+        if self.world.size > 1:
+            self._commit_ranks(message, meta, mid)
+        elif self._committer is not None and mid:
             # Staged (copied) here, persisted in the background; last_commit_seconds is
             # then the training thread's stall, last_commit_bytes follows on the next wait.
             self._committer.submit(
@@ -474,6 +537,27 @@ class DurableTemplate(SupervisedTemplate):
             self.last_commit_bytes = version.new_bytes
         self.last_commit_seconds = time.perf_counter() - start
         self.policy.committed()
+
+    def _commit_ranks(self, message: str, meta: dict[str, Any], mid: bool) -> None:
+        """The collective commit: rank 0 commits its state with every other rank's
+        part (``state["ranks"]``); see :mod:`engram.distributed.sync`."""
+        if not self.world.is_main:
+            state = self.state_dict()
+            sync.commit(self.world, {"rng": state["rng"], "plugins": state["plugins"]},
+                        self._local_samples, None, lambda parts: None)  # fmt: skip
+            return
+
+        def commit(parts: list[dict[str, Any]]) -> None:
+            state = {**self.state_dict(), "ranks": parts}
+            if self._committer is not None and mid:
+                self._committer.submit(state, self.model.state_dict(), message=message,
+                                       meta=meta)  # fmt: skip
+                return
+            self._wait_for_commit()
+            version = self.store.commit(state, model=self.model, message=message, meta=meta)
+            self.last_commit_bytes = version.new_bytes
+
+        sync.commit(self.world, {}, None, self.store.samples, commit)
 
     def _execution(self) -> dict[str, Any]:
         return execution.settings(self.device, self.numerics.name)
@@ -491,8 +575,8 @@ class DurableTemplate(SupervisedTemplate):
         return f"experience {c.experience}, epoch {c.epoch}, iteration {c.iteration}"
 
     def _advice(self) -> str:
-        head = self.store.head
-        kept = f"HEAD stays on {head.name}" if head is not None else "nothing was committed"
+        head = self.store.head if self.store is not None else None
+        kept = f"HEAD stays on {head.name}" if head is not None else "HEAD stays where it was"
         return (
             f"the model diverged and nothing was committed from it ({kept}). Lower the "
             "learning rate or check the strategy's settings; nonfinite='skip' "
@@ -511,6 +595,7 @@ class DurableTemplate(SupervisedTemplate):
 
     def backward(self) -> None:
         self.numerics.backward(self.loss, self.optimizer, retain_graph=self.retain_graph)
+        average_gradients(self.model.parameters(), self.world)  # data-parallel
 
     def optimizer_step(self) -> None:
         if self.numerics.scaler is not None and self.is_training:
@@ -547,9 +632,9 @@ class DurableTemplate(SupervisedTemplate):
         # Replaces Avalanche's loaders (shuffled by the global RNG) with one whose order
         # is a function of (seed, experience, epoch): see engram.training.sampler.
         dataset = self.adapted_dataset
-        sampler = ResumableBatchSampler(
-            len(dataset), self.train_mb_size, self.seed, self.cursor.experience, drop_last
-        )
+        sampler = ResumableBatchSampler(len(dataset), self.train_mb_size, self.seed,
+                                        self.cursor.experience, drop_last,
+                                        self.world.rank, self.world.size)  # fmt: skip
         # Its own generator: a DataLoader draws its workers' base seed from the global
         # RNG each epoch otherwise, one draw a resumed epoch would repeat.
         self.dataloader = DataLoader(
@@ -560,6 +645,16 @@ class DurableTemplate(SupervisedTemplate):
             pin_memory=bool(pin_memory),
             generator=torch.Generator(),  # seeded per epoch in _train_exp
         )
+
+    def make_eval_dataloader(self, num_workers: int = 0, **kwargs: Any) -> None:
+        if self.world.size == 1:
+            return super().make_eval_dataloader(num_workers=num_workers, **kwargs)
+        dataset = self.adapted_dataset  # data-parallel: this rank's shard, counts summed
+        self.dataloader = DataLoader(dataset, batch_size=self.eval_mb_size,
+                                     sampler=self.world.shard(len(dataset)),
+                                     num_workers=num_workers,
+                                     collate_fn=getattr(dataset, "collate_fn", None))  # fmt: skip
+        return None
 
     def _train_exp(self, experience: Any, eval_streams: Any = None, **kwargs: Any) -> None:
         start_epoch = self.cursor.epoch
@@ -603,17 +698,24 @@ class DurableTemplate(SupervisedTemplate):
         """Commit experience ``index``'s version, decide the gate, prune; returns the
         gate's rejection message (None: passed, or no gate)."""
         self._wait_for_commit()  # a mid-experience version in flight is pruned below too
-        before = {v.id for v in self.store.versions()}
+        main = self.store is not None
+        before = {v.id for v in self.store.versions()} if main else set()
         failures = self.gate.failures(self.accuracy_matrix) if self.gate is not None else []
         verdict = None if self.gate is None else {"passed": not failures, "failures": failures}
         self.commit(f"after experience {index}", gate=verdict)
-        rejected = None
-        if failures:
-            rejected = self.gate.reject(self.store, self.store.head, index, failures)
-        elif self.gate is not None and self.gate.promote:
-            self.store.tag(self.gate.promote, self.store.head.id)
-        self.policy.prune(self.store, before, index)
-        return rejected
+
+        def settle() -> str | None:  # the store's part: rank 0's (the matrix is every rank's)
+            rejected = None
+            if failures:
+                rejected = self.gate.reject(self.store, self.store.head, index, failures)
+            elif self.gate is not None and self.gate.promote:
+                self.store.tag(self.gate.promote, self.store.head.id)
+            self.policy.prune(self.store, before, index)
+            return rejected
+
+        if self.world.size == 1:
+            return settle()
+        return sync.agree(self.world, "finish the experience", settle)
 
 
 def _jsonable(value: Any) -> Any:

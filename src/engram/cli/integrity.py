@@ -1,0 +1,112 @@
+"""``engram verify`` and ``upgrade``: re-hashing what versions reference, and sealing
+an older store's LMDB records with checksums."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from engram.cli.common import open_store
+from engram.cli.output import EXIT_OK, EXIT_PROBLEMS, UsageError, emit_json, human_bytes
+from engram.errors import StoreNotFoundError
+from engram.store import FORMAT_VERSION, Store, VerifyReport, version_name
+
+# ------------------------------------------------------------------ verify
+
+
+def verify(args: argparse.Namespace) -> int:
+    result, fatal = verify_store(
+        args.store, args.version, all_versions=args.all, untrusted=args.untrusted
+    )
+    if args.json:
+        emit_json(result)
+    else:
+        print_verify(result, all_versions=args.all, fatal=fatal)
+    return EXIT_OK if result["ok"] else EXIT_PROBLEMS
+
+
+def verify_store(
+    path: str, version: str, *, all_versions: bool, untrusted: bool
+) -> tuple[dict[str, Any], str | None]:
+    """The verify report as ``--json`` prints it (with ``error`` and ``exit`` when it
+    fails), and, with ``untrusted``, the one line saying why the store could not be read
+    through (None if it could)."""
+    report: VerifyReport
+    fatal = None
+    if untrusted:  # a child process opens and verifies: an LMDB crash is a problem
+        from engram.store.untrusted import verify_in_child
+
+        try:
+            child = verify_in_child(path, version, all=all_versions)
+        except StoreNotFoundError:
+            raise UsageError(f"no store at {path}: the path does not exist") from None
+        report, fatal = child, child.fatal
+    else:
+        with open_store(path) as store:
+            report = store.verify(version, all=all_versions)
+    result: dict[str, Any] = {
+        "ok": report.ok,
+        "versions": [version_name(v) for v in report.versions],
+        "blobs": report.blobs,
+        "bytes": report.bytes,
+        "problems": [
+            {
+                "version": None if p.version is None else version_name(p.version),
+                "where": p.where,
+                "message": p.message,
+            }
+            for p in report.problems
+        ],
+        "notes": list(report.notes),
+    }
+    if not report.ok:  # what every failing command prints with --json
+        first = " ".join(str(report.problems[0]).split())
+        result["error"] = fatal or f"{len(report.problems)} problem(s), the first: {first}"
+        result["exit"] = EXIT_PROBLEMS
+    return result, fatal
+
+
+def print_verify(result: dict[str, Any], *, all_versions: bool, fatal: str | None) -> None:
+    if fatal is not None:
+        print(" ".join(fatal.split()))
+        return
+    problems = result["problems"]
+    what = "all versions" if all_versions else ", ".join(result["versions"])
+    status = "ok" if result["ok"] else f"{len(problems)} problem(s)"
+    print(
+        f"{what}: {status} — {result['blobs']} chunks and the checkpoint files, "
+        f"{human_bytes(result['bytes'])} re-hashed"
+    )
+    for p in problems:  # as engram.store.Problem prints itself
+        print(f"  {p['version'] or 'store'} {p['where']}: {p['message']}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if not result["ok"]:
+        print("roll back to a version that verifies (`engram rollback`), or restore the files")
+
+
+# ------------------------------------------------------------------ upgrade
+
+
+def upgrade(args: argparse.Namespace) -> int:
+    with open_store(args.store, mode="w") as store:
+        result = upgrade_store(store)
+        head = store.head
+    if args.json:
+        emit_json(result)
+    else:
+        print_upgrade(result, args.store, head=head.name if head else "none")
+    return EXIT_OK
+
+
+def upgrade_store(store: Store) -> dict[str, Any]:
+    """Seal every LMDB record with a checksum (format 3); how many were sealed."""
+    return {"sealed_records": store.upgrade(), "format_version": FORMAT_VERSION}
+
+
+def print_upgrade(result: dict[str, Any], path: str, *, head: str) -> None:
+    if result["sealed_records"]:
+        print(f"{path}: {result['sealed_records']} LMDB records sealed with checksums; format "
+              f"{result['format_version']} (HEAD {head}, every version kept)")  # fmt: skip
+    else:
+        print(f"{path}: already format {result['format_version']} (every record sealed)")

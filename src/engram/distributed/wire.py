@@ -1,0 +1,128 @@
+"""State trees over ``torch.distributed`` as bytes, never as pickles.
+
+``gather_object``/``broadcast_object_list`` pickle, so a rank could make another run
+code; these functions send a tree (dicts, lists, tuples, JSON scalars, tensors, numpy
+arrays, :class:`~engram.store.SampleIds`) as the store's own encoding: a JSON header
+(:func:`engram.store.codec.encode_tree`, validated on arrival as a manifest is) and the
+arrays' raw bytes, in one uint8 tensor. Gloo moves CPU tensors; callers pass the gloo
+group of :func:`engram.distributed.world`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engram.errors import CorruptionError
+from engram.store.codec import (
+    ArrayRecord,
+    array_from_bytes,
+    decode_tree,
+    encode_tree,
+)
+from engram.store.format import CHUNK_BYTES
+
+_ZERO_DIGEST = "0" * 64  # a wire record's chunks carry sizes only (TCP checks the bytes)
+
+
+def pack(tree: Any) -> torch.Tensor:
+    """``tree`` as one uint8 tensor: 8-byte header length, JSON header, array bytes."""
+    encoded, pending = encode_tree(tree)
+    for array in pending:
+        n = len(array.raw)
+        array.record["chunks"] = [
+            [_ZERO_DIGEST, min(CHUNK_BYTES, n - at), 0] for at in range(0, n, CHUNK_BYTES)
+        ]
+    header = json.dumps(encoded, allow_nan=True).encode()
+    parts = [np.frombuffer(struct.pack("<Q", len(header)) + header, np.uint8)]
+    parts += [array.raw for array in pending]
+    return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0].copy())
+
+
+def unpack(data: torch.Tensor) -> Any:
+    """Invert :func:`pack` (arrays are copies, independent of ``data``).
+
+    Raises:
+        CorruptionError: the bytes are not a packed tree.
+    """
+    raw = data.numpy().tobytes()
+    if len(raw) < 8:
+        raise CorruptionError("a packed state is shorter than its header")
+    (n,) = struct.unpack("<Q", raw[:8])
+    try:
+        tree = json.loads(raw[8 : 8 + n])
+    except ValueError as e:
+        raise CorruptionError(f"a packed state's header is not JSON: {e}") from None
+    at = 8 + n
+
+    def read(record: ArrayRecord, where: str) -> Any:
+        nonlocal at
+        if at + record.nbytes > len(raw):
+            raise CorruptionError(f"a packed state ends inside the array at {where!r}")
+        piece = bytearray(raw[at : at + record.nbytes])
+        chunk = (
+            torch.frombuffer(piece, dtype=torch.uint8)
+            if piece
+            else torch.zeros(0, dtype=torch.uint8)
+        )
+        at += record.nbytes
+        return array_from_bytes(record, chunk)  # SampleIds come back as SampleIds
+
+    out = decode_tree(tree, read)
+    if at != len(raw):
+        raise CorruptionError(f"a packed state has {len(raw) - at} bytes after its arrays")
+    return out
+
+
+def send(tree: Any, dst: int, group: Any = None) -> None:
+    data = pack(tree)
+    dist.send(torch.tensor([data.numel()], dtype=torch.int64), dst, group=group)
+    dist.send(data, dst, group=group)
+
+
+def recv(src: int, group: Any = None) -> Any:
+    size = torch.zeros(1, dtype=torch.int64)
+    dist.recv(size, src, group=group)
+    data = torch.empty(int(size), dtype=torch.uint8)
+    dist.recv(data, src, group=group)
+    return unpack(data)
+
+
+def broadcast(tree: Any, src: int = 0, group: Any = None) -> Any:
+    """``src``'s ``tree`` on every rank (other ranks pass anything, e.g. None)."""
+    mine = dist.get_rank() == src
+    data = pack(tree) if mine else None
+    size = torch.tensor([data.numel() if mine else 0], dtype=torch.int64)
+    dist.broadcast(size, src, group=group)
+    if not mine:
+        data = torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(data, src, group=group)
+    return tree if mine else unpack(data)
+
+
+def gather(tree: Any, group: Any = None) -> list[Any] | None:
+    """Every rank's ``tree`` on rank 0, in rank order (None on the other ranks)."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    if rank != 0:
+        send(tree, 0, group)
+        return None
+    return [tree] + [recv(r, group) for r in range(1, size)]
+
+
+def all_gather_bytes(data: bytes, group: Any = None) -> list[bytes]:
+    """Every rank's ``data`` (short: digests, flags) on every rank."""
+    size = dist.get_world_size()
+    mine = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+    dist.all_gather(sizes, mine, group=group)
+    longest = max(int(s) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else 0
+    out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(size)]
+    dist.all_gather(out, padded, group=group)
+    return [bytes(o[: int(s)].tolist()) for o, s in zip(out, sizes, strict=True)]

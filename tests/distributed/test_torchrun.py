@@ -1,0 +1,227 @@
+"""Data-parallel runs on ``torchrun`` (2 ranks, gloo, CPU): the resume guarantees of
+docs/distributed.md, each against an uninterrupted run of the same world size.
+
+Every job is a real ``torchrun --standalone`` (seconds each: two interpreters import
+torch and Avalanche), so the cases share their runs through module fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engram.memory.replay import ReplayBuffer
+from engram.store import Store
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on Linux")
+
+BIN = Path(sys.executable).parent
+TORCHRUN, ENGRAM_TRAIN = str(BIN / "torchrun"), str(BIN / "engram-train")
+# EWC + replay: a buffer sharded over the ranks and importances all-reduced, in one job;
+# a mid-experience commit every 4 iterations (each a collective commit).
+JOB = ["strategy=ewc_replay", "benchmark.n_experiences=2", "training.epochs=2",
+       "training.commit_every_iterations=4", "store.keep_mid_experience=true",
+       "logger=none", "run.quiet=true", "training.threads=1"]  # fmt: skip
+
+
+def torchrun(store: Path, *extra: str, ranks: int = 2, check: bool = True,
+             wait: bool = True) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:  # fmt: skip
+    argv = [TORCHRUN, "--standalone", f"--nproc-per-node={ranks}", "-m", "engram.train",
+            f"store.path={store}", *JOB, *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def plain(store: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([ENGRAM_TRAIN, f"store.path={store}", *JOB, *extra],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def head(path: Path) -> tuple[dict, dict]:
+    with Store.open(path) as store:
+        assert store.verify(all=True).ok
+        snap = store.load()
+        return snap.state, snap.model
+
+
+def buffers(path: Path) -> list[dict[str, torch.Tensor]]:
+    """Each rank's replay shard (its samples, slot by slot), HEAD's."""
+    with Store.open(path) as store:
+        state = store.load().state
+        out = []
+        for part in [state, *state.get("ranks", [])]:
+            shard = part["plugins"]["replay"]
+            buffer = ReplayBuffer(store, **shard["hparams"])
+            buffer.load_state_dict(shard)
+            out.append(buffer.contents())
+        return out
+
+
+def assert_same(a, b, path: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path
+
+
+def without_slots(state: dict) -> dict:
+    """A state with its buffers' sample ids left out (a killed run consumed ids it never
+    committed; the samples themselves are compared by :func:`buffers`)."""
+    out = {k: v for k, v in state.items() if k not in ("plugins", "ranks")}
+    parts = [state, *state.get("ranks", [])]
+    out["parts"] = [{k: ({**v, "slots": None} if k == "replay" else v)
+                     for k, v in p["plugins"].items()} for p in parts]  # fmt: skip
+    out["rng"] = [p["rng"] for p in parts]
+    return out
+
+
+def assert_equivalent(reference: Path, other: Path) -> None:
+    (a, wa), (b, wb) = head(reference), head(other)
+    assert a["metrics"]["accuracy_matrix"] == b["metrics"]["accuracy_matrix"]
+    assert_same(wa, wb, "model")
+    assert_same(without_slots(a), without_slots(b), "state")
+    assert_same(buffers(reference), buffers(other), "buffers")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-rank run."""
+    path = tmp_path_factory.mktemp("dp") / "reference"
+    torchrun(path)
+    return path
+
+
+def test_a_two_rank_run_holds_every_rank_in_one_version(reference: Path) -> None:
+    state, _ = head(reference)
+    assert len(state["ranks"]) == 1  # rank 1's part; rank 0's is the state itself
+    shards = buffers(reference)
+    assert [len(s["y"]) for s in shards] == [100, 100]  # mem_size 200, global
+    with Store.open(reference) as store:
+        execution = store.head.meta["execution"]
+        assert execution["world_size"] == 2 and execution["threads"] == 1
+        fisher = state["plugins"]["ewc"]["importances"]
+        other = state["ranks"][0]["plugins"]["ewc"]["importances"]
+        assert_same(fisher, other, "ewc")  # all-reduced: the same on every rank
+        assert len(state["metrics"]["accuracy_matrix"]) == 2
+
+
+def test_one_torchrun_call_per_experience_equals_one_call(reference: Path, tmp_path: Path) -> None:
+    path = tmp_path / "split"
+    torchrun(path, "run.max_experiences=1")
+    with Store.open(path) as store:
+        assert store.head.meta["experience"] == 0
+    torchrun(path)
+    assert_equivalent(reference, path)
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_sigkill_of_one_rank_mid_experience_then_rerun(
+    reference: Path, tmp_path: Path, victim: int
+) -> None:
+    """Rank ``victim`` is killed once the store holds a mid-experience version of
+    experience 1; torchrun tears the job down; the same command resumes."""
+    path = tmp_path / "killed"
+    job = torchrun(path, wait=False)
+    deadline = time.monotonic() + 240
+    killed = None
+    while time.monotonic() < deadline and job.poll() is None:
+        versions = _versions(path)
+        if any(v.meta.get("experience") == 1 and v.meta.get("kind") == "mid-experience"
+               for v in versions):  # fmt: skip
+            killed = _rank_pid(job.pid, victim)
+            if killed is not None:
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    job.communicate(timeout=120)
+    assert killed is not None, "the job ended before a version of experience 1"
+    assert job.returncode != 0  # killed where intended: the run did not finish
+    with Store.open(path) as store:
+        assert store.verify(all=True).ok
+        assert store.head.meta["experience"] == 1 or store.head.meta["kind"] != "experience"
+        assert len(store.load().state["metrics"]["accuracy_matrix"]) < 2
+    torchrun(path)
+    assert_equivalent(reference, path)
+
+
+def test_world_size_one_under_torchrun_equals_plain_engram_train(tmp_path: Path) -> None:
+    torchrun(tmp_path / "one", ranks=1)
+    plain(tmp_path / "plain")
+    (a, wa), (b, wb) = head(tmp_path / "one"), head(tmp_path / "plain")
+    assert "ranks" not in a
+    assert_same(wa, wb, "model")
+    assert_same(a, b, "state")
+
+
+def test_two_ranks_to_one_and_one_to_two_keep_every_sample(tmp_path: Path) -> None:
+    two = tmp_path / "two"
+    torchrun(two, "run.max_experiences=1")
+    before = buffers(two)
+    kept = sorted(torch.cat([s["y"] for s in before]).tolist())
+    one = tmp_path / "one"
+    shutil.copytree(two, one)
+    proc = plain(one)  # 2 -> 1
+    assert "world_size: store 2 vs now 1" in proc.stderr
+    state, _ = head(one)
+    assert "ranks" not in state and len(state["metrics"]["accuracy_matrix"]) == 2
+    with Store.open(one) as store:  # experience 0's version, resumed: every sample kept
+        v1 = store.load(1).state
+        assert len(v1["ranks"]) == 1
+    back = tmp_path / "back"
+    plain(back, "run.max_experiences=1")
+    proc = torchrun(back)  # 1 -> 2
+    assert "world_size: store 1 vs now 2" in proc.stderr
+    shards = buffers(back)
+    assert [len(s["y"]) for s in shards] == [100, 100]
+    assert kept  # the 2-rank buffer held samples of both shards
+    assert len(kept) == 200
+
+
+def _versions(path: Path) -> list:
+    try:
+        with Store.open(path) as store:
+            return store.versions()
+    except Exception:  # not created yet, or being created
+        return []
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with ``RANK=rank``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != launcher:
+                continue
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    return None
