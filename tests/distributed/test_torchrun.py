@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,6 +77,8 @@ def buffers(path: Path) -> list[dict[str, torch.Tensor]]:
 def assert_same(a, b, path: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and np.array_equal(a, b), path
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
