@@ -228,3 +228,18 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
         if f"RANK={rank}".encode() in env:
             return int(entry.name)
     return None
+
+
+def test_a_locked_store_is_one_line_on_rank_0_and_every_rank_exits_non_zero(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "locked"
+    with Store.open(path, mode="c"):  # another job holds the store
+        proc = torchrun(path, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "engram-train" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("engram-train: error: ") and "is locked by" in errors[0]
+    assert "exitcode  : 1" in proc.stderr or "exitcode  : 2" in proc.stderr  # both ranks
+    with Store.open(path) as store:
+        assert store.versions() == []

@@ -39,6 +39,8 @@ def version_row(v: VersionInfo, head: int | None) -> dict[str, Any]:
         "tags": list(v.tags),
         "experience": v.meta.get("experience"),
         "kind": v.meta.get("kind"),
+        # data-parallel ranks that trained it (torchrun); 1 for older versions
+        "world_size": (v.meta.get("execution") or {}).get("world_size", 1),
         "average_accuracy": metrics.get("average_accuracy"),
         "forgetting": metrics.get("forgetting"),
         "nbytes": v.nbytes,
@@ -115,7 +117,13 @@ def print_ls(result: dict[str, Any]) -> None:
         "written",
         "created (UTC)",
     ]
-    print(table(cells, header, right={3, 6, 7, 8, 9}))
+    right = {3, 6, 7, 8, 9}
+    if any(r["world_size"] != 1 for r in rows):  # a data-parallel history: say how wide
+        for r, row in zip(rows, cells, strict=True):
+            row.insert(5, r["world_size"])
+        header.insert(5, "ranks")
+        right = {3, 5, 7, 8, 9, 10}
+    print(table(cells, header, right=right))
     print_damaged(damaged)
 
 
@@ -233,7 +241,8 @@ def print_show(v: dict[str, Any]) -> None:
     if ex:  # what bit-identical resumption depends on (docs/training.md)
         print(
             f"execution   torch {ex.get('torch')}, {ex.get('device')} ({ex.get('device_name')}), "
-            f"{ex.get('threads')} threads, precision {ex.get('precision')}, deterministic "
+            f"{ex.get('world_size', 1)} rank(s) x {ex.get('threads')} threads, precision "
+            f"{ex.get('precision')}, deterministic "
             f"{ex.get('deterministic')}, cudnn deterministic {ex.get('cudnn_deterministic')} "
             f"benchmark {ex.get('cudnn_benchmark')}"
         )
