@@ -66,3 +66,8 @@ class GateFailed(EngramError):
 
 class NonFiniteError(EngramError):
     """Training produced a non-finite loss, gradient or weight; nothing was committed."""
+
+
+class DataFileError(EngramError):
+    """A file of the ``files`` benchmark is missing, unreadable or malformed, or a file
+    a store was trained on changed since (raised by the streams and by the lineage)."""

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from engram.errors import EngramError
+from engram.errors import DataFileError  # DataFileError: importable from here too
 
 # Without benchmark.n_classes the model gets one output per label up to the largest: a
 # stray label of 10**6 would silently build a ~1 GB model, 2**40 a petabyte one.
@@ -48,10 +48,6 @@ _MAX_RATIO = 100
 _RATIO_MIN_BYTES = 64 * 2**20
 _KEYS = ("x", "y", "task", "x_test", "y_test")
 _INPUTS = ("x", "x_test")  # kept as float32; labels as int64
-
-
-class DataFileError(EngramError):
-    """A file of the ``files`` benchmark is missing, unreadable or malformed."""
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engram.errors import EngramError, HyperparameterMismatchError
+from engram.errors import DataFileError, EngramError, HyperparameterMismatchError
 from engram.store import VersionInfo
-from engram.streams.files import DataFileError
 
 
 class ModelMismatchError(EngramError):

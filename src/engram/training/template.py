@@ -598,20 +598,21 @@ class DurableTemplate(SupervisedTemplate):
         average_gradients(self.model.parameters(), self.world)  # data-parallel
 
     def optimizer_step(self) -> None:
-        if self.numerics.scaler is not None and self.is_training:
-            # fp16: the scaler skips steps with inf/NaN gradients (and lowers its scale);
-            # only a non-finite loss is the run's problem.
-            if bool(torch.isfinite(self.loss.detach()).all()):
-                self.numerics.step(self.optimizer)
-                return
-        elif finite_step(self.loss, self.model.parameters()):
+        loss_finite = bool(torch.isfinite(self.loss.detach()).all())
+        # fp16: the scaler skips steps with inf/NaN gradients (and lowers its scale), so
+        # only a non-finite loss is the run's problem; otherwise the gradients are too.
+        if self.numerics.scaler is not None:
+            finite = loss_finite
+        else:
+            finite = finite_step(self.loss, self.model.parameters())
+        if finite:
             self.numerics.step(self.optimizer)
             return
         if self.nonfinite == "skip":
             self.optimizer.zero_grad()
             self.skipped_updates += 1
             return
-        what = "loss" if not bool(torch.isfinite(self.loss.detach()).all()) else "gradient norm"
+        what = "loss" if not loss_finite else "gradient norm"
         raise NonFiniteError(
             f"{self._where()}: the {what} is not finite ({float(self.loss.detach()):.4g} loss); "
             f"{self._advice()}"
