@@ -114,7 +114,7 @@ def assert_equivalent(reference: Path, other: Path) -> None:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 2-rank run."""
     path = tmp_path_factory.mktemp("dp") / "reference"
-    torchrun(path)
+    torchrun(path, "logger=tensorboard")
     return path
 
 
@@ -134,11 +134,17 @@ def test_a_two_rank_run_holds_every_rank_in_one_version(reference: Path) -> None
 
 def test_one_torchrun_call_per_experience_equals_one_call(reference: Path, tmp_path: Path) -> None:
     path = tmp_path / "split"
-    torchrun(path, "run.max_experiences=1")
+    torchrun(path, "run.max_experiences=1", "logger=tensorboard")
     with Store.open(path) as store:
         assert store.head.meta["experience"] == 0
-    torchrun(path)
+    torchrun(path, "logger=tensorboard")
     assert_equivalent(reference, path)
+    # TensorBoard: written by rank 0 alone, and the same history across the resume
+    whole, split = scalars(reference / "tb"), scalars(path / "tb")
+    assert {"accuracy/exp0", "metrics/forgetting"} <= set(whole)
+    assert whole == split
+    assert [step for step, _ in whole["accuracy/exp0"]] == [0, 1]
+    assert len(list((reference / "tb").glob("events.out.tfevents.*"))) == 1  # one writer
 
 
 @pytest.mark.parametrize("victim", [1, 0])
@@ -202,6 +208,18 @@ def test_two_ranks_to_one_and_one_to_two_keep_every_sample(tmp_path: Path) -> No
     assert [len(s["y"]) for s in shards] == [100, 100]
     assert kept  # the 2-rank buffer held samples of both shards
     assert len(kept) == 200
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag != "store/commit_seconds"
+    }  # fmt: skip - a measurement, not history
 
 
 def _versions(path: Path) -> list:

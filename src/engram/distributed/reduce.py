@@ -23,15 +23,19 @@ def average_gradients(params: Iterable[torch.Tensor], world: World) -> None:
     params = [p for p in params if p.requires_grad]
     if world.size == 1 or not params:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params])  # fmt: skip
-    dist.all_reduce(flat)
-    flat /= world.size
-    at = 0
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}  # one buffer per dtype, in order
     for p in params:
-        n = p.numel()
-        p.grad = flat[at : at + n].view_as(p).clone()
-        at += n
+        by_dtype.setdefault(p.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in group])  # fmt: skip
+        dist.all_reduce(flat)
+        flat /= world.size
+        at = 0
+        for p in group:
+            n = p.numel()
+            p.grad = flat[at : at + n].view_as(p).clone()
+            at += n
 
 
 def average(t: torch.Tensor, world: World) -> torch.Tensor:

@@ -32,10 +32,11 @@ def agree(
     if world.is_main:
         try:
             result = fn()
+            reply = wire.pack({"ok": True, "result": share(result)})  # may fail too
         except BaseException as e:
             wire.broadcast({"ok": False, "error": f"{type(e).__name__}: {e}"}, 0, world.group)
             raise
-        wire.broadcast({"ok": True, "result": share(result)}, 0, world.group)
+        wire.broadcast(wire.unpack(reply), 0, world.group)
         return result
     reply = wire.broadcast(None, 0, world.group)
     if not reply["ok"]:
@@ -119,22 +120,34 @@ def restore(
     this world's (the identity when the world size is the one stored). Each other rank
     gets the replicated state with its own part, and the replay samples it references.
     """
-    loaded = agree(world, "read the store's HEAD", load, share=lambda x: x is not None)
-    if loaded is None or loaded is False:
-        return None
-    if world.is_main:
+
+    def prepare() -> tuple[Any, list[Any]] | None:
+        """Rank 0: HEAD, and what each other rank gets (all of it before anything is
+        sent, so a failure here reaches every rank through agree)."""
+        loaded = load()
+        if loaded is None:
+            return None
         state, weights = loaded
         stored = [_part(state), *state.get("ranks", [])]
         parts = repartition(stored, world.size) if len(stored) != world.size else stored
         common = {k: v for k, v in state.items() if k != "ranks"}
+        payloads = []
         for r in range(1, world.size):
-            mine = {**common, **parts[r]}
             ids = [i for i in sample_ids_in(parts[r]) if i >= 0]
-            wire.send({"state": mine, "model": weights,
-                       "samples": records_tree(ids, read_records(ids) if ids else [])},
-                      r, world.group)  # fmt: skip
+            records = read_records(ids) if ids else []
+            payloads.append({"state": {**common, **parts[r]}, "model": weights,
+                             "samples": records_tree(ids, records)})  # fmt: skip
+        return ({**common, **parts[0]}, weights), payloads
+
+    prepared = agree(world, "read the store's HEAD", prepare, share=lambda x: x is not None)
+    if not prepared:
+        return None
+    if world.is_main:
+        mine, payloads = prepared
+        for r, payload in enumerate(payloads, start=1):
+            wire.send(payload, r, world.group)
         dist.barrier(group=world.group)
-        return {**common, **parts[0]}, weights
+        return mine
     got = wire.recv(0, world.group)
     ids, records = split_records(got["samples"])
     samples.load(ids, records)

@@ -56,7 +56,7 @@ def unpack(data: torch.Tensor) -> Any:
     (n,) = struct.unpack("<Q", raw[:8])
     try:
         tree = json.loads(raw[8 : 8 + n])
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise CorruptionError(f"a packed state's header is not JSON: {e}") from None
     at = 8 + n
 

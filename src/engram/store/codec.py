@@ -232,6 +232,8 @@ def parse_array_record(kind: str, record: Any, where: str = "") -> ArrayRecord:
         raise bad("shape must be a list of at most 64 dimensions")
     if not all(_is_int(d) and d >= 0 for d in shape):
         raise bad("shape entries must be non-negative integers")
+    if math.prod(d for d in shape if d) > 2**62:  # an empty array may not claim 2**70 rows
+        raise bad("shape is too large")
     itemsize = table[dtype].itemsize
     nbytes = math.prod(shape) * itemsize
     if not isinstance(chunks, list) or len(chunks) != -(-nbytes // CHUNK_BYTES):
