@@ -44,6 +44,7 @@ SUITE = [
     "vs_avalanche.py",
     "persistence.py",
     "resume_latency.py",
+    "distributed.py",
 ]
 
 QUICK_NOTE = (

@@ -10,17 +10,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
 
 from engram import distributed
 from engram.distributed.reduce import average, sum_counts
-from engram.memory.replay import Policy, ReplayBufferError
+from engram.memory.replay import Policy, ReplayBuffer, ReplayBufferError
+from engram.strategies.memory import Admission, ReplayMemory
 from engram.strategies.registry import default
-from engram.strategies.replay import BufferPlugin
 
 
-class AGEMPlugin(BufferPlugin):
+class AGEMPlugin(SupervisedPlugin):
     engram_name = "agem"
+    repartition = staticmethod(ReplayMemory.repartition)
+    # each minibatch is admitted as it is trained on; hparams() records it (stores hold it)
+    admission: Admission = "stream"
 
     def __init__(
         self,
@@ -29,16 +33,42 @@ class AGEMPlugin(BufferPlugin):
         policy: Policy = default("agem", "policy"),
         seed: int = 0,
     ) -> None:
-        super().__init__(mem_size, policy, seed)
+        super().__init__()
+        self.mem_size = mem_size
+        self.policy = policy
+        self.seed = seed
         self.sample_size = sample_size
+        self.memory = ReplayMemory(mem_size, policy, seed)
+
+    @property
+    def buffer(self) -> ReplayBuffer | None:
+        """The memory's buffer (None until the first training)."""
+        return self.memory.buffer
 
     def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "sample_size": self.sample_size}
+        return {"mem_size": self.mem_size, "policy": self.policy, "seed": self.seed,
+                "admission": self.admission, "sample_size": self.sample_size}  # fmt: skip
+
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        self.memory.prepare(strategy)
+
+    def before_forward(self, strategy: Any, **kwargs: Any) -> None:
+        self.memory.observe(strategy)
+
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self.memory.admit(strategy)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state)
 
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
-        if not sum_counts([len(self.buffer)], distributed.world())[0]:
+        buffer = self.memory.buffer
+        if not sum_counts([len(buffer)], distributed.world())[0]:
             return  # (every rank decides alike: the reference gradient is a collective)
-        if not len(self.buffer):
+        if not len(buffer):
             raise ReplayBufferError(
                 "A-GEM: this rank's buffer shard is empty while others' are not; use a "
                 "mem_size of at least the world size"
@@ -47,11 +77,11 @@ class AGEMPlugin(BufferPlugin):
         grads = [
             p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params
         ]
-        memory = self.buffer.sample(self.sample_size)
-        x = memory["x"].to(strategy.device, strategy.mb_x.dtype)
-        out = avalanche_forward(strategy.model, x, memory["task"].to(strategy.device))
+        replayed = buffer.sample(self.sample_size)
+        x = replayed["x"].to(strategy.device, strategy.mb_x.dtype)
+        out = avalanche_forward(strategy.model, x, replayed["task"].to(strategy.device))
         reference = torch.autograd.grad(
-            F.cross_entropy(out, memory["y"].to(strategy.device)), params, allow_unused=True
+            F.cross_entropy(out, replayed["y"].to(strategy.device)), params, allow_unused=True
         )
         g = torch.cat([t.reshape(-1) for t in grads])
         g_ref = torch.cat(

@@ -11,15 +11,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
 
-from engram.memory.replay import Policy
+from engram.memory.replay import Policy, ReplayBuffer
+from engram.strategies.memory import Admission, ReplayMemory, check_admission
 from engram.strategies.registry import default
-from engram.strategies.replay import Admission, BufferPlugin
 
 
-class DERPlugin(BufferPlugin):
+class DERPlugin(SupervisedPlugin):
     engram_name = "der"
+    repartition = staticmethod(ReplayMemory.repartition)
 
     def __init__(
         self,
@@ -31,39 +33,69 @@ class DERPlugin(BufferPlugin):
         seed: int = 0,
         admission: Admission = default("der", "admission"),
     ) -> None:
-        super().__init__(mem_size, policy, seed, admission)
+        super().__init__()
+        self.admission = check_admission(admission)
+        self.mem_size = mem_size
+        self.policy = policy
+        self.seed = seed
         self.alpha = alpha
         self.beta = beta  # > 0: DER++
         self.batch_size_mem = batch_size_mem
+        self.memory = ReplayMemory(mem_size, policy, seed)
+
+    @property
+    def buffer(self) -> ReplayBuffer | None:
+        """The memory's buffer (None until the first training)."""
+        return self.memory.buffer
 
     def hparams(self) -> dict[str, Any]:
         return {
-            **super().hparams(),
+            "mem_size": self.mem_size,
+            "policy": self.policy,
+            "seed": self.seed,
+            "admission": self.admission,
             "alpha": self.alpha,
             "beta": self.beta,
             "batch_size_mem": self.batch_size_mem,
         }
 
-    def _forward(self, strategy: Any, memory: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = memory["x"].to(strategy.device, strategy.mb_x.dtype)
-        return avalanche_forward(strategy.model, x, memory["task"].to(strategy.device))
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        self.memory.prepare(strategy)
+
+    def before_forward(self, strategy: Any, **kwargs: Any) -> None:
+        self.memory.observe(strategy)
+
+    def _forward(self, strategy: Any, replayed: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = replayed["x"].to(strategy.device, strategy.mb_x.dtype)
+        return avalanche_forward(strategy.model, x, replayed["task"].to(strategy.device))
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
-        if not len(self.buffer):
+        buffer = self.memory.buffer
+        if not len(buffer):
             return
         size = self.batch_size_mem or len(strategy.mb_x)
-        memory = self.buffer.sample(size)
-        logits = memory["logits"].to(strategy.device)
-        strategy.loss += self.alpha * F.mse_loss(self._forward(strategy, memory), logits)
+        replayed = buffer.sample(size)
+        logits = replayed["logits"].to(strategy.device)
+        strategy.loss += self.alpha * F.mse_loss(self._forward(strategy, replayed), logits)
         if self.beta > 0:
-            memory = self.buffer.sample(size)
-            out = self._forward(strategy, memory)
-            strategy.loss += self.beta * F.cross_entropy(out, memory["y"].to(strategy.device))
+            replayed = buffer.sample(size)
+            out = self._forward(strategy, replayed)
+            strategy.loss += self.beta * F.cross_entropy(out, replayed["y"].to(strategy.device))
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         if self.admission == "stream":
-            self.admit(strategy, logits=strategy.mb_output.detach())
+            self.memory.admit(strategy, logits=strategy.mb_output.detach())
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self.admission == "experience_end":
+            self.memory.admit_experience(strategy, self.logits_for)
 
     def logits_for(self, strategy: Any, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         # experience_end: the trained model's logits, as Avalanche's DER stores them
         return avalanche_forward(strategy.model, x.to(strategy.device), task.to(strategy.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state)
