@@ -22,6 +22,7 @@ from engram.distributed.state import (
     sample_ids_in,
     split_records,
 )
+from engram.store.codec import SampleIds
 
 
 def agree(
@@ -69,6 +70,9 @@ def commit(
     """Gather every rank's ``part`` on rank 0, which appends the other ranks' new
     replay samples to the store and calls ``do_commit(parts of ranks 1..N-1)``;
     returns its result on rank 0 (None elsewhere) once every rank knows it committed.
+    Rank 0's ``part`` is its own: tensors of another rank's part equal to rank 0's at
+    the same place (all-reduced importances) are replaced by rank 0's, so the store
+    hashes that memory once.
     """
     if not world.is_main:
         staged, new = samples.stage(part)
@@ -78,6 +82,7 @@ def commit(
             raise PeerFailed(f"rank {world.rank}: rank 0's commit failed: {reply['error']}")
         samples.committed(new["ids"], reply["ids"][world.rank - 1])
         return None
+    own = part
     parts, assigned = [], []
     error: BaseException | None = None
     for r in range(1, world.size):
@@ -88,8 +93,9 @@ def commit(
             ids, records = split_records(got["new"])
             real = store_samples.append(records) if records else []
             mapping = dict(zip(ids, real, strict=True))
-            parts.append(map_sample_ids(got["part"], lambda t, m=mapping: torch.tensor(
-                [m.get(i, i) for i in t.tolist()], dtype=torch.int64)))  # fmt: skip
+            part = map_sample_ids(got["part"], lambda t, m=mapping: torch.tensor(
+                [m.get(i, i) for i in t.tolist()], dtype=torch.int64))  # fmt: skip
+            parts.append(share_equal(part, own))
             assigned.append(torch.tensor(real, dtype=torch.int64))
         except Exception as e:
             error = e
@@ -153,6 +159,21 @@ def restore(
     samples.load(ids, records)
     dist.barrier(group=world.group)
     return got["state"], got["model"]
+
+
+def share_equal(tree: Any, like: Any) -> Any:
+    """``tree`` with each tensor equal (dtype, shape, bits) to the one at the same place
+    in ``like`` replaced by that one (the same object)."""
+    if isinstance(tree, torch.Tensor) and not isinstance(tree, SampleIds):
+        if (isinstance(like, torch.Tensor) and like.dtype == tree.dtype
+                and like.shape == tree.shape and torch.equal(like.cpu(), tree)):  # fmt: skip
+            return like
+        return tree
+    if isinstance(tree, dict) and isinstance(like, dict):
+        return {k: share_equal(v, like.get(k)) for k, v in tree.items()}
+    if isinstance(tree, list | tuple) and isinstance(like, list | tuple) and len(tree) == len(like):
+        return type(tree)(share_equal(a, b) for a, b in zip(tree, like, strict=True))
+    return tree
 
 
 def _part(state: dict[str, Any]) -> dict[str, Any]:

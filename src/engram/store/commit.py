@@ -168,10 +168,16 @@ def _write_files(
         ckpt_job = None
         if weights is not None and ckpt is None:  # (2), while (1) runs
             ckpt_job = _start_checkpoint(pool, env, new, weights, digest)
-        if inline:
-            hashes = [_done(hash_chunk(view)) for _, view in pieces]
-        else:
-            hashes = [pool.submit(hash_chunk, view) for _, view in pieces]
+        # The same memory referenced twice in one state (a data-parallel version holds
+        # every rank's copy of the all-reduced importances as rank 0's tensors) is
+        # hashed once: ``pending`` keeps every array alive, so an address is not reused.
+        seen: dict[tuple[int, int], Future[Any]] = {}
+        hashes = []
+        for _, view in pieces:
+            key = (view.__array_interface__["data"][0], len(view))
+            if key not in seen or not len(view):
+                seen[key] = _done(hash_chunk(view)) if inline else pool.submit(hash_chunk, view)
+            hashes.append(seen[key])
         index, new_bytes = blobs.write_new(pieces, hashes, new.pack_id)  # (1)
         if index:  # a new pack file: its directory entry, while the checkpoint's runs
             fsync_dir(env.path / fmt.BLOB_DIR)

@@ -547,8 +547,10 @@ class DurableTemplate(SupervisedTemplate):
                         self._local_samples, None, lambda parts: None)  # fmt: skip
             return
 
+        own = self.state_dict()  # while the other ranks stage and send theirs
+
         def commit(parts: list[dict[str, Any]]) -> None:
-            state = {**self.state_dict(), "ranks": parts}
+            state = {**own, "ranks": parts}
             if self._committer is not None and mid:
                 self._committer.submit(state, self.model.state_dict(), message=message,
                                        meta=meta)  # fmt: skip
@@ -557,7 +559,8 @@ class DurableTemplate(SupervisedTemplate):
             version = self.store.commit(state, model=self.model, message=message, meta=meta)
             self.last_commit_bytes = version.new_bytes
 
-        sync.commit(self.world, {}, None, self.store.samples, commit)
+        part = {"rng": own["rng"], "plugins": own["plugins"]}
+        sync.commit(self.world, part, None, self.store.samples, commit)
 
     def _execution(self) -> dict[str, Any]:
         return execution.settings(self.device, self.numerics.name)
