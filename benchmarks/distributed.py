@@ -144,8 +144,9 @@ def worker(out: Path, direct: int, overrides: list[str]) -> None:
 # ------------------------------------------------------------------ driver
 
 
-def launch(ranks: int, store: Path, out: Path, epochs: int, every: int, direct: int) -> dict:
-    overrides = [
+def launch(ranks: int, store: Path, out: Path, epochs: int, every: int, direct: int,
+           hidden: str | None = None) -> dict:  # fmt: skip
+    overrides = [*([f"model.hidden={hidden}"] if hidden else []),
         f"store.path={store}", f"strategy={STRATEGY}", "benchmark=split_digits",
         f"training.epochs={epochs}", f"training.batch_size={BATCH}",
         f"training.commit_every_iterations={every}", "training.threads=1",
@@ -174,6 +175,8 @@ def main() -> None:
     p.add_argument("--every", type=int, default=4, help="checkpoint every K iterations")
     p.add_argument("--epochs", type=int, default=None, help="default 8 (--quick: 2)")
     p.add_argument("--direct", type=int, default=None, help="default 20 (--quick: 5)")
+    p.add_argument("--hidden", default=None,
+                   help="the MLP's hidden sizes, e.g. [2048,2048] (default: the config's [256])")
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":  # under torchrun
         worker(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
         return
@@ -184,13 +187,14 @@ def main() -> None:
     extra = "".join(f" --{k} {v}" for k in ("rounds", "epochs", "direct")
                     if (v := getattr(args, k)) is not None)  # fmt: skip
     extra += f" --every {args.every}" if args.every != 4 else ""
+    extra += f" --hidden {args.hidden}" if args.hidden else ""
     runs: dict[int, list[dict]] = {n: [] for n in WORLD_SIZES}
     with scratch("engram-distributed-") as root:
         for r in range(rounds):
             for n in WORLD_SIZES:
                 tag = f"r{r}-n{n}"
                 runs[n].append(launch(n, root / tag, root / f"{tag}.json", epochs, args.every,
-                                      direct))  # fmt: skip
+                                      direct, args.hidden))  # fmt: skip
                 print(f"round {r}, {n} rank(s): {runs[n][-1]['wall']:.1f} s", flush=True)
 
     def pooled(n: int, key: str) -> list:

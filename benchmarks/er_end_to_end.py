@@ -29,8 +29,8 @@ from avalanche.core import SupervisedPlugin  # noqa: E402
 from avalanche.training import Replay  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 
-from engram.streams.digits import split_digits  # noqa: E402
 from engram.strategies import ERPlugin  # noqa: E402
+from engram.streams.digits import split_digits  # noqa: E402
 from engram.training.template import DurableTemplate  # noqa: E402
 
 MEM, EPOCHS, BATCH = 200, 4, 32

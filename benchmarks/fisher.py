@@ -29,8 +29,8 @@ warnings.filterwarnings("ignore")
 
 from avalanche.training.plugins import EWCPlugin  # noqa: E402
 
-from engram.streams.digits import digits_tensors  # noqa: E402
 from engram.memory.importance import fisher_diagonal, per_sample_grads  # noqa: E402
+from engram.streams.digits import digits_tensors  # noqa: E402
 
 
 def naive_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -31,8 +31,8 @@ def _child(store: str, hidden: int, create: bool) -> None:
     import torch
     from avalanche.core import SupervisedPlugin
 
-    from engram.streams.digits import split_digits
     from engram.store import Store
+    from engram.streams.digits import split_digits
     from engram.training.template import DurableTemplate
 
     marks["imports"] = time.time()

@@ -26,9 +26,9 @@ warnings.filterwarnings("ignore")
 from avalanche.training import DER, EWC, Replay  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 
-from engram.streams.digits import split_digits  # noqa: E402
 from engram.metrics import average_accuracy, forgetting  # noqa: E402
 from engram.strategies import DERPlugin, ERPlugin, EWCPlugin  # noqa: E402
+from engram.streams.digits import split_digits  # noqa: E402
 from engram.training.template import DurableTemplate, _AccuracyRecorder  # noqa: E402
 
 MEM, BATCH, EWC_LAMBDA, ALPHA, BETA = 200, 32, 100.0, 0.1, 0.5

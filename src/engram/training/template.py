@@ -461,10 +461,9 @@ class DurableTemplate(SupervisedTemplate):
 
     def state_dict(self) -> dict[str, Any]:
         """The template's whole state except the model weights (committed separately)."""
-        plugins = {key: p.state_dict() for key, p in self._stateful_plugins().items()}
         return {
             "optimizer": self.optimizer.state_dict(),
-            "plugins": plugins,
+            "plugins": self._plugin_states(),
             "rng": RngStreams(cuda=self.device.type == "cuda").state_dict(),
             "clock": ClockState(self.clock).state_dict(),
             "cursor": self.cursor.state_dict(),
@@ -476,6 +475,9 @@ class DurableTemplate(SupervisedTemplate):
             },
             **({"scaler": self.numerics.state_dict()} if self.numerics.scaler else {}),
         }
+
+    def _plugin_states(self) -> dict[str, Any]:
+        return {key: p.state_dict() for key, p in self._stateful_plugins().items()}
 
     def _apply(self, snapshot: Snapshot) -> None:
         state = snapshot.state
@@ -541,10 +543,10 @@ class DurableTemplate(SupervisedTemplate):
     def _commit_ranks(self, message: str, meta: dict[str, Any], mid: bool) -> None:
         """The collective commit: rank 0 commits its state with every other rank's
         part (``state["ranks"]``); see :mod:`engram.distributed.sync`."""
-        if not self.world.is_main:
-            state = self.state_dict()
-            sync.commit(self.world, {"rng": state["rng"], "plugins": state["plugins"]},
-                        self._local_samples, None, lambda parts: None)  # fmt: skip
+        if not self.world.is_main:  # its part only: the rest is rank 0's (replicated)
+            part = {"rng": RngStreams(cuda=self.device.type == "cuda").state_dict(),
+                    "plugins": self._plugin_states()}  # fmt: skip
+            sync.commit(self.world, part, self._local_samples, None, lambda parts: None)
             return
 
         own = self.state_dict()  # while the other ranks stage and send theirs
