@@ -8,11 +8,13 @@ one message on rank 0 and :class:`PeerFailed` on the others.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import xxhash
 
 from engram.distributed import DistributedError, PeerFailed, World, wire
 from engram.distributed.state import (
@@ -70,13 +72,17 @@ def commit(
     """Gather every rank's ``part`` on rank 0, which appends the other ranks' new
     replay samples to the store and calls ``do_commit(parts of ranks 1..N-1)``;
     returns its result on rank 0 (None elsewhere) once every rank knows it committed.
-    Rank 0's ``part`` is its own: tensors of another rank's part equal to rank 0's at
-    the same place (all-reduced importances) are replaced by rank 0's, so the store
-    hashes that memory once.
+    Rank 0's ``part`` is its own: a tensor of another rank's part equal to rank 0's at
+    the same place (all-reduced importances) is not sent but taken from rank 0's, as
+    the same object, so the store also hashes that memory once.
     """
+    # Rank 0's tensor digests first: a rank sends only the tensors rank 0 does not hold
+    # the same (the all-reduced importances and anchors cost 16 bytes each, not MBs).
+    digests = wire.broadcast(_digests(part) if world.is_main else None, 0, world.group)
     if not world.is_main:
         staged, new = samples.stage(part)
-        wire.send({"part": staged, "new": new}, 0, world.group)
+        staged, same = _drop_known(staged, digests)
+        wire.send({"part": staged, "new": new, "same": same}, 0, world.group)
         reply = wire.broadcast(None, 0, world.group)
         if not reply["ok"]:
             raise PeerFailed(f"rank {world.rank}: rank 0's commit failed: {reply['error']}")
@@ -95,7 +101,7 @@ def commit(
             mapping = dict(zip(ids, real, strict=True))
             part = map_sample_ids(got["part"], lambda t, m=mapping: torch.tensor(
                 [m.get(i, i) for i in t.tolist()], dtype=torch.int64))  # fmt: skip
-            parts.append(share_equal(part, own))
+            parts.append(_fill_known(part, got["same"], own))
             assigned.append(torch.tensor(real, dtype=torch.int64))
         except Exception as e:
             error = e
@@ -161,19 +167,51 @@ def restore(
     return got["state"], got["model"]
 
 
-def share_equal(tree: Any, like: Any) -> Any:
-    """``tree`` with each tensor equal (dtype, shape, bits) to the one at the same place
-    in ``like`` replaced by that one (the same object)."""
-    if isinstance(tree, torch.Tensor) and not isinstance(tree, SampleIds):
-        if (isinstance(like, torch.Tensor) and like.dtype == tree.dtype
-                and like.shape == tree.shape and torch.equal(like.cpu(), tree)):  # fmt: skip
-            return like
-        return tree
-    if isinstance(tree, dict) and isinstance(like, dict):
-        return {k: share_equal(v, like.get(k)) for k, v in tree.items()}
-    if isinstance(tree, list | tuple) and isinstance(like, list | tuple) and len(tree) == len(like):
-        return type(tree)(share_equal(a, b) for a, b in zip(tree, like, strict=True))
-    return tree
+def _tensor_leaves(tree: Any, path: tuple = ()) -> list[tuple[tuple, torch.Tensor]]:
+    """``(path, tensor)`` of every tensor in ``tree`` except sample ids."""
+    if isinstance(tree, torch.Tensor):
+        return [] if isinstance(tree, SampleIds) else [(path, tree)]
+    if isinstance(tree, dict):
+        return [x for k, v in tree.items() for x in _tensor_leaves(v, (*path, k))]
+    if isinstance(tree, list):  # (a tensor inside a tuple is always sent: immutable)
+        return [x for i, v in enumerate(tree) for x in _tensor_leaves(v, (*path, i))]
+    return []
+
+
+def _digest(t: torch.Tensor) -> str:
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return f"{t.dtype}{tuple(t.shape)}{xxhash.xxh3_128_hexdigest(raw)}"
+
+
+def _digests(part: Any) -> dict[str, str]:
+    return {json.dumps(path): _digest(t) for path, t in _tensor_leaves(part)}
+
+
+def _drop_known(part: Any, known: dict[str, str]) -> tuple[Any, list[str]]:
+    """``part`` with each tensor whose digest rank 0 sent at the same path replaced by
+    None, and those paths."""
+    same = [key for path, t in _tensor_leaves(part)
+            if known.get(key := json.dumps(path)) == _digest(t)]  # fmt: skip
+    for key in same:
+        _set(part, json.loads(key), None)
+    return part, same
+
+
+def _fill_known(part: Any, same: list[str], own: Any) -> Any:
+    """Put rank 0's tensors back at the ``same`` paths (the objects, not copies)."""
+    for key in same:
+        path = json.loads(key)
+        node = own
+        for k in path:
+            node = node[k]
+        _set(part, path, node)
+    return part
+
+
+def _set(tree: Any, path: list, value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
 
 
 def _part(state: dict[str, Any]) -> dict[str, Any]:
