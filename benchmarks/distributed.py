@@ -18,7 +18,7 @@ with a timed :class:`~engram.training.template.DurableTemplate` in place of the 
    interpreter start, imports and evaluation excluded).
 
     python benchmarks/distributed.py             # 8 epochs, K=4, 3 rounds (~3 min)
-    python benchmarks/distributed.py --quick     # 2 epochs, 1 round
+    python benchmarks/distributed.py --quick     # 1 epoch, 1 round
 """
 
 from __future__ import annotations
@@ -173,8 +173,8 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--rounds", type=int, default=None, help="default 3 (--quick: 1)")
     p.add_argument("--every", type=int, default=4, help="checkpoint every K iterations")
-    p.add_argument("--epochs", type=int, default=None, help="default 8 (--quick: 2)")
-    p.add_argument("--direct", type=int, default=None, help="default 20 (--quick: 5)")
+    p.add_argument("--epochs", type=int, default=None, help="default 8 (--quick: 1)")
+    p.add_argument("--direct", type=int, default=None, help="default 20 (--quick: 3)")
     p.add_argument("--hidden", default=None,
                    help="the MLP's hidden sizes, e.g. [2048,2048] (default: the config's [256])")
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":  # under torchrun
@@ -182,8 +182,8 @@ def main() -> None:
         return
     args = p.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
-    epochs = args.epochs or (2 if args.quick else 8)
-    direct = args.direct or (5 if args.quick else 20)
+    epochs = args.epochs or (1 if args.quick else 8)
+    direct = args.direct or (3 if args.quick else 20)
     extra = "".join(f" --{k} {v}" for k in ("rounds", "epochs", "direct")
                     if (v := getattr(args, k)) is not None)  # fmt: skip
     extra += f" --every {args.every}" if args.every != 4 else ""
