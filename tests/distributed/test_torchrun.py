@@ -15,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from engram.memory.replay import ReplayBuffer
 from engram.store import Store
+from trees import assert_same_tree
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on Linux")
 
@@ -74,23 +74,6 @@ def buffers(path: Path) -> list[dict[str, torch.Tensor]]:
         return out
 
 
-def assert_same(a, b, path: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
-    elif isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray) and np.array_equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}/{i}")
-    else:
-        assert a == b, path
-
-
 def without_slots(state: dict) -> dict:
     """A state with its buffers' sample ids left out (a killed run consumed ids it never
     committed; the samples themselves are compared by :func:`buffers`)."""
@@ -105,9 +88,9 @@ def without_slots(state: dict) -> dict:
 def assert_equivalent(reference: Path, other: Path) -> None:
     (a, wa), (b, wb) = head(reference), head(other)
     assert a["metrics"]["accuracy_matrix"] == b["metrics"]["accuracy_matrix"]
-    assert_same(wa, wb, "model")
-    assert_same(without_slots(a), without_slots(b), "state")
-    assert_same(buffers(reference), buffers(other), "buffers")
+    assert_same_tree(wa, wb, "model")
+    assert_same_tree(without_slots(a), without_slots(b), "state")
+    assert_same_tree(buffers(reference), buffers(other), "buffers")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +111,7 @@ def test_a_two_rank_run_holds_every_rank_in_one_version(reference: Path) -> None
         assert execution["world_size"] == 2 and execution["threads"] == 1
         fisher = state["plugins"]["ewc"]["importances"]
         other = state["ranks"][0]["plugins"]["ewc"]["importances"]
-        assert_same(fisher, other, "ewc")  # all-reduced: the same on every rank
+        assert_same_tree(fisher, other, "ewc")  # all-reduced: the same on every rank
         assert len(state["metrics"]["accuracy_matrix"]) == 2
 
 
@@ -183,8 +166,8 @@ def test_world_size_one_under_torchrun_equals_plain_engram_train(tmp_path: Path)
     plain(tmp_path / "plain")
     (a, wa), (b, wb) = head(tmp_path / "one"), head(tmp_path / "plain")
     assert "ranks" not in a
-    assert_same(wa, wb, "model")
-    assert_same(a, b, "state")
+    assert_same_tree(wa, wb, "model")
+    assert_same_tree(a, b, "state")
 
 
 def test_two_ranks_to_one_and_one_to_two_keep_every_sample(tmp_path: Path) -> None:

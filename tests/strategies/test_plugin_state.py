@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -15,6 +14,7 @@ from torch import nn
 from engram.store import SampleIds, Store
 from engram.strategies import registry
 from engram.training.template import DurableTemplate
+from trees import assert_same_tree
 
 # (config section, its options): mem_size below the experience's size, so samples evict
 CASES = {
@@ -45,24 +45,6 @@ def template(store: Path, plugin: Any) -> DurableTemplate:
                            store=store, plugins=[plugin], name="replay")  # fmt: skip
 
 
-def assert_same(a: Any, b: Any, path: str = "state") -> None:
-    assert type(a) is type(b), (path, type(a), type(b))  # SampleIds stay SampleIds
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a, b), path
-    elif isinstance(a, dict):
-        assert list(a) == list(b), path
-        for key in a:
-            assert_same(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}/{i}")
-    else:
-        assert a == b, path
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_a_fresh_plugin_restores_the_trained_ones_state(tmp_path: Path, streams, case) -> None:
     section, options = CASES[case]
@@ -76,16 +58,16 @@ def test_a_fresh_plugin_restores_the_trained_ones_state(tmp_path: Path, streams,
     if section == "der":
         assert "logits" in contents
     with Store.open(tmp_path / "s") as store:
-        assert_same(store.load().state["plugins"][trained.engram_name], state, "committed")
+        assert_same_tree(store.load().state["plugins"][trained.engram_name], state, "committed")
 
     fresh = registry.build_plugins({section: options})[0]
     with template(tmp_path / "s", fresh) as t:
         assert t.restore([*train, *test])
         assert fresh.memory.buffer is None  # the store is first seen in before_training
-        assert_same(fresh.state_dict(), state, "restored")
+        assert_same_tree(fresh.state_dict(), state, "restored")
         fresh.before_training(t)
-        assert_same(fresh.state_dict(), state, "applied")
-        assert_same(fresh.memory.buffer.contents(), contents, "contents")
+        assert_same_tree(fresh.state_dict(), state, "applied")
+        assert_same_tree(fresh.memory.buffer.contents(), contents, "contents")
     assert fresh.hparams() == trained.hparams()
     split = fresh.repartition  # the template calls it on the instance (data-parallel resume)
     assert split([{}, {}], 3) == [{}, {}, {}]  # nothing trained yet

@@ -9,12 +9,12 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from engram.memory.replay import ReplayBuffer
 from engram.store import Store
+from trees import assert_same_tree
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -38,23 +38,6 @@ def child(*args: object, expect_kill: bool = False) -> None:
         assert proc.exitcode == -signal.SIGKILL, proc.exitcode
     else:
         assert proc.exitcode == 0, proc.exitcode
-
-
-def assert_same_tree(a, b, path: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
-    elif isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray) and np.array_equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same_tree(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same_tree(x, y, f"{path}/{i}")
-    else:
-        assert a == b, path
 
 
 def assert_equivalent(reference: Path, other: Path) -> None:
