@@ -15,7 +15,13 @@ from hypothesis.extra import numpy as hnp
 from engram.errors import CorruptionError, EncodingError
 from engram.store import Store
 from engram.store.codec import TORCH_DTYPES, checksum, encode_tree
-from engram.store.format import CHUNK_BYTES, FORMAT_VERSION, PLAIN_FORMAT_VERSION
+from engram.store.format import (
+    ARTIFACT_FORMAT_VERSION,
+    CHUNK_BYTES,
+    FORMAT_VERSION,
+    PLAIN_FORMAT_VERSION,
+    SEALED_FORMAT_VERSION,
+)
 
 
 def assert_same(a, b) -> None:
@@ -149,8 +155,10 @@ def test_unstorable_values_are_refused_with_their_path(store: Store, bad) -> Non
 
 def test_golden_bytes() -> None:
     """Pins the format (version 3: sealed records; plain manifests are version 1,
-    compacted ones 2): a change here breaks every existing store."""
-    assert FORMAT_VERSION == 3 and PLAIN_FORMAT_VERSION == 1
+    compacted ones 2; version 4 adds model artifact files and nothing else, so a store
+    without one stays version 3): a change here breaks every existing store."""
+    assert FORMAT_VERSION == 4 and PLAIN_FORMAT_VERSION == 1
+    assert SEALED_FORMAT_VERSION == 3 and ARTIFACT_FORMAT_VERSION == 4
     assert CHUNK_BYTES == 16 * 2**20
     state = {
         "fisher": torch.tensor([1.0, -2.0]),

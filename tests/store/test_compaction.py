@@ -26,7 +26,14 @@ from engram.store import compact as compact_module
 from engram.store.blobs import EncodedBlob, FileBlob, decode_entry
 from engram.store.checkpoint import weights_digest
 from engram.store.codec import checksum, iter_array_records
-from engram.store.format import CHECKPOINT_DIR, DB_BLOBS, DB_META, FORMAT_VERSION, LMDB_DIR
+from engram.store.format import (
+    CHECKPOINT_DIR,
+    DB_BLOBS,
+    DB_META,
+    FORMAT_VERSION,
+    LMDB_DIR,
+    SEALED_FORMAT_VERSION,
+)
 from engram.store.records import seal
 
 
@@ -318,7 +325,7 @@ def test_a_format_1_store_is_read_compacted_and_marked_format_2(tmp_path: Path) 
     # upgrading seals every record: format 3, every version as it was
     with Store.open(path, mode="w") as store:
         assert store.upgrade() > 0 and store.upgrade() == 0
-        assert _meta_format(store) == str(FORMAT_VERSION).encode()
+        assert _meta_format(store) == str(SEALED_FORMAT_VERSION).encode()
         report = store.verify(all=True)
         assert report.ok and report.notes == []
         assert_restores(store, reference)

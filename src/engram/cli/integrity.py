@@ -9,7 +9,7 @@ from typing import Any
 from engram.cli.common import open_store
 from engram.cli.output import EXIT_OK, EXIT_PROBLEMS, UsageError, emit_json, human_bytes
 from engram.errors import StoreNotFoundError
-from engram.store import FORMAT_VERSION, Store, VerifyReport, version_name
+from engram.store import Store, VerifyReport, version_name
 
 # ------------------------------------------------------------------ verify
 
@@ -101,7 +101,8 @@ def upgrade(args: argparse.Namespace) -> int:
 
 def upgrade_store(store: Store) -> dict[str, Any]:
     """Seal every LMDB record with a checksum (format 3); how many were sealed."""
-    return {"sealed_records": store.upgrade(), "format_version": FORMAT_VERSION}
+    sealed = store.upgrade()
+    return {"sealed_records": sealed, "format_version": store.env.format_version}
 
 
 def print_upgrade(result: dict[str, Any], path: str, *, head: str) -> None:

@@ -6,6 +6,7 @@ Independent of Avalanche and Hydra: a plain PyTorch loop can persist its state w
 from engram.store.codec import SampleIds
 from engram.store.format import FORMAT_VERSION
 from engram.store.store import (
+    Artifact,
     CompactReport,
     GcReport,
     Problem,
@@ -18,6 +19,7 @@ from engram.store.store import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "Artifact",
     "CompactReport",
     "GcReport",
     "Problem",

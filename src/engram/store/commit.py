@@ -3,7 +3,8 @@
 1. :meth:`Blobs.write_new <engram.store.blobs.Blobs.write_new>`: the chunks the store
    lacks, appended to a new pack file, fsynced;
 2. :func:`_start_checkpoint`: the checkpoint file, written to a temporary name,
-   fsynced, renamed (unless the parent's holds the same weights);
+   fsynced, renamed (unless the parent's holds the same weights) — or a model
+   artifact's file (:func:`_write_artifact_durably`), the same way;
 3. :func:`_publish`: one LMDB write transaction that makes the version visible.
 
 (1) and (2) run at the same time (hashing, file writes and fsyncs release the GIL).
@@ -27,6 +28,7 @@ from engram import __version__
 from engram.errors import CommitError, EncodingError, EngramError
 from engram.faults import remedy
 from engram.store import format as fmt
+from engram.store.artifact import Artifact, ArtifactInfo, model_file_name, write_artifact
 from engram.store.blobs import Blobs, hash_chunk
 from engram.store.checkpoint import (
     CheckpointInfo,
@@ -37,7 +39,7 @@ from engram.store.checkpoint import (
 )
 from engram.store.codec import PendingArray, encode_tree
 from engram.store.env import Env, now
-from engram.store.history import History, is_count, manifest_bytes, version_info
+from engram.store.history import History, manifest_bytes, version_info
 from engram.store.samples import SampleTable
 from engram.store.values import VersionInfo, version_name
 
@@ -54,12 +56,23 @@ def commit(
     *,
     message: str,
     meta: Mapping[str, Any] | None,
+    artifact: Artifact | None = None,
 ) -> VersionInfo:
     """:meth:`Store.commit <engram.store.Store.commit>`; ``samples``: ``store.samples``
     (a :class:`SampleTable`, or a background committer's wrapper of one)."""
     env.check_writable()
     if state is not None and not isinstance(state, Mapping):
         raise EncodingError(f"state must be a mapping, not {type(state).__qualname__}")
+    if artifact is not None:
+        if not isinstance(artifact, Artifact):
+            raise EncodingError(f"artifact must be an Artifact, not {type(artifact).__name__}")
+        if model is not None:
+            raise EncodingError("a version holds model weights or a model artifact, not both")
+        if not env.sealed:
+            raise EngramError(
+                f"{env.path} was made by an older engram: run `engram upgrade {env.path}` "
+                "before committing a model artifact to it"
+            )
     try:
         # as the manifest will hold it, so the VersionInfo built here is what a read gives
         meta = json.loads(json.dumps(dict(meta or {}), allow_nan=True))
@@ -71,7 +84,9 @@ def commit(
         weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
         weights = prepare_weights(weights)
     try:
-        return _commit(env, history, blobs, samples, tree, pending, weights, message, meta)
+        return _commit(
+            env, history, blobs, samples, tree, pending, (weights, artifact), message, meta
+        )
     except (OSError, lmdb.Error) as e:
         head = _reopen_after_failure(env, history)
         raise CommitError(
@@ -99,7 +114,7 @@ def _commit(
     samples: Any,
     tree: Any,
     pending: list[PendingArray],
-    weights: dict[str, torch.Tensor] | None,
+    model: tuple[dict[str, torch.Tensor] | None, Artifact | None],
     message: str,
     meta: dict[str, Any],
 ) -> VersionInfo:
@@ -119,9 +134,14 @@ def _commit(
             created_at=now(),
             meta=meta,
         )
+    weights, artifact = model
     index, new_bytes, ckpt = _write_files(env, history, blobs, new, pending, weights)
+    art = None
+    if artifact is not None:  # small next to the state (an estimator): after it
+        art = _write_artifact_durably(env.path / fmt.CHECKPOINT_DIR, new, artifact)
+        new_bytes += art.nbytes
     manifest = {
-        "format_version": fmt.PLAIN_FORMAT_VERSION,
+        "format_version": fmt.PLAIN_FORMAT_VERSION if art is None else fmt.ARTIFACT_FORMAT_VERSION,
         "engram_version": __version__,
         "store_id": env.store_id,
         "id": new.id,
@@ -134,6 +154,9 @@ def _commit(
         "nbytes": sum(len(p.raw) for p in pending) + (ckpt.nbytes if ckpt else 0),
         "new_bytes": new_bytes,
     }
+    if art is not None:
+        manifest["artifact"] = art.to_json()
+        manifest["nbytes"] += art.nbytes
     _publish(env, history, blobs, (table, sample_items), manifest, index, new.pack_id)  # (3)
     return version_info(manifest, {})  # a new id: no tag names it yet
 
@@ -195,13 +218,10 @@ def _start_checkpoint(
     digest: str,
 ) -> Future[CheckpointInfo]:
     """Step (2), in ``pool``: the checkpoint file, durably, under its final name."""
-    file = f"model-{version_name(new.id)}"
-    if is_count(new.meta.get("experience")):
-        file += f"-exp{new.meta['experience']}"
     return pool.submit(
         _write_checkpoint_durably,
         env.path / fmt.CHECKPOINT_DIR,
-        file + ".safetensors",
+        model_file_name(new.id, new.meta.get("experience"), "safetensors"),
         weights,
         _checkpoint_metadata(env, new),
         digest,
@@ -230,6 +250,8 @@ def _publish(
             blobs.put(txn, digest, entry)
         history.put_manifest(txn, vid, payload)
         history.set_head(txn, vid)
+        if "artifact" in manifest:  # an older engram then refuses the store, cleanly
+            env.raise_format(txn, fmt.ARTIFACT_FORMAT_VERSION)
         env.set_counter(txn, b"next_version", vid + 1)
         if index:
             env.set_counter(txn, b"next_pack", pack_id + 1)
@@ -238,6 +260,14 @@ def _publish(
     env.write(publish, reserve=len(payload) + 64 * len(index) + sample_bytes)
     if sample_items:
         table.forget(sample_items)
+
+
+def _write_artifact_durably(directory: Path, new: _NewVersion, artifact: Artifact) -> ArtifactInfo:
+    """Step (2) for a model artifact: the file, then an fsync of its directory."""
+    file = model_file_name(new.id, new.meta.get("experience"), artifact.format)
+    info = write_artifact(directory, file, artifact)
+    fsync_dir(directory)
+    return info
 
 
 def _write_checkpoint_durably(directory: Path, file: str, *args: Any) -> CheckpointInfo:

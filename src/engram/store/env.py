@@ -159,7 +159,8 @@ class Env:
     def _init_meta(self, txn: lmdb.Transaction) -> None:
         self.sealed = True  # a new store seals every record it ever writes
         self.put(txn, fmt.DB_META, _SEALED_KEY, _SEALED_VALUE)
-        self.put(txn, fmt.DB_META, b"format_version", str(fmt.FORMAT_VERSION).encode())
+        # the oldest format describing it (raised to 4 by its first artifact commit)
+        self.put(txn, fmt.DB_META, b"format_version", str(fmt.SEALED_FORMAT_VERSION).encode())
         self.put(txn, fmt.DB_META, b"store_id", uuid.uuid4().hex.encode())
         self.put(txn, fmt.DB_META, b"created_at", now().encode())
         self.put(txn, fmt.DB_META, b"next_version", b"1")
@@ -367,12 +368,12 @@ class Env:
                     txn.put(key, seal(db, key, value), db=self.dbs[db])
             txn.put(_SEALED_KEY, seal(fmt.DB_META, _SEALED_KEY, _SEALED_VALUE),
                     db=self.dbs[fmt.DB_META])  # fmt: skip
-            version = str(fmt.FORMAT_VERSION).encode()
+            version = str(fmt.SEALED_FORMAT_VERSION).encode()  # unsealed: no artifacts
             txn.put(b"format_version", seal(fmt.DB_META, b"format_version", version),
                     db=self.dbs[fmt.DB_META])  # fmt: skip
 
         self.write(seal_all, reserve=2 * size)
-        self.sealed, self.format_version = True, fmt.FORMAT_VERSION
+        self.sealed, self.format_version = True, fmt.SEALED_FORMAT_VERSION
         return count
 
     def raise_format(self, txn: lmdb.Transaction, at_least: int) -> None:

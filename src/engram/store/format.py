@@ -5,7 +5,8 @@ A store is one directory::
     <store>/
       memory.lmdb/            LMDB environment (data.mdb, lock.mdb)
       blobs/                  pack files holding the bytes of content-addressed blobs
-      checkpoints/            one plain safetensors file of model weights per version
+      checkpoints/            one plain safetensors file of model weights per version,
+                              or a model artifact file (format 4; e.g. ``.skops``)
       writer.lock             the writer lock (flock); its text names the holder
 
 ``memory.lmdb`` holds five named databases. In a format-3 store every value in every
@@ -70,6 +71,19 @@ A manifest is a JSON object::
      "nbytes": N,                                # logical bytes of state + checkpoint
      "new_bytes": N}                             # bytes this commit wrote
 
+A version whose model is not a set of tensors (a scikit-learn estimator) holds it as
+an *artifact* instead (format 4; its manifest says ``"format_version": 4`` and the
+store's ``meta/format_version`` is raised to 4 in the transaction that publishes the
+first one, so an older engram refuses the store instead of misreading it)::
+
+     "artifact": {"file": "model-v0007-exp3.skops", "format": "skops",
+                  "sha256": "<hex>", "nbytes": N, "xxh3": <int>}
+
+The store writes, hashes, verifies and collects the file like a checkpoint but never
+parses it (:mod:`engram.store.artifact`); the ``"artifact"`` key is absent from every
+other manifest. Compaction leaves such versions as they are. Only a sealed store
+(format 3 or newer) takes artifacts.
+
 A ``<tree>`` is JSON in which these one-key objects stand for non-JSON values:
 
 * ``{"__tensor__": {"dtype": "float32", "shape": [2, 3], "chunks": [[sha256_hex, nbytes,
@@ -126,10 +140,12 @@ from __future__ import annotations
 import re
 
 # The newest format this engram reads and writes. A store records the oldest format
-# that describes it: 3 for every store created now (sealed records); a store made by an
-# older engram stays 1 (or 2 once compacted) until ``engram upgrade`` seals it. Each
-# manifest records its own: 1 for a plain commit, 2 for a compacted version.
-FORMAT_VERSION = 3
+# that describes it: 3 for every store created now (sealed records), 4 once it holds a
+# model artifact; a store made by an older engram stays 1 (or 2 once compacted) until
+# ``engram upgrade`` seals it. Each manifest records its own: 1 for a plain commit, 2
+# for a compacted version, 4 for one with an artifact.
+FORMAT_VERSION = 4
+ARTIFACT_FORMAT_VERSION = 4  # a manifest (and a store) holding a model artifact file
 SEALED_FORMAT_VERSION = 3  # every LMDB record carries a checksum (engram.store.records)
 COMPACTED_FORMAT_VERSION = 2  # delta-coded blobs and compacted manifests
 PLAIN_FORMAT_VERSION = 1
@@ -141,6 +157,9 @@ LOCK_FILE = "writer.lock"
 # The name of a checkpoint file, as manifests and file index entries give it: a name,
 # never a path (nothing stored can point outside checkpoints/).
 CHECKPOINT_NAME = re.compile(r"model-v\d+(-exp\d+)?\.safetensors")
+# Model artifact formats (the file's suffix) and their file names.
+ARTIFACT_FORMATS = ("skops",)
+ARTIFACT_NAME = re.compile(rf"model-v\d+(-exp\d+)?\.({'|'.join(ARTIFACT_FORMATS)})")
 # Written beside the store by engram-train (resolved configs, TensorBoard events): a
 # directory holding only these may still become a store.
 RUN_DIRS = ("hydra", "tb")

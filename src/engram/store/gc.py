@@ -25,10 +25,11 @@ from engram.store.history import History, manifest_bytes, relinks
 from engram.store.packs import ALIGN, PACK_NAME, BlobLocation, NewPack, pack_name
 from engram.store.values import GcReport, VersionSpec, version_name
 
-# What an interrupted checkpoint write leaves: our temp name, or safetensors' own temp
+# What an interrupted checkpoint (or artifact) write leaves: our temp name, or safetensors' own temp
 # file (its save_file writes `.tmpXXXXXX` and renames it into place).
 _CHECKPOINT_LEFTOVER = re.compile(
-    rf"{fmt.CHECKPOINT_NAME.pattern}|\.model-v\d+.*\.tmp-\d+|\.tmp[A-Za-z0-9]{{6,}}"
+    rf"{fmt.CHECKPOINT_NAME.pattern}|{fmt.ARTIFACT_NAME.pattern}"
+    rf"|\.model-v\d+.*\.tmp-\d+|\.tmp[A-Za-z0-9]{{6,}}"
 )
 
 
@@ -142,6 +143,8 @@ def _live(history: History, blobs: Blobs, txn: lmdb.Transaction, kept: set[int])
             live.blobs.update(bytes.fromhex(c[0]) for c in record.chunks)
         if manifest["checkpoint"] is not None:
             live.files.add(manifest["checkpoint"]["file"])
+        if manifest.get("artifact") is not None:
+            live.files.add(manifest["artifact"]["file"])
     return live
 
 

@@ -81,6 +81,7 @@ def version_info(manifest: dict[str, Any], tags: dict[str, int]) -> VersionInfo:
         checkpoint=None if ckpt is None else ckpt["file"],
         tags=tuple(sorted(name for name, t in tags.items() if t == vid)),
         compacted=manifest.get("model") is not None,
+        artifact=manifest["artifact"]["file"] if manifest.get("artifact") else None,
     )
 
 
@@ -358,6 +359,8 @@ def _check_manifest(m: Any, vid: int) -> None:
             raise bad("checkpoint sha256 is malformed")
         if not (is_count(ckpt["nbytes"]) and is_count(ckpt["xxh3"]) and ckpt["xxh3"] < 2**64):
             raise bad("checkpoint nbytes/xxh3 malformed")
+    if m.get("artifact") is not None:
+        _check_artifact(m["artifact"], fv, ckpt, bad)
     model = m.get("model")
     if model is not None:
         if ckpt is not None or fv < 2:
@@ -378,3 +381,19 @@ def _check_manifest(m: Any, vid: int) -> None:
             raise bad("model metadata must map strings to strings")
         if not (isinstance(model["tensors"], dict) and set(model["tensors"]) == {TAG_MAP}):
             raise bad("model tensors must be a map of tensors")
+
+
+def _check_artifact(art: Any, fv: int, ckpt: Any, bad: Callable[[str], Exception]) -> None:
+    """A manifest's ``artifact`` entry (format 4): a file name, never a path."""
+    if fv < fmt.ARTIFACT_FORMAT_VERSION or ckpt is not None:
+        raise bad("a model artifact needs format version 4 and no checkpoint file")
+    if not (isinstance(art, dict) and set(art) == {"file", "format", "sha256", "nbytes", "xxh3"}):
+        raise bad("artifact must hold file, format, sha256, nbytes, xxh3")
+    if not (isinstance(art["file"], str) and fmt.ARTIFACT_NAME.fullmatch(art["file"])):
+        raise bad("artifact file name is not a model file name")  # no path traversal
+    if art["format"] not in fmt.ARTIFACT_FORMATS or not art["file"].endswith(f".{art['format']}"):
+        raise bad(f"artifact format {art['format']!r} is unknown or not the file's suffix")
+    if not (isinstance(art["sha256"], str) and _HEX64.fullmatch(art["sha256"])):
+        raise bad("artifact sha256 is malformed")
+    if not (is_count(art["nbytes"]) and is_count(art["xxh3"]) and art["xxh3"] < 2**64):
+        raise bad("artifact nbytes/xxh3 malformed")

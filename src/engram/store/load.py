@@ -8,6 +8,7 @@ from typing import Any
 
 from engram.errors import CorruptionError, EngramError
 from engram.store import format as fmt
+from engram.store.artifact import ArtifactInfo, read_artifact
 from engram.store.blobs import Blobs
 from engram.store.checkpoint import (
     CheckpointInfo,
@@ -86,6 +87,15 @@ def _load(
             )
             return Snapshot(info, loaded_state, weights)
     weights = None
+    if model and manifest.get("artifact") is not None:
+        art = ArtifactInfo(**manifest["artifact"])
+        data = read_artifact(
+            env.path / fmt.CHECKPOINT_DIR / art.file,
+            art,
+            verify=verify,
+            what=f"{env.path} {version_name(vid)}",
+        )
+        return Snapshot(info, loaded_state, None, data)
     if model and manifest["checkpoint"] is not None:
         ckpt = CheckpointInfo(**manifest["checkpoint"])
         weights = read_checkpoint(

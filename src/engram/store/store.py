@@ -30,6 +30,7 @@ from engram.errors import CommitError
 from engram.faults import remedy
 from engram.store import format as fmt
 from engram.store import load as _reading
+from engram.store.artifact import Artifact
 from engram.store.blobs import Blobs
 from engram.store.checkpoint import CheckpointInfo
 from engram.store.commit import commit as _commit
@@ -54,6 +55,7 @@ from engram.store.values import (
 from engram.store.verify import verify as _verify
 
 __all__ = [
+    "Artifact",
     "CompactReport",
     "GcReport",
     "Mode",
@@ -230,6 +232,13 @@ class Store:
         ckpt = self.manifest(version)["checkpoint"]
         return None if ckpt is None else self.path / fmt.CHECKPOINT_DIR / ckpt["file"]
 
+    def artifact_path(self, version: VersionSpec = "HEAD") -> Path | None:
+        """Path of a version's model artifact file (e.g. ``model-v0007-exp3.skops``),
+        or None if it has none. Read it through :meth:`load` (``Snapshot.artifact``):
+        that checks the bytes against the manifest."""
+        art = self.manifest(version).get("artifact")
+        return None if art is None else self.path / fmt.CHECKPOINT_DIR / art["file"]
+
     def export_checkpoint(
         self, version: VersionSpec, path: str | os.PathLike[str]
     ) -> CheckpointInfo | None:
@@ -277,6 +286,7 @@ class Store:
         *,
         message: str = "",
         meta: Mapping[str, Any] | None = None,
+        artifact: Artifact | None = None,
     ) -> VersionInfo:
         """Commit a new version and move HEAD to it, all or nothing.
 
@@ -289,6 +299,12 @@ class Store:
             meta: JSON-able metadata (clock, config, metrics summary). An int
                 ``meta["experience"]`` names the checkpoint file and, with
                 ``meta["strategy"]``, is copied into the file's safetensors metadata.
+            artifact: a model that is not a set of tensors, as an
+                :class:`~engram.store.artifact.Artifact` (format and bytes; e.g. a
+                scikit-learn estimator written by skops): written to its own file
+                ``checkpoints/model-vNNNN[-expN].<format>``, hashed into the manifest,
+                verified and collected like a checkpoint, never parsed by the store.
+                Not with ``model``.
 
         Returns:
             The new version's summary (its ``id`` is the new version id).
@@ -306,6 +322,7 @@ class Store:
             model,
             message=message,
             meta=meta,
+            artifact=artifact,
         )
 
     def tag(self, name: str, version: VersionSpec = "HEAD") -> VersionInfo:

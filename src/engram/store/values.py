@@ -29,6 +29,7 @@ class VersionInfo:
     checkpoint: str | None  # None: no model, or its weights were compacted
     tags: tuple[str, ...] = ()
     compacted: bool = False  # model weights delta-coded in the blob store (no plain file)
+    artifact: str | None = None  # the model artifact file (e.g. a .skops estimator), if any
 
     @property
     def name(self) -> str:
@@ -37,11 +38,13 @@ class VersionInfo:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A loaded version: its summary, the committed state, and the model weights."""
+    """A loaded version: its summary, the committed state, and the model weights (or,
+    for a model committed as an artifact, the artifact file's checked bytes)."""
 
     version: VersionInfo
     state: dict[str, Any]
     model: dict[str, torch.Tensor] | None
+    artifact: bytes | None = None
 
 
 @dataclass(frozen=True)

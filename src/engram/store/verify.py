@@ -6,6 +6,7 @@ import lmdb
 
 from engram.errors import CorruptionError, StoreFormatError
 from engram.store import format as fmt
+from engram.store.artifact import ArtifactInfo, read_artifact
 from engram.store.blobs import Blobs, EncodedBlob, chunk_problem, decode_entry
 from engram.store.checkpoint import CheckpointInfo, check_file
 from engram.store.codec import TAG_SAMPLES
@@ -99,6 +100,14 @@ def _verify_version(
             if damaged:
                 why = f"{len(damaged)} replay samples fail their checksum, e.g. {damaged[0]}"
                 report.problems.append(Problem(vid, path, why))
+    if manifest.get("artifact") is not None:
+        art = ArtifactInfo(**manifest["artifact"])
+        try:
+            read_artifact(env.path / fmt.CHECKPOINT_DIR / art.file, art, verify=True,
+                          what=version_name(vid))  # fmt: skip
+            report.bytes += art.nbytes
+        except CorruptionError as e:
+            report.problems.append(Problem(vid, art.file, str(e)))
     if manifest["checkpoint"] is not None and manifest["checkpoint"]["file"] not in checked:
         ckpt = CheckpointInfo(**manifest["checkpoint"])
         try:
