@@ -48,9 +48,11 @@ def test_every_config_composes(tmp_path: Path, group: str, option: str) -> None:
         assert cfg[group] is not None
     if group == "model":  # every model config builds a model for the default data
         from engram.models import build_model
+        from engram.sklearn.estimators import build_estimator, is_sklearn
         from engram.train import model_spec
 
-        assert build_model(model_spec(cfg, (64,), 10, False)) is not None
+        build = build_estimator if is_sklearn(option) else build_model
+        assert build(model_spec(cfg, (64,), 10, False)) is not None
 
 
 def test_help_lists_every_option_of_every_group() -> None:

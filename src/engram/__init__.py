@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from engram.handle import ModelHandle
     from engram.inference import load_model
     from engram.store import Store
 
-__all__ = ["Store", "__version__", "load_model"]
+__all__ = ["ModelHandle", "Store", "__version__", "load_model"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,4 +26,8 @@ def __getattr__(name: str) -> Any:
         from engram.inference import load_model
 
         return load_model
+    if name == "ModelHandle":
+        from engram.handle import ModelHandle
+
+        return ModelHandle
     raise AttributeError(f"module 'engram' has no attribute {name!r}")

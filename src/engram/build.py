@@ -6,11 +6,13 @@ The one module besides :mod:`engram.train` that reads the config: the training r
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from engram.errors import EngramError
+from engram.sklearn.estimators import is_sklearn, spec_params
 from engram.strategies.registry import build_plugins
 
 __all__ = [
@@ -30,6 +32,10 @@ def model_spec(cfg: DictConfig, input_shape: tuple[int, ...], n_classes: int,
                task_labels: bool) -> dict[str, Any]:  # fmt: skip
     """The model's spec (see engram.models): what the config asks for, sized by the data."""
     m = cfg.model
+    if is_sklearn(m.name):  # an estimator: its parameters, sized by nothing but the data
+        params = spec_params(m.name, OmegaConf.to_container(m.args) or {}, cfg.seed)
+        args = {"input_shape": [math.prod(input_shape)], "n_classes": n_classes, "params": params}
+        return {"name": m.name, "args": args}
     multihead = task_labels if m.multihead is None else bool(m.multihead)
     args: dict[str, Any] = {}
     if m.name == "mlp":

@@ -26,9 +26,17 @@ if TYPE_CHECKING:
 
 
 def load_model(
-    store: Store | str | os.PathLike[str], version: int | str = "HEAD", *, device: Any = "cpu"
-) -> nn.Module:
+    store: Store | str | os.PathLike[str],
+    version: int | str = "HEAD",
+    *,
+    device: Any = "cpu",
+    allow_version_mismatch: bool = False,
+) -> nn.Module | Any:
     """Rebuild a stored version's model, load its weights, and return it in eval mode.
+
+    A scikit-learn version (``engram-train model=sgd_classifier ...``) gives its fitted
+    estimator, read from its ``.skops`` file through engram's allowlist
+    (:mod:`engram.sklearn.persist`); ``device`` does not apply to it.
 
     Args:
         store: a store path (opened read-only, so it works while a trainer writes) or
@@ -36,6 +44,8 @@ def load_model(
         version: ``"HEAD"``, a tag, an id (``7``), ``"v0007"`` or ``"HEAD~1"``.
         device: where the model goes (``"cpu"``, ``"cuda"``, ``"auto"``: CUDA when
             available); checkpoints themselves are device-neutral.
+        allow_version_mismatch: load a scikit-learn estimator written by another
+            scikit-learn version (refused by default: attributes change between releases).
 
     Raises:
         VersionNotFoundError: no such version or tag.
@@ -43,23 +53,28 @@ def load_model(
             names a builder outside :func:`engram.models.available_models`.
         ArchitectureMismatchError: the rebuilt model does not fit the stored weights.
         CorruptionError: the checkpoint does not match its recorded hash.
+        UnsafeModelError: a scikit-learn model file names a type outside the allowlist.
+        VersionMismatchError: written by another scikit-learn (and not allowed).
     """
     from engram.store import Store
+
+    if isinstance(store, Store):
+        return _load(store, version, device, allow_version_mismatch)
+    with Store.open(store, mode="r") as opened:
+        return _load(opened, version, device, allow_version_mismatch)
+
+
+def _load(store: Store, version: int | str, device: Any, allow_version_mismatch: bool) -> Any:
     from engram.training.execution import resolve_device
 
-    target = resolve_device(device)
-    if isinstance(store, Store):
-        return _load(store, version).to(target)
-    with Store.open(store, mode="r") as opened:
-        return _load(opened, version).to(target)
-
-
-def _load(store: Store, version: int | str) -> nn.Module:
     # One load: the version named is resolved once, so a concurrent gc or a moving tag
     # cannot give the spec of one version and the weights of another.
     snapshot = store.load(version, state=False)
     info = snapshot.version
     where = f"{store.path} {info.name}"
+    if snapshot.artifact is not None:
+        return _estimator(snapshot, where, allow_version_mismatch)
+    target = resolve_device(device)
     spec = info.meta.get("model_spec")
     if spec is None:
         raise EngramError(
@@ -72,7 +87,31 @@ def _load(store: Store, version: int | str) -> nn.Module:
     weights = snapshot.model
     if weights is None:
         raise EngramError(f"{where} has no model weights; choose a version that has them")
-    return build_with_weights(spec, weights, where)
+    return build_with_weights(spec, weights, where).to(target)
+
+
+def _estimator(snapshot: Any, where: str, allow_version_mismatch: bool) -> Any:
+    """A scikit-learn version's estimator, checked against its recorded signature."""
+    from engram.sklearn import persist
+
+    meta = snapshot.version.meta
+    recorded = (meta.get("sklearn") or {}).get("versions")
+    if recorded is None:
+        raise EngramError(f"{where} records no scikit-learn versions for its model file")
+    estimator = persist.loads(snapshot.artifact, recorded, what=where,
+                              allow_version_mismatch=allow_version_mismatch)  # fmt: skip
+    sig = meta.get("signature")
+    if sig:
+        features = getattr(estimator, "n_features_in_", None)
+        classes = getattr(estimator, "classes_", None)
+        if features != sig["input"]["shape"][0] or (
+            classes is not None and [int(c) for c in classes] != sig["classes"]
+        ):
+            raise ArchitectureMismatchError(
+                f"{where}: the estimator ({features} features, classes {classes}) does not "
+                f"fit the version's recorded signature {sig}"
+            )
+    return estimator
 
 
 def build_with_weights(spec: Any, weights: dict[str, Any], where: str = "") -> nn.Module:

@@ -26,6 +26,7 @@ from engram import distributed
 from engram.build import build_optimizer, build_plugins, model_spec
 from engram.config import register
 from engram.errors import EngramError, GateFailed, NotAStoreError, StoreNotFoundError
+from engram.sklearn.estimators import is_sklearn
 
 __all__ = ["GateFailed", "build_optimizer", "build_plugins", "main", "model_spec", "train"]
 
@@ -80,13 +81,9 @@ def _run(cfg: DictConfig) -> list[list[float]]:
     import numpy as np
     import torch
 
-    from engram import build
     from engram.distributed.sync import agree
-    from engram.models import build_model
     from engram.store import Store
     from engram.streams import build_benchmark
-    from engram.training.progress import ProgressBar
-    from engram.training.template import DurableTemplate
 
     if cfg.training.threads is not None:
         torch.set_num_threads(cfg.training.threads)
@@ -118,9 +115,38 @@ def _run(cfg: DictConfig) -> list[list[float]]:
         if store is not None:
             store.close()
         raise
-    model = build_model(spec)
     quiet = cfg.run.quiet or not world.is_main
-    with store or contextlib.nullcontext(), DurableTemplate(
+    signature = _signature(spec, bench)
+    make = _sklearn_learner if is_sklearn(spec["name"]) else _template
+    with store or contextlib.nullcontext(), make(cfg, spec, store, bench, signature,
+                                                 quiet) as strategy:  # fmt: skip
+        matrix = _fit(cfg, strategy, bench)
+    if not quiet and matrix:
+        _summary(matrix, strategy.initial_accuracy)
+    return matrix
+
+
+def _signature(spec: dict[str, Any], bench: Any) -> dict[str, Any]:
+    """What the model takes and answers (engram.signature), recorded in every version."""
+    from engram.signature import signature
+
+    shape = spec["args"]["input_shape"] if is_sklearn(spec["name"]) else bench.input_shape
+    return signature(shape, range(bench.n_classes), task_labels=bench.task_labels)
+
+
+def _template(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
+              signature: dict[str, Any], quiet: bool) -> Any:  # fmt: skip
+    """The torch model's durable Avalanche template for this run."""
+    from engram import build
+    from engram.models import build_model
+    from engram.training.progress import ProgressBar
+    from engram.training.template import DurableTemplate
+
+    model = build_model(spec)
+    meta = {"signature": signature}
+    if bench.experience_ids:
+        meta["experience_ids"] = bench.experience_ids
+    return DurableTemplate(
         model=model,
         optimizer=build_optimizer(cfg, model),
         store=store if store is not None else cfg.store.path,
@@ -137,16 +163,35 @@ def _run(cfg: DictConfig) -> list[list[float]]:
         branch=cfg.branch,
         name=cfg.strategy.name,
         model_spec=spec,
-        meta={"experience_ids": bench.experience_ids} if bench.experience_ids else None,
+        meta=meta,
         gate=build.gate(cfg),
         nonfinite=cfg.training.nonfinite,
         device=cfg.training.device,
         precision=cfg.training.precision,
-    ) as strategy:  # fmt: skip
-        matrix = _fit(cfg, strategy, bench)
-    if not quiet and matrix:
-        _summary(matrix, strategy.initial_accuracy)
-    return matrix
+    )
+
+
+def _sklearn_learner(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
+                     signature: dict[str, Any], quiet: bool) -> Any:  # fmt: skip
+    """The scikit-learn estimator's learner for this run (engram.sklearn)."""
+    from engram import build
+    from engram.sklearn.learner import SklearnLearner
+
+    replay = cfg.strategy.get("replay")
+    return SklearnLearner(
+        spec,
+        store,
+        signature=signature,
+        name=cfg.strategy.name,
+        replay=OmegaConf.to_container(replay) if replay is not None else None,
+        batch_size=cfg.training.batch_size,
+        epochs=cfg.training.epochs,
+        seed=cfg.seed,
+        hparams={"benchmark": build.benchmark_hparams(cfg), "model": spec},
+        meta={"experience_ids": bench.experience_ids} if bench.experience_ids else None,
+        gate=build.gate(cfg),
+        branch=cfg.branch,
+    )
 
 
 def _fit(cfg: DictConfig, strategy: Any, bench: Any) -> list[list[float]]:

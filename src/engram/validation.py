@@ -37,6 +37,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from engram import config as schema
 from engram.errors import EngramError
+from engram.sklearn.estimators import MODELS as SKLEARN_MODELS
+from engram.sklearn.estimators import is_sklearn
 from engram.strategies import registry
 from engram.training.execution import PRECISIONS
 
@@ -249,7 +251,9 @@ def _model(values: dict[str, Any]) -> list[str]:
     from engram.models import available_models
 
     name = values["model.name"]
-    allowed = [n for n in available_models() if not n.endswith("*")]
+    if is_sklearn(name):
+        return _sklearn(values)
+    allowed = [n for n in available_models() if not n.endswith("*")] + list(SKLEARN_MODELS)
     if name in allowed:
         return []
     if isinstance(name, str) and name.startswith("torchvision.") and name != "torchvision.":
@@ -261,6 +265,40 @@ def _model(values: dict[str, Any]) -> list[str]:
         f"model.name must be one of {', '.join(allowed)} or torchvision.<model> "
         f"(or a builder registered with engram.models.register_model), not {_show(name)}"
     ]
+
+
+def _sklearn(values: dict[str, Any]) -> list[str]:
+    """A scikit-learn model: partial_fit with naive or replay, one version per experience."""
+    name, problems = values["model.name"], []
+    sections = {k.split(".")[1] for k in values if k.startswith("strategy.") and k.count(".") > 1}
+    gradients = sorted(sections - {"replay"})
+    if gradients:
+        problems.append(
+            f"strategy={values['strategy.name']} needs gradients ({', '.join(gradients)}), which "
+            f"a scikit-learn model (model={name}) does not have; use strategy=naive or "
+            "strategy=replay"
+        )
+    if values["benchmark.task_labels"] or values["benchmark.name"] == "split_digits_task":
+        problems.append(
+            f"model={name} has one output layer: task-incremental streams "
+            "(task labels, split_digits_task) need a multi-head torch model"
+        )
+    unsupported = {
+        "training.commit_every_iterations": None, "training.commit_every_seconds": None,
+        "training.async_commit": False, "training.precision": "32",
+    }  # fmt: skip
+    for key, default in unsupported.items():
+        if values[key] != default:
+            problems.append(
+                f"{key} is for torch models; model={name} commits once per "
+                f"experience in full precision (leave it at {_show(default)})"
+            )
+    if values["training.device"] not in ("auto", "cpu"):
+        problems.append(
+            f"model={name} trains on the CPU; training.device must be auto or cpu, "
+            f"not {_show(values['training.device'])}"
+        )
+    return problems
 
 
 def _combinations(values: dict[str, Any]) -> list[str]:

@@ -177,6 +177,8 @@ def summarise(store: Store, version: str) -> dict[str, Any]:
         if ckpt is None
         else {"file": ckpt["file"], "nbytes": ckpt["nbytes"], "sha256": ckpt["sha256"]},
         "compacted_model": _compacted_model(manifest),
+        "artifact": _artifact(manifest.get("artifact")),
+        "signature": info.meta.get("signature"),
         "components": list(components.values()),
         "state": [
             {
@@ -194,6 +196,12 @@ def summarise(store: Store, version: str) -> dict[str, Any]:
             "initial_accuracy": (state_metrics or {}).get("initial_accuracy"),
         },
     }
+
+
+def _artifact(art: dict[str, Any] | None) -> dict[str, Any] | None:
+    if art is None:
+        return None
+    return {k: art[k] for k in ("file", "format", "nbytes", "sha256")}
 
 
 def _plain(tree: Any) -> Any:
@@ -238,7 +246,10 @@ def print_show(v: dict[str, Any]) -> None:
     spec = v["model_spec"]
     print(f"model       {json.dumps(spec) if spec else '(no model spec recorded)'}")
     ex = v["execution"]
-    if ex:  # what bit-identical resumption depends on (docs/training.md)
+    if ex and ex.get("library") == "scikit-learn":
+        print(f"execution   scikit-learn {ex.get('scikit-learn')}, numpy {ex.get('numpy')}, "
+              f"scipy {ex.get('scipy')}, skops {ex.get('skops')}")  # fmt: skip
+    elif ex:  # what bit-identical resumption depends on (docs/training.md)
         print(
             f"execution   torch {ex.get('torch')}, {ex.get('device')} ({ex.get('device_name')}), "
             f"{ex.get('world_size', 1)} rank(s) x {ex.get('threads')} threads, precision "
@@ -246,8 +257,20 @@ def print_show(v: dict[str, Any]) -> None:
             f"{ex.get('deterministic')}, cudnn deterministic {ex.get('cudnn_deterministic')} "
             f"benchmark {ex.get('cudnn_benchmark')}"
         )
-    ckpt, packed = v["checkpoint"], v["compacted_model"]
-    if ckpt:
+    sig = v["signature"]
+    if sig:
+        c = sig["classes"]
+        span = f"{c[0]}..{c[-1]}" if c == list(range(c[0], c[-1] + 1)) else ", ".join(map(str, c))
+        shape = ", ".join(map(str, sig["input"]["shape"]))
+        tasks = ", task labels" if sig.get("task_labels") else ""
+        print(f"signature   input {sig['input']['dtype']} (N, {shape}), classes {span}{tasks}")
+    ckpt, packed, art = v["checkpoint"], v["compacted_model"], v["artifact"]
+    if art:
+        print(
+            f"model file  {art['file']}  {human_bytes(art['nbytes'])}  "
+            f"sha256 {art['sha256'][:16]}…  ({art['format']}; load: engram.load_model)"
+        )
+    elif ckpt:
         print(
             f"checkpoint  {ckpt['file']}  {human_bytes(ckpt['nbytes'])}  "
             f"sha256 {ckpt['sha256'][:16]}…"
@@ -264,7 +287,7 @@ def print_show(v: dict[str, Any]) -> None:
         f"{human_bytes(v['new_bytes'])} written by this commit"
     )
     shown = {"model_spec", "metrics", "accuracy", "hparams", "strategy", "experience", "kind",
-             "execution"}  # fmt: skip
+             "execution", "signature"}  # fmt: skip
     rest = {k: val for k, val in v["meta"].items() if k not in shown}
     for title, tree in (("hparams", v["hparams"]), ("meta", rest)):
         leaves = flatten(tree) if tree else {}

@@ -1,5 +1,5 @@
-"""Continual-learning streams for ``engram-train``: embedded digits, classic datasets
-through Avalanche, and the user's own ``.npz`` files.
+"""Continual-learning streams for ``engram-train``: embedded digits, generated MNIST-1D,
+classic datasets through Avalanche, and the user's own ``.npz`` files.
 
 :func:`build_benchmark` turns a ``benchmark`` config into a :class:`Benchmark`; heavy
 modules (torch, Avalanche) are imported only when a benchmark is built. The config group
@@ -16,8 +16,9 @@ from typing import Any
 from engram.errors import EngramError
 
 DIGITS = ("split_digits", "split_digits_task", "permuted_digits", "rotated_digits")
+MNIST1D = ("split_mnist1d", "permuted_mnist1d")
 CLASSIC = ("split_mnist", "permuted_mnist", "split_cifar10", "split_cifar100")
-NAMES = (*DIGITS, *CLASSIC, "files")
+NAMES = (*DIGITS, *MNIST1D, *CLASSIC, "files")
 
 
 @dataclass
@@ -61,6 +62,15 @@ def _build(cfg: Mapping[str, Any], name: str, n_classes: int | None) -> Benchmar
             max_angle = cfg.get("max_angle", 90.0)
             bench, task_labels = digits.rotated_digits(n, max_angle=max_angle, seed=seed), False
         shape, classes = digits.INPUT_SHAPE, digits.N_CLASSES
+        return Benchmark(bench.train_stream, bench.test_stream, shape, classes, task_labels)
+    if name in MNIST1D:
+        from engram.streams import mnist1d
+
+        if name == "split_mnist1d":
+            bench = mnist1d.split_mnist1d(n, task_labels=task_labels, seed=seed)
+        else:
+            bench, task_labels = mnist1d.permuted_mnist1d(n, seed=seed), False
+        shape, classes = mnist1d.INPUT_SHAPE, mnist1d.N_CLASSES
         return Benchmark(bench.train_stream, bench.test_stream, shape, classes, task_labels)
     if name in CLASSIC:
         from engram.streams.classic import classic_benchmark

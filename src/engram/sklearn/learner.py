@@ -1,0 +1,279 @@
+"""A scikit-learn ``partial_fit`` learner over a continual stream, persisted in a store.
+
+The same contract as :class:`~engram.training.template.DurableTemplate` where it
+applies, so ``engram-train`` runs both through one loop (``restore``, ``fit``,
+``cursor``, ``accuracy_matrix``, the regression gate, the lineage checks):
+
+* every experience ends in one version: the estimator as a ``.skops`` artifact
+  (:mod:`engram.sklearn.persist`), the replay buffer's state (its samples in the
+  store's LMDB sample table), the cursor and the accuracy history;
+* ``strategy=replay`` mixes buffered samples into each ``partial_fit`` call;
+* the minibatch order of (experience, epoch) is derived from the run's seed and the
+  replay buffer continues its own persisted RNG streams, so a run resumed in a new
+  process (or after SIGKILL: the experience in progress is trained again from the last
+  version) ends bit-identical to one that never stopped.
+
+Strategies that need gradients (EWC, SI, MAS, LwF, DER, A-GEM) do not apply to
+``partial_fit``: :mod:`engram.validation` refuses them before anything runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from engram import metrics
+from engram.errors import EngramError, GateFailed
+from engram.signature import check_labels
+from engram.sklearn import persist
+from engram.sklearn.estimators import build_estimator, partial_fit
+from engram.store import Artifact, Store
+from engram.training.lineage import check_lineage
+from engram.training.sampler import epoch_seed
+from engram.training.state import Cursor
+
+
+class SklearnLearner:
+    """Trains a scikit-learn estimator over a stream, one version per experience.
+
+    Args:
+        spec: the estimator's spec (:mod:`engram.sklearn.estimators`).
+        store: an open, writable store.
+        signature: the model's signature (:mod:`engram.signature`); its ``classes`` are
+            the label space given to the first ``partial_fit``.
+        name: the strategy's name (``naive``, ``replay``), recorded.
+        replay: the replay section (``mem_size``, ``batch_size_mem``, ``policy``,
+            ``admission``), or None for naive ``partial_fit``.
+        batch_size: samples per ``partial_fit`` call (before replayed ones).
+        epochs: passes over each experience.
+        hparams: more settings a resumed run must share (benchmark, model).
+        meta: more JSON recorded in every version (e.g. the stream's experience ids).
+        gate: a :class:`~engram.training.gate.RegressionGate`, or None.
+        branch: continue HEAD even if the hyperparameters differ (recorded).
+    """
+
+    def __init__(
+        self,
+        spec: Mapping[str, Any],
+        store: Store,
+        *,
+        signature: Mapping[str, Any],
+        name: str = "naive",
+        replay: Mapping[str, Any] | None = None,
+        batch_size: int = 32,
+        epochs: int = 1,
+        seed: int = 0,
+        hparams: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        gate: Any = None,
+        branch: bool = False,
+    ) -> None:
+        self.spec = dict(spec)
+        self.estimator = build_estimator(spec)
+        self.store = store
+        self.signature = dict(signature)
+        self.classes = np.asarray(self.signature["classes"])
+        self.name = name
+        self.replay = dict(replay) if replay is not None else None
+        self.batch_size, self.epochs, self.seed = batch_size, epochs, seed
+        self.extra_hparams = dict(hparams or {})
+        self.extra_meta = dict(meta or {})
+        self.gate, self.branch = gate, branch
+        self.buffer = None
+        if self.replay is not None:
+            from engram.memory.replay import ReplayBuffer
+
+            self.buffer = ReplayBuffer(store, self.replay["mem_size"], self.replay["policy"], seed)
+        self.cursor = Cursor()
+        self.accuracy_matrix: list[list[float]] = []
+        self.initial_accuracy: list[float] | None = None  # an unfitted estimator predicts nothing
+        self.last_commit_seconds: float | None = None
+        self.last_commit_bytes: int | None = None
+        self._restored = self._has_history = False
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __enter__(self) -> SklearnLearner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass  # the store is the caller's
+
+    def hparams(self) -> dict[str, Any]:
+        """Everything that must not silently change between a run and its resumption."""
+        plugins = {"replay": dict(self.replay, seed=self.seed)} if self.replay else {}
+        return {
+            "strategy": self.name,
+            "train_mb_size": self.batch_size,
+            "train_epochs": self.epochs,
+            "seed": self.seed,
+            "plugins": plugins,
+            **self.extra_hparams,
+        }
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, experiences: Sequence[Any] = ()) -> bool:
+        """Restore HEAD of the store (once); returns False for an empty store."""
+        if self._restored:
+            return self._has_history
+        self._restored = True
+        head = self.store.head
+        if head is None:
+            return False
+        check_lineage(head, path=self.store.path, hparams=self.hparams(), model_spec=self.spec,
+                      experience_ids=self.extra_meta.get("experience_ids"),
+                      branch=self.branch)  # fmt: skip
+        snapshot = self.store.load(head.id)
+        recorded = head.meta.get("sklearn", {}).get("versions")
+        if snapshot.artifact is None or recorded is None:
+            raise EngramError(f"{self.store.path} {head.name} holds no scikit-learn estimator")
+        self.estimator = persist.loads(snapshot.artifact, recorded,
+                                       what=f"{self.store.path} {head.name}")  # fmt: skip
+        state = snapshot.state
+        self.cursor.load_state_dict(state["cursor"])
+        self.accuracy_matrix = [list(row) for row in state["metrics"]["accuracy_matrix"]]
+        if self.buffer is not None:
+            self.buffer.load_state_dict(state["replay"])
+        self._has_history = True
+        return True
+
+    # ------------------------------------------------------------------ training
+
+    def fit(
+        self,
+        train_stream: Sequence[Any],
+        test_stream: Sequence[Any] | None = None,
+        *,
+        max_experiences: int | None = None,
+        on_experience: Callable[[int, list[float]], None] | None = None,
+    ) -> list[list[float]]:
+        """Train every experience not yet trained, evaluate, commit each; returns the
+        accuracy matrix (row i: accuracies on the test stream after experience i)."""
+        train_list, test_list = list(train_stream), list(test_stream or [])
+        self.restore(train_list + test_list)
+        trained = 0
+        for index, experience in enumerate(train_list):
+            if index < self.cursor.experience:
+                continue
+            if max_experiences is not None and trained >= max_experiences:
+                break
+            self.train_experience(index, experience)
+            self.accuracy_matrix.append(self.evaluate(test_list))
+            rejected = self._finish_experience(index)
+            trained += 1
+            if on_experience is not None:
+                on_experience(index, self.accuracy_matrix[-1])
+            if rejected is not None:
+                raise GateFailed(rejected)
+        return self.accuracy_matrix
+
+    def train_experience(self, index: int, experience: Any) -> None:
+        """``partial_fit`` over one experience: ``epochs`` passes in seeded minibatches,
+        each with a replayed minibatch mixed in once the buffer holds samples."""
+        import torch
+
+        x, y = self._data(experience)
+        check_labels(self.signature, np.unique(y), where=f"experience {index}")
+        replay = self.replay or {}
+        for epoch in range(self.epochs):
+            order = np.random.default_rng(epoch_seed(self.seed, index, epoch)).permutation(len(y))
+            for start in range(0, len(y), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                xb, yb = x[batch], y[batch]
+                if self.buffer is not None and len(self.buffer):
+                    mem = self.buffer.sample(replay["batch_size_mem"] or len(batch))
+                    xb = np.concatenate([xb, mem["x"].numpy()])
+                    yb = np.concatenate([yb, mem["y"].numpy()])
+                self._partial_fit(xb, yb, index)
+                if self.buffer is not None and replay["admission"] == "stream":
+                    self.buffer.add(torch.from_numpy(x[batch]), torch.from_numpy(y[batch]),
+                                    experience=index)  # fmt: skip
+        if self.buffer is not None and replay["admission"] == "experience_end":
+            for start in range(0, len(y), 1024):
+                self.buffer.add(
+                    torch.from_numpy(x[start : start + 1024]),
+                    torch.from_numpy(y[start : start + 1024]),
+                    experience=index,
+                )
+        self.cursor = Cursor(experience=index + 1)
+
+    def _partial_fit(self, x: np.ndarray, y: np.ndarray, index: int) -> None:
+        try:
+            partial_fit(self.estimator, x, y, self.classes)
+        except ValueError as e:  # scikit-learn's own check of the data, e.g. MultinomialNB's
+            raise EngramError(
+                f"experience {index}: {type(self.estimator).__name__}.partial_fit refused the "
+                f"data: {' '.join(str(e).split())}"
+            ) from None
+
+    def evaluate(self, test_stream: Sequence[Any]) -> list[float]:
+        """Accuracy of the estimator on each test experience."""
+        out = []
+        for experience in test_stream:
+            x, y = self._data(experience)
+            out.append(float(np.mean(self.estimator.predict(x) == y)) if len(y) else 0.0)
+        return out
+
+    def _data(self, experience: Any) -> tuple[np.ndarray, np.ndarray]:
+        """An experience's samples as arrays (x flattened to the signature's shape)."""
+        key = id(experience)
+        if key not in self._arrays:
+            import torch
+            from torch.utils.data import DataLoader
+
+            xs, ys = [], []
+            for batch in DataLoader(experience.dataset, batch_size=4096, shuffle=False):
+                xs.append(batch[0])
+                ys.append(batch[1])
+            x = torch.cat(xs).reshape(-1, *self.signature["input"]["shape"])
+            self._arrays[key] = (x.numpy(), torch.cat(ys).to(torch.int64).numpy())
+        return self._arrays[key]
+
+    # ------------------------------------------------------------------ commit
+
+    def commit(self, index: int, gate: Mapping[str, Any] | None = None) -> None:
+        """Commit the state after experience ``index``: estimator, buffer, history."""
+        versions = persist.library_versions()
+        meta = {
+            "experience": index,
+            "epoch": 0,
+            "iteration": 0,
+            "kind": "experience",
+            "strategy": self.name,
+            "hparams": self.hparams(),
+            "model_spec": self.spec,
+            **self.extra_meta,
+            "execution": {"library": "scikit-learn", "world_size": 1, **versions},
+            "sklearn": {"versions": versions, "estimator": type(self.estimator).__name__},
+            "signature": self.signature,
+            "accuracy": self.accuracy_matrix[-1],
+            "metrics": metrics.summary(self.accuracy_matrix, self.initial_accuracy),
+        }
+        if gate is not None:
+            meta["gate"] = dict(gate)
+        state: dict[str, Any] = {
+            "cursor": self.cursor.state_dict(),
+            "metrics": {"accuracy_matrix": self.accuracy_matrix, "initial_accuracy": None},
+        }
+        if self.buffer is not None:
+            state["replay"] = self.buffer.state_dict()
+        start = time.perf_counter()
+        artifact = Artifact(persist.FORMAT, persist.dumps(self.estimator))
+        version = self.store.commit(state, artifact=artifact, meta=meta,
+                                    message=f"after experience {index}")  # fmt: skip
+        self.last_commit_seconds = time.perf_counter() - start
+        self.last_commit_bytes = version.new_bytes
+
+    def _finish_experience(self, index: int) -> str | None:
+        """Commit experience ``index``'s version, then the gate (see engram.training.gate)."""
+        failures = self.gate.failures(self.accuracy_matrix) if self.gate is not None else []
+        verdict = None if self.gate is None else {"passed": not failures, "failures": failures}
+        self.commit(index, gate=verdict)
+        if failures:
+            return self.gate.reject(self.store, self.store.head, index, failures)
+        if self.gate is not None and self.gate.promote:
+            self.store.tag(self.gate.promote, self.store.head.id)
+        return None
