@@ -126,6 +126,24 @@ class ModelHandle:
         finally:
             self._lock.release()
 
+    def predict(self, x: Any) -> tuple[Any, VersionInfo]:
+        """Class labels for a batch ``x`` from the current model, and the version that
+        answered. ``x`` is checked against the version's recorded signature first
+        (:mod:`engram.signature`), so a wrong shape is one clear
+        :class:`~engram.signature.SignatureError`, not a traceback from NumPy or torch.
+        A scikit-learn estimator's ``predict``; a torch model's argmax (as int64)."""
+        from engram.signature import check_input
+
+        model, info = self.get()
+        check_input(info.meta.get("signature"), x, what=f"{self.store.path} {info.name}")
+        if hasattr(model, "predict"):
+            return model.predict(x), info
+        import torch
+
+        with torch.no_grad():
+            inputs = torch.as_tensor(x, dtype=torch.float32)
+            return model(inputs).argmax(dim=-1).cpu().numpy(), info
+
     def refresh(self) -> bool:
         """Check the ref now (waiting for a reload in progress); True if a version was
         loaded. Raises like :meth:`get` while nothing is cached."""

@@ -130,6 +130,8 @@ def test_a_sigkilled_run_rerun_equals_an_uninterrupted_run(tmp_path: Path) -> No
     train(config(tmp_path / "whole", *args))
     # The child dies as soon as experience 2's model file is written, before the
     # version is published: the kill lands inside the commit it aims at.
+    overrides = [f"store.path={tmp_path / 'cut'}", "training.epochs=1", "run.quiet=true",
+                 "logger.tensorboard=false", *args]  # fmt: skip
     script = textwrap.dedent(f"""
         import os, signal, sys, threading
         from hydra import compose, initialize_config_module
@@ -141,15 +143,7 @@ def test_a_sigkilled_run_rerun_equals_an_uninterrupted_run(tmp_path: Path) -> No
         sys.setprofile(hook)
         threading.setprofile(hook)
         with initialize_config_module(version_base="1.3", config_module="engram.configs"):
-            cfg = compose("train", overrides={
-        [
-            f"store.path={tmp_path / 'cut'}",
-            "training.epochs=1",
-            "run.quiet=true",
-            "logger.tensorboard=false",
-            *args,
-        ]!r
-    })
+            cfg = compose("train", overrides={overrides!r})
         train(cfg)
     """)
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -232,3 +226,18 @@ def test_the_handle_serves_estimators_and_follows_the_tag(tmp_path: Path) -> Non
         est2, version2 = handle.get()
         assert version2.id == 2 and est2 is not est
         assert_same_estimator(est2, engram.load_model(store, 2))
+
+
+def test_predict_checks_the_signature_for_estimators_and_torch_models(tmp_path: Path) -> None:
+    train(config(tmp_path / "sk", "model=sgd_classifier", "benchmark.n_experiences=2"))
+    train(config(tmp_path / "torch", "benchmark.n_experiences=2"))
+    x = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+    for name in ("sk", "torch"):
+        with engram.ModelHandle(tmp_path / name, "HEAD") as handle:
+            labels, version = handle.predict(x)
+            assert labels.shape == (3,) and version.id == 2
+            assert set(labels.tolist()) <= set(range(10))
+            with pytest.raises(SignatureError, match=r"shape \(3, 63\).*\(N, 64\) of float32"):
+                handle.predict(x[:, :63])
+            with pytest.raises(SignatureError, match="must be numeric"):
+                handle.predict(np.array([["a"] * 64]))

@@ -102,7 +102,17 @@ def _parser() -> argparse.ArgumentParser:
     command("upgrade", "Seal every LMDB record of an older store with a checksum (format 3).",
             "integrity")  # fmt: skip
     p = command("export", "Write a self-contained deployable model.", "export", "the version")
-    p.add_argument("--format", choices=("safetensors", "onnx"), help="default: from --out")
+    p.add_argument(
+        "--format",
+        choices=("safetensors", "onnx", "skops", "joblib"),
+        help="default: from --out (.onnx, .skops, .joblib; else safetensors); "
+        "skops/joblib for scikit-learn versions (joblib is pickle-based)",
+    )
+    p.add_argument(
+        "--allow-version-mismatch",
+        action="store_true",
+        help="export a scikit-learn model written by another scikit-learn version",
+    )
     p.add_argument("--out", required=True, metavar="PATH", help="the file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     return parser

@@ -5,7 +5,13 @@
   ``engram.models.build_model(json.loads(metadata["model_spec"]))``.
 * ``onnx``: the model rebuilt by :func:`engram.load_model`, traced by ``torch.onnx``
   with a dynamic batch axis, weights embedded, the same metadata as model properties.
-  Needs the optional ``onnx`` extra (``pip install 'engram[onnx]'``).
+  Needs the optional ``onnx`` extra (``pip install 'engram[onnx]'``). A scikit-learn
+  version is converted by skl2onnx (inference only; same extra).
+* ``skops`` (scikit-learn versions): the version's own ``.skops`` file, checked against
+  its recorded hash; load it with ``skops.io.load`` or :func:`engram.load_model`.
+* ``joblib`` (scikit-learn versions): the estimator, loaded through engram's allowlist,
+  written with ``joblib.dump`` for existing ``joblib.load`` code. That format is
+  pickle: loading it runs code, so only ever load it from a source you trust.
 
 The file is written to a temporary name beside ``--out`` and renamed into place, so a
 failed export leaves any earlier file at ``--out`` as it was. An existing ``--out`` is
@@ -28,11 +34,14 @@ from engram.cli.faults import fault_errno
 from engram.cli.output import EXIT_OK, UsageError, emit_json, finite, human_bytes
 from engram.errors import EngramError
 
+_SUFFIXES = {".onnx": "onnx", ".skops": "skops", ".joblib": "joblib", ".pkl": "joblib"}
+
 
 def export(args: argparse.Namespace) -> int:
     result = export_version(
-        args.store, args.version, Path(args.out), fmt=args.format, force=args.force
-    )
+        args.store, args.version, Path(args.out), fmt=args.format, force=args.force,
+        allow_version_mismatch=args.allow_version_mismatch,
+    )  # fmt: skip
     if args.json:
         emit_json(result)
     else:
@@ -41,11 +50,12 @@ def export(args: argparse.Namespace) -> int:
 
 
 def export_version(
-    path: str, version: str, out: Path, *, fmt: str | None, force: bool
-) -> dict[str, Any]:
+    path: str, version: str, out: Path, *, fmt: str | None, force: bool,
+    allow_version_mismatch: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Write ``version`` of the store at ``path`` to ``out`` as ``fmt`` (default: from
     the suffix of ``out``); what was written, and its size."""
-    fmt_name = fmt or ("onnx" if out.suffix == ".onnx" else "safetensors")
+    fmt_name = fmt or _SUFFIXES.get(out.suffix, "safetensors")
     if not out.parent.is_dir():
         raise UsageError(f"cannot write {out}: directory {out.parent} does not exist")
     if out.is_dir():
@@ -59,7 +69,7 @@ def export_version(
     if os.path.lexists(out) and not force:
         raise UsageError(f"--out {out} exists; pass --force to overwrite it")
     if fmt_name == "onnx":
-        _require_onnx()
+        _require_onnx()  # (a scikit-learn version needs skl2onnx too: said when it is one)
     with open_store(path) as store:
         info = store.info(version)
         metadata = {
@@ -73,7 +83,15 @@ def export_version(
             "strategy": json.dumps(info.meta.get("strategy")),
             "metrics": json.dumps(finite(info.meta.get("metrics"))),
         }
-        if fmt_name == "safetensors":
+        if info.artifact is not None:  # a scikit-learn estimator
+            _export_estimator(store, info, out, fmt_name, metadata, force,
+                              allow_version_mismatch)  # fmt: skip
+        elif fmt_name in ("skops", "joblib"):
+            raise EngramError(
+                f"{store.path} {info.name} holds a torch model; --format {fmt_name} is for "
+                "scikit-learn versions (use safetensors or onnx)"
+            )
+        elif fmt_name == "safetensors":
             weights = store.load(info.id, state=False).model  # compacted or plain
             if weights is None:
                 raise EngramError(f"{store.path} {info.name} has no model weights to export")
@@ -84,7 +102,11 @@ def export_version(
             model = load_model(store, info.id)
             spec = info.meta["model_spec"]
             _atomic_write(out, lambda tmp: _save_onnx(model, spec, tmp, metadata), force)
-    return {"format": fmt_name, "out": str(out), "version": info.name, "bytes": out.stat().st_size}
+    result = {"format": fmt_name, "out": str(out), "version": info.name,
+              "bytes": out.stat().st_size}  # fmt: skip
+    if fmt_name == "joblib":
+        result["note"] = "joblib files are pickle: load them only from a source you trust"
+    return result
 
 
 def print_export(result: dict[str, Any]) -> None:
@@ -92,6 +114,60 @@ def print_export(result: dict[str, Any]) -> None:
         f"exported {result['version']} as {result['format']} to {result['out']} "
         f"({human_bytes(result['bytes'])})"
     )
+    if "note" in result:
+        print(f"note: {result['note']}")
+
+
+def _export_estimator(store: Any, info: Any, out: Path, fmt_name: str, metadata: dict[str, str],
+                      force: bool, allow_version_mismatch: bool) -> None:  # fmt: skip
+    """A scikit-learn version as ``fmt_name``: its skops file, joblib, or ONNX."""
+    from engram.inference import load_model
+
+    if fmt_name == "safetensors":
+        raise EngramError(
+            f"{store.path} {info.name} holds a scikit-learn estimator, not tensors; export "
+            "--format skops, joblib or onnx"
+        )
+    if fmt_name == "skops":
+        data = store.load(info.id, state=False).artifact  # checked against its hash
+        _atomic_write(out, lambda tmp: tmp.write_bytes(data), force)
+        return
+    estimator = load_model(store, info.id, allow_version_mismatch=allow_version_mismatch)
+    if fmt_name == "joblib":
+        import joblib
+
+        _atomic_write(out, lambda tmp: joblib.dump(estimator, tmp), force)
+        return
+    sig = info.meta["signature"]
+    _atomic_write(out, lambda tmp: _save_sklearn_onnx(estimator, sig, tmp, metadata), force)
+
+
+def _save_sklearn_onnx(estimator: Any, sig: dict, path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    try:
+        from skl2onnx import to_onnx
+        from skl2onnx.common.data_types import FloatTensorType
+    except ImportError as e:
+        raise EngramError(
+            f"ONNX export of a scikit-learn model needs skl2onnx ({e}); run: "
+            "pip install 'engram[onnx]'"
+        ) from None
+    features = sig["input"]["shape"][0]
+    try:
+        proto = to_onnx(
+            estimator,
+            initial_types=[("input", FloatTensorType([None, features]))],
+            options={"zipmap": False} if hasattr(estimator, "predict_proba") else None,
+        )
+    except Exception as e:  # skl2onnx raises many types for what it cannot convert
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EngramError(
+            f"skl2onnx cannot convert {type(estimator).__name__}: {first}; export --format "
+            "skops or joblib instead"
+        ) from e
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save_model(proto, str(path))
 
 
 def _atomic_write(out: Path, write: Any, overwrite: bool) -> None:
