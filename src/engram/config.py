@@ -104,6 +104,8 @@ class GateConfig:
 class RunConfig:
     max_experiences: int | None = None  # train at most N not-yet-trained experiences now
     quiet: bool = False
+    # a resumed run also trains what it trained from the weights alone, and prints both
+    compare_memory_lost: bool = False
 
 
 @dataclass

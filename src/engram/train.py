@@ -118,11 +118,26 @@ def _run(cfg: DictConfig) -> list[list[float]]:
     quiet = cfg.run.quiet or not world.is_main
     signature = _signature(spec, bench)
     make = _sklearn_learner if is_sklearn(spec["name"]) else _template
+    comparison = None
     with store or contextlib.nullcontext(), make(cfg, spec, store, bench, signature,
                                                  quiet) as strategy:  # fmt: skip
-        matrix = _fit(cfg, strategy, bench)
+        shadow = None
+        if cfg.run.compare_memory_lost and world.size == 1 and make is _template:
+
+            def shadow(temp_store: Any) -> Any:  # the run's objects, fresh, on another store
+                return _template(cfg, spec, temp_store, bench, signature, quiet=True)
+
+        matrix, comparison = _fit(cfg, strategy, bench, shadow)
     if not quiet and matrix:
         _summary(matrix, strategy.initial_accuracy)
+        if comparison is not None:
+            from engram.counterfactual import print_comparison
+
+            print_comparison(matrix, *comparison)
+        elif cfg.run.compare_memory_lost and len(matrix) < len(bench.train_stream):
+            print(f"\nrun the same command again: a new process continues {cfg.store.path} "
+                  "from the store, and shows what losing the memory at that restart would "
+                  "cost")  # fmt: skip
     return matrix
 
 
@@ -194,8 +209,14 @@ def _sklearn_learner(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: A
     )
 
 
-def _fit(cfg: DictConfig, strategy: Any, bench: Any) -> list[list[float]]:
-    """Restore, fit the stream, and keep TensorBoard (when on) in step with the store."""
+def _fit(
+    cfg: DictConfig, strategy: Any, bench: Any, shadow: Any = None
+) -> tuple[list[list[float]], tuple[list[list[float]], int, str] | None]:
+    """Restore, fit the stream, and keep TensorBoard (when on) in step with the store.
+
+    ``shadow``: ``shadow(store) -> template`` to measure, for a resumed run, what the
+    experiences it trained would have given with only the model file
+    (engram.counterfactual); returns the matrix and ``(rows, first, resumed_from)``."""
     from engram import build
     from engram.metrics.tensorboard import ForgettingWriter
 
@@ -213,6 +234,10 @@ def _fit(cfg: DictConfig, strategy: Any, bench: Any) -> list[list[float]]:
         board.history(strategy.accuracy_matrix, sizes)  # from the store: same after resume
     if done_before and not quiet:
         print(f"resuming {path} after experience {already - 1}")
+    resumed = None
+    if shadow is not None and done_before and already < len(train_list):
+        weights = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
+        resumed = (weights, store.head.name)
 
     def report(index: int, row: list[float]) -> None:
         if board is not None:
@@ -233,7 +258,16 @@ def _fit(cfg: DictConfig, strategy: Any, bench: Any) -> list[list[float]]:
             board.close()
     if already >= len(train_list) and store is not None:
         print(f"{path}: all {already} experiences are already trained")
-    return matrix
+    comparison = None
+    if resumed is not None and len(matrix) > already:
+        from engram.counterfactual import memory_lost_rows
+
+        if not quiet:
+            print(f"\ntraining experiences {already}..{len(matrix) - 1} again from the weights "
+                  "alone, to compare ...", flush=True)  # fmt: skip
+        rows = memory_lost_rows(shadow, resumed[0], train_list, test_list, already, len(matrix))
+        comparison = (rows, already, resumed[1])
+    return matrix, comparison
 
 
 def _summary(matrix: list[list[float]], initial: list[float] | None) -> None:

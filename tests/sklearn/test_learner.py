@@ -241,3 +241,17 @@ def test_predict_checks_the_signature_for_estimators_and_torch_models(tmp_path: 
                 handle.predict(x[:, :63])
             with pytest.raises(SignatureError, match="must be numeric"):
                 handle.predict(np.array([["a"] * 64]))
+
+
+def test_tensorboard_reviews_an_estimator_like_a_network(tmp_path: Path) -> None:
+    from test_train import scalars
+
+    args = ["model=sgd_classifier", "strategy=replay", "logger.tensorboard=true"]
+    train(config(tmp_path / "whole", *args))
+    for _ in range(2):
+        train(config(tmp_path / "split", *args, "run.max_experiences=3"))
+    whole, split = scalars(tmp_path / "whole" / "tb"), scalars(tmp_path / "split" / "tb")
+    assert {"accuracy/exp0", "metrics/forgetting", "metrics/average_accuracy"} <= set(whole)
+    whole.pop("store/version_bytes"), split.pop("store/version_bytes")  # skops zip sizes vary
+    assert whole == split
+    assert [step for step, _ in whole["accuracy/exp4"]] == [0, 1, 2, 3, 4]
