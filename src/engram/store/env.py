@@ -11,6 +11,7 @@ are read as they are until :meth:`Env.upgrade` seals them.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -56,12 +57,17 @@ def prepare_directory(root: Path, mode: Mode, lock_timeout: float) -> WriterLock
     lmdb_dir = root / fmt.LMDB_DIR
     if root.exists() and not root.is_dir():
         raise NotAStoreError(f"{root} is a file, not an engram store directory")
+    ours = {fmt.LMDB_DIR, fmt.BLOB_DIR, fmt.CHECKPOINT_DIR, fmt.LOCK_FILE, *fmt.RUN_DIRS}
     if not lmdb_dir.is_dir():
         if mode != "c":
             if not root.exists():
                 raise StoreNotFoundError(f"no store at {root}; open it with mode='c' to create one")
+            if mode == "r" and all(p.name in ours for p in root.iterdir()):
+                raise StoreNotFoundError(  # a writer creating it, or a creation cut short
+                    f"no store at {root} yet: it is being created (or its creation was cut "
+                    "short); try again once the writer has opened it"
+                )
             raise NotAStoreError(f"{root} is not an engram store (it has no {fmt.LMDB_DIR}/)")
-        ours = {fmt.LMDB_DIR, fmt.BLOB_DIR, fmt.CHECKPOINT_DIR, fmt.LOCK_FILE, *fmt.RUN_DIRS}
         # Names of ours may be there: a creation cut short, or one racing with us
         # (the writer lock below then decides who proceeds).
         if root.exists() and any(p.name not in ours for p in root.iterdir()):
@@ -125,6 +131,8 @@ class Env:
                     f"store {self.path} is already open in this process (LMDB allows one "
                     "handle per process); use that Store object, or read from another process"
                 ) from None
+            if not writable and getattr(e, "code", 0) == errno.ENOENT:  # no data.mdb yet
+                raise self._being_created() from None
             raise _os_fault(e, self.path) or NotAStoreError(
                 f"{self.path} is not a readable engram store: {e}"
             ) from e
@@ -144,6 +152,13 @@ class Env:
                         break
                     except lmdb.MapResizedError:  # a writer grew the map meanwhile
                         self._lmdb.set_mapsize(0)
+                    except lmdb.NotFoundError:
+                        names = self._named_dbs()
+                        if not names <= set(fmt.ALL_DBS):
+                            raise  # someone else's environment
+                        if names != set(fmt.ALL_DBS):  # the creating transaction is not in
+                            raise self._being_created() from None
+                        # it committed between our opens: open again
             with self.read() as txn:
                 self.sealed = self._is_sealed(txn)
                 self._check_meta(txn)
@@ -155,6 +170,19 @@ class Env:
         except BaseException:
             self._lmdb.close()
             raise
+
+    def _named_dbs(self) -> set[bytes]:
+        """The names of the environment's named databases (its main database's keys)."""
+        with self._lmdb.begin() as txn, txn.cursor() as cur:
+            return {bytes(k) for k in cur.iternext(values=False)}
+
+    def _being_created(self) -> StoreNotFoundError:
+        """What a reader gets between a writer making ``memory.lmdb/`` and committing the
+        store's first transaction: no store yet (not "not a store")."""
+        return StoreNotFoundError(
+            f"no store at {self.path} yet: it is being created (or its creation was cut "
+            "short); try again once the writer has opened it"
+        )
 
     def _init_meta(self, txn: lmdb.Transaction) -> None:
         self.sealed = True  # a new store seals every record it ever writes
