@@ -63,7 +63,7 @@ class RegressionGate:
             where = f"HEAD rolled back to {good.name} (experience {good.meta['experience']})"
         else:
             store.rollback(None)
-            where = "no earlier version passed, so HEAD was reset (the next run starts afresh)"
+            where = "No earlier version passed, so HEAD was reset (the next run starts afresh)"
         return (
             f"regression gate failed after experience {index}: {'; '.join(failures)}. "
             f"{where}; the failed version {failed.name} is kept as tag {tag!r} "
