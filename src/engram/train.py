@@ -153,6 +153,7 @@ def _template(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
               signature: dict[str, Any], quiet: bool) -> Any:  # fmt: skip
     """The torch model's durable Avalanche template for this run."""
     from engram import build
+    from engram.metrics.curves import TrainingCurves
     from engram.models import build_model
     from engram.training.progress import ProgressBar
     from engram.training.template import DurableTemplate
@@ -165,7 +166,9 @@ def _template(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
         model=model,
         optimizer=build_optimizer(cfg, model),
         store=store if store is not None else cfg.store.path,
-        plugins=build_plugins(cfg.strategy) + ([] if quiet else [ProgressBar()]),
+        plugins=build_plugins(cfg.strategy)
+        + [TrainingCurves()]
+        + ([] if quiet else [ProgressBar()]),
         train_mb_size=cfg.training.batch_size,
         train_epochs=cfg.training.epochs,
         eval_mb_size=cfg.training.eval_batch_size,
@@ -218,9 +221,12 @@ def _fit(
     experiences it trained would have given with only the model file
     (engram.counterfactual); returns the matrix and ``(rows, first, resumed_from)``."""
     from engram import build
+    from engram.metrics.curves import TrainingCurves
     from engram.metrics.tensorboard import ForgettingWriter
 
     path, store = cfg.store.path, strategy.store
+    plugins = getattr(strategy, "plugins", [])
+    curves = next((p for p in plugins if isinstance(p, TrainingCurves)), None)
     quiet = cfg.run.quiet or store is None  # data-parallel: rank 0 reports, alone
     train_list, test_list = list(bench.train_stream), list(bench.test_stream)
     done_before = strategy.restore(train_list + test_list)
@@ -232,6 +238,9 @@ def _fit(
                    if v.meta.get("kind") == "experience"}  # fmt: skip
         sizes = [written.get(i, 0) for i in range(len(strategy.accuracy_matrix))]
         board.history(strategy.accuracy_matrix, sizes)  # from the store: same after resume
+        if curves is not None:
+            board.curves(curves.losses, curves.epochs, strategy.accuracy_matrix)
+            curves.on_epoch = board.epoch
     if done_before and not quiet:
         print(f"resuming {path} after experience {already - 1}")
     resumed = None
@@ -242,9 +251,9 @@ def _fit(
     def report(index: int, row: list[float]) -> None:
         if board is not None:
             board.initial = strategy.initial_accuracy  # measured by fit() before training
-            board.experience(
-                strategy.accuracy_matrix, strategy.last_commit_seconds, strategy.last_commit_bytes
-            )
+            iteration = len(curves.losses) if curves is not None else None
+            board.experience(strategy.accuracy_matrix, strategy.last_commit_seconds,
+                             strategy.last_commit_bytes, iteration)  # fmt: skip
         if not quiet:
             print(f"experience {index}: accuracy " + " ".join(f"{a:.2f}" for a in row), flush=True)
 

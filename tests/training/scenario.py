@@ -37,6 +37,7 @@ from engram.strategies import (  # noqa: E402
     SIPlugin,
 )
 from engram.streams.digits import split_digits  # noqa: E402
+from engram.metrics.curves import TrainingCurves
 from engram.training.template import DurableTemplate  # noqa: E402
 
 N_EXPERIENCES = 3
@@ -99,7 +100,8 @@ def build(
         model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         store=store,
-        plugins=[*STRATEGIES[strategy](), *(extra_plugins or [])],
+        # the training curves are state like any plugin's: resumed bit-identically too
+        plugins=[*STRATEGIES[strategy](), TrainingCurves(), *(extra_plugins or [])],
         train_mb_size=32,
         train_epochs=2,
         commit_every_iterations=commit_every,

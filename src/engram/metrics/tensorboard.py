@@ -7,6 +7,13 @@ experience, so forgetting shows as a falling curve); ``metrics/average_accuracy`
 ``store/commit_seconds`` and ``store/version_bytes``; and the run's hyperparameters with
 its final metrics in the HParams dashboard.
 
+On the iteration axis (from :class:`~engram.metrics.curves.TrainingCurves`, persisted
+with the run): ``train/loss`` per minibatch; ``train/loss_epoch``, ``train/accuracy``
+and ``train/lr`` per epoch, at the epoch's first iteration; ``eval/exp{j}`` when each
+experience ends, so evaluation over time lines up with the loss. One directory per
+store (``<store>/tb``): ``tensorboard --logdir runs`` shows every store as one run,
+side by side.
+
 A resumed run rewrites the history from the persisted matrix (older events are purged),
 so the dashboard after a restart shows exactly what an uninterrupted run would.
 """
@@ -43,14 +50,49 @@ class ForgettingWriter:
             nbytes = version_bytes[i] if version_bytes and i < len(version_bytes) else None
             self.experience(matrix[: i + 1], nbytes=nbytes)
 
+    def curves(self, losses: Any, epochs: list[list[float]], matrix: list[list[float]]) -> None:
+        """Write the persisted training curves (once at start, like :meth:`history`):
+        at most :data:`MAX_HISTORY_POINTS` loss points (TensorBoard samples its charts
+        anyway), every epoch row, and evaluation at each finished experience's end."""
+        stride = max(1, -(-len(losses) // MAX_HISTORY_POINTS))
+        for step in range(0, len(losses), stride):
+            self.writer.add_scalar("train/loss", float(losses[step]), step)
+        for row in epochs:
+            self._epoch_row(row)
+        ends = experience_ends(epochs, len(losses))
+        for i, row in enumerate(matrix):
+            if i in ends:
+                self._eval(row, ends[i])
+
+    def epoch(self, losses: Any, row: list[float]) -> None:
+        """Write one finished epoch: its minibatch losses and its row (live)."""
+        first = int(row[2])
+        for k, loss in enumerate(losses.tolist()):
+            self.writer.add_scalar("train/loss", loss, first + k)
+        self._epoch_row(row)
+
+    def _epoch_row(self, row: list[float]) -> None:
+        _, _, first, loss, accuracy, lr = row
+        self.writer.add_scalar("train/loss_epoch", loss, int(first))
+        self.writer.add_scalar("train/accuracy", accuracy, int(first))
+        self.writer.add_scalar("train/lr", lr, int(first))
+
+    def _eval(self, row: list[float], iteration: int) -> None:
+        for j, accuracy in enumerate(row):
+            self.writer.add_scalar(f"eval/exp{j}", accuracy, iteration)
+
     def experience(
         self,
         matrix: list[list[float]],
         commit_seconds: float | None = None,
         nbytes: int | None = None,
+        iteration: int | None = None,
     ) -> None:
-        """Write the metrics after experience ``len(matrix) - 1``."""
+        """Write the metrics after experience ``len(matrix) - 1`` (``iteration``: the
+        training iterations so far, for ``eval/exp{j}``)."""
         step = len(matrix) - 1
+        if iteration is not None:
+            self._eval(matrix[-1], iteration)
         for j, accuracy in enumerate(matrix[-1]):
             self.writer.add_scalar(f"accuracy/exp{j}", accuracy, step)
         self.writer.add_scalar("metrics/average_accuracy", average_accuracy(matrix), step)
@@ -82,6 +124,18 @@ class ForgettingWriter:
         self.writer.close()
 
 
+MAX_HISTORY_POINTS = 20_000
+
+
+def experience_ends(epochs: list[list[float]], iterations: int) -> dict[int, int]:
+    """Experience → the iteration count when its last epoch ended."""
+    ends: dict[int, int] = {}
+    for k, row in enumerate(epochs):
+        following = int(epochs[k + 1][2]) if k + 1 < len(epochs) else iterations
+        ends[int(row[0])] = following
+    return ends
+
+
 def heatmap(matrix: list[list[float]]) -> Any:
     import matplotlib
 
@@ -94,7 +148,10 @@ def heatmap(matrix: list[list[float]]) -> Any:
     ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
     for i in range(rows):
         for j in range(len(matrix[i])):
-            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+            # viridis is light from ~0.6 up: dark text there, white text on dark cells
+            color = "black" if matrix[i][j] >= 0.6 else "white"
+            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                    color=color)  # fmt: skip
     ax.set_xlabel("evaluated on experience")
     ax.set_ylabel("after training experience")
     ax.set_xticks(range(cols))
