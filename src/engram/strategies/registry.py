@@ -65,7 +65,7 @@ class ReplayConfig:
     mem_size: int = hp(200, integer(1))
     batch_size_mem: int | None = hp(None, integer(1, null=True), "None: the training batch size")
     policy: str = hp("reservoir", choice(POLICIES))
-    admission: str = hp("stream", choice(ADMISSIONS), "experience_end: only earlier ones")
+    admission: str = hp("experience_end", choice(ADMISSIONS), "stream: also the current one")
 
 
 @dataclass
@@ -75,7 +75,19 @@ class DERConfig:
     beta: float = hp(0.0, number(0), "weight of the label term (DER++ when > 0)")
     batch_size_mem: int | None = hp(None, integer(1, null=True), "None: the training batch size")
     policy: str = hp("reservoir", choice(POLICIES))
-    admission: str = hp("stream", choice(ADMISSIONS), "experience_end: the trained model's")
+    admission: str = hp("experience_end", choice(ADMISSIONS), "stream: logits as trained")
+
+
+@dataclass
+class ERACEConfig:
+    """ER-ACE (Caccia et al. 2022): replay's hyperparameters and defaults. Avalanche's
+    ``ER_ACE``: mem_size=200, batch_size_mem=10, a class-balanced buffer (adaptive) that
+    takes each experience whole before training on it (engram/strategies/er_ace.py)."""
+
+    mem_size: int = hp(200, integer(1))
+    batch_size_mem: int | None = hp(None, integer(1, null=True), "None: the training batch size")
+    policy: str = hp("reservoir", choice(POLICIES))
+    admission: str = hp("stream", choice(ADMISSIONS), "experience_end: only earlier ones")
 
 
 @dataclass
@@ -101,6 +113,7 @@ PLUGINS: dict[str, Entry] = {
     "lwf": Entry("engram.strategies.lwf:LwFPlugin", LwFConfig),
     "replay": Entry("engram.strategies.replay:ERPlugin", ReplayConfig),
     "der": Entry("engram.strategies.der:DERPlugin", DERConfig),
+    "er_ace": Entry("engram.strategies.er_ace:ERACEPlugin", ERACEConfig),
     "agem": Entry("engram.strategies.agem:AGEMPlugin", AGEMConfig),
 }
 
