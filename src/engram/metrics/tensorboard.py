@@ -5,7 +5,7 @@ experience, so forgetting shows as a falling curve); ``metrics/average_accuracy`
 ``metrics/forgetting``, ``metrics/bwt`` and ``metrics/fwt`` at step i; an
 ``accuracy_matrix`` heatmap;
 ``store/commit_seconds`` and ``store/version_bytes``; and the run's hyperparameters with
-its final metrics in the HParams dashboard.
+its final metrics in the HParams dashboard (in the store's run itself: one run per store).
 
 On the iteration axis (from :class:`~engram.metrics.curves.TrainingCurves`, persisted
 with the run): ``train/loss`` per minibatch; ``train/loss_epoch``, ``train/accuracy``
@@ -118,7 +118,16 @@ class ForgettingWriter:
         flat = {
             k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()
         }
-        self.writer.add_hparams(flat, final, run_name="hparams")
+        # In the store's own run, not in a sub-run as SummaryWriter.add_hparams would
+        # (that makes each store two runs in the run list): the same summaries, our writer.
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        writer = self.writer._get_file_writer()
+        for summary in hparams_summaries(flat, final):
+            writer.add_summary(summary)
+        for name, value in final.items():
+            self.writer.add_scalar(name, value, len(matrix) - 1)
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
@@ -144,13 +153,13 @@ def heatmap(matrix: list[list[float]]) -> Any:
 
     rows, cols = len(matrix), max(len(r) for r in matrix)
     grid = [list(r) + [float("nan")] * (cols - len(r)) for r in matrix]  # ragged: blank
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * cols, 1 + 0.5 * rows))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * cols, 1 + 0.65 * rows))
     ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
     for i in range(rows):
         for j in range(len(matrix[i])):
             # viridis is light from ~0.6 up: dark text there, white text on dark cells
             color = "black" if matrix[i][j] >= 0.6 else "white"
-            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7,
+            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=9,
                     color=color)  # fmt: skip
     ax.set_xlabel("evaluated on experience")
     ax.set_ylabel("after training experience")
