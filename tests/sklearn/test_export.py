@@ -105,3 +105,26 @@ def test_another_scikit_learn_version_is_refused_unless_allowed(tmp_path, capsys
     export(tmp_path / "s", out, "--allow-version-mismatch")
     assert out.exists()
     assert engram.load_model(tmp_path / "s", allow_version_mismatch=True).predict(X).shape == (90,)
+
+
+def test_show_diff_and_du_describe_an_estimator_store(tmp_path, capsys) -> None:
+    est = estimator()
+    commit(tmp_path / "s", est)
+    partial_fit(est, X[:30], Y[:30], np.arange(3))
+    commit(tmp_path / "s", est)
+    assert main(["show", str(tmp_path / "s"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["artifact"]["file"] == "model-v0002.skops" and shown["signature"]["classes"] == [
+        0,
+        1,
+        2,
+    ]
+    assert main(["diff", str(tmp_path / "s"), "v0001", "v0002", "--json"]) == 0
+    changed = {c["path"] for c in json.loads(capsys.readouterr().out)["tensors"]["changed"]}
+    assert {"model/clf/coef_", "model/clf/intercept_", "model/scale/mean_"} <= changed
+    assert main(["du", str(tmp_path / "s"), "--json"]) == 0
+    usage = json.loads(capsys.readouterr().out)
+    model = [c for c in usage["components"] if c["kind"] == "model"]
+    with Store.open(tmp_path / "s") as store:
+        on_disk = sum(store.artifact_path(v).stat().st_size for v in (1, 2))
+    assert model and model[0]["unique"] == on_disk

@@ -352,6 +352,8 @@ def diff_versions(store: Store, a: str, b: str) -> dict[str, Any]:
     flat_a, flat_b = flatten(snap_a.state), flatten(snap_b.state)
     flat_a.update({"model/" + k: t for k, t in (snap_a.model or {}).items()})
     flat_b.update({"model/" + k: t for k, t in (snap_b.model or {}).items()})
+    flat_a.update(_estimator_arrays(store, snap_a))  # a scikit-learn version's fitted arrays
+    flat_b.update(_estimator_arrays(store, snap_b))
     samples = {p for p, r in (recs_a | recs_b).items() if r.kind == TAG_SAMPLES}
 
     changed, unchanged, values, replay = [], 0, [], []
@@ -404,6 +406,29 @@ def diff_versions(store: Store, a: str, b: str) -> dict[str, Any]:
         "replay": replay,
         "values": values,
     }
+
+
+def _estimator_arrays(store: Store, snap: Any) -> dict[str, Any]:
+    """``model/<step>/<attribute>`` → array for the fitted attributes (``coef_``, an
+    MLP's ``coefs_``...) of a scikit-learn version's estimator, read through engram's
+    allowlist; nothing for a torch version."""
+    if snap.artifact is None:
+        return {}
+    from engram.inference import load_model
+
+    estimator = load_model(store, snap.version.id, allow_version_mismatch=True)  # read only
+    out: dict[str, Any] = {}
+    steps = getattr(estimator, "steps", None) or [("", estimator)]
+    for step, est in steps:
+        prefix = f"model/{step}/" if step else "model/"
+        for name, value in sorted(vars(est).items()):
+            if not name.endswith("_") or name.startswith("_"):
+                continue
+            values = value if isinstance(value, list) else [value]
+            for i, v in enumerate(values):
+                if isinstance(v, np.ndarray) and v.dtype.kind in "fiub":
+                    out[f"{prefix}{name}{f'/{i}' if isinstance(value, list) else ''}"] = v
+    return out
 
 
 def _is_array(x: Any) -> bool:

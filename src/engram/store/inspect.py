@@ -128,7 +128,7 @@ class Inspector:
                     unique = sum(s for i, s in sizes.items() if i not in samples_seen)
                     charge("samples", name("samples", path), sum(sizes.values()), unique)
                     samples_seen.update(sample_ids)
-                ckpt = manifest["checkpoint"]
+                ckpt = manifest["checkpoint"] or manifest.get("artifact")  # one or neither
                 if ckpt is not None:
                     new = ckpt["file"] not in files
                     charge("model", model, ckpt["nbytes"], ckpt["nbytes"] if new else 0)
