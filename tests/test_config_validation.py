@@ -186,6 +186,7 @@ def test_every_option_of_the_schema_has_a_rule() -> None:
         "training.async_commit",
         "training.deterministic",
         "run.quiet",
+        "run.compare_memory_lost",
         "logger.tensorboard",
         "store.path",
         "store.keep_mid_experience",

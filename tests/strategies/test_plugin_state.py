@@ -24,6 +24,8 @@ CASES = {
     "der_experience_end": ("der", {"mem_size": 30, "admission": "experience_end"}),
     "derpp": ("der", {"mem_size": 30, "beta": 0.5}),  # configs/strategy/derpp.yaml
     "agem": ("agem", {"mem_size": 30, "sample_size": 16}),
+    "er_ace": ("er_ace", {"mem_size": 30}),
+    "er_ace_experience_end": ("er_ace", {"mem_size": 30, "admission": "experience_end"}),
 }
 # The committed layout is the buffer's state dict itself: stores written before hold it.
 BUFFER_STATE_KEYS = ["hparams", "seen", "seen_per_key", "slots", "slot_keys", "schema",

@@ -15,6 +15,7 @@ from typing import Any
 _PLUGINS = {
     "AGEMPlugin": "agem",
     "DERPlugin": "der",
+    "ERACEPlugin": "er_ace",
     "ERPlugin": "replay",
     "EWCPlugin": "ewc",
     "LwFPlugin": "lwf",

@@ -80,13 +80,18 @@ class DERConfig:
 
 @dataclass
 class ERACEConfig:
-    """ER-ACE (Caccia et al. 2022): replay's hyperparameters and defaults. Avalanche's
-    ``ER_ACE``: mem_size=200, batch_size_mem=10, a class-balanced buffer (adaptive) that
-    takes each experience whole before training on it (engram/strategies/er_ace.py)."""
+    """ER-ACE (Caccia et al. 2022): replay's hyperparameters and defaults, but admission
+    "stream": ER-ACE replays the current experience's classes too (Avalanche's ER_ACE
+    buffers each experience before training on it); split digits, 3 seeds: 0.814 vs
+    0.757 with "experience_end" (permuted: 0.844 vs 0.869). Avalanche's ER_ACE:
+    mem_size=200, batch_size_mem=10, a class-balanced buffer (engram/strategies/er_ace.py).
+    The buffer is class-balanced by default, as Avalanche's: with reservoir sampling the
+    newest classes get few slots and are learned late (split digits 0.814, last
+    experience 0.25); class-balanced: 0.859 ± 0.020 split, 0.848 ± 0.014 permuted."""
 
     mem_size: int = hp(200, integer(1))
     batch_size_mem: int | None = hp(None, integer(1, null=True), "None: the training batch size")
-    policy: str = hp("reservoir", choice(POLICIES))
+    policy: str = hp("class_balanced", choice(POLICIES), "reservoir: learns new classes late")
     admission: str = hp("stream", choice(ADMISSIONS), "experience_end: only earlier ones")
 
 
