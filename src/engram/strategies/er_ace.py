@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from avalanche.core import SupervisedPlugin
 
-from engram.memory.replay import Policy, ReplayBuffer
-from engram.strategies.memory import Admission, ReplayMemory, check_admission
+from engram.memory.replay import Policy
+from engram.strategies.memory import Admission
 from engram.strategies.registry import default
+from engram.strategies.replay import ERPlugin
 
 
 def ace_loss(
@@ -60,16 +60,17 @@ def ace_loss(
     return (loss + F.cross_entropy(out_mem.float(), y_mem)) / 2
 
 
-class ERACEPlugin(SupervisedPlugin):
-    """ER-ACE: the minibatch is extended with ``batch_size_mem`` buffer samples and the
-    template's loss replaced by :func:`ace_loss` over the two parts.
+class ERACEPlugin(ERPlugin):
+    """ER-ACE: experience replay (:class:`~engram.strategies.replay.ERPlugin`: the
+    minibatch is extended with ``batch_size_mem`` buffer samples, the same memory, state
+    and admission) with the template's loss replaced by :func:`ace_loss` over the two
+    parts.
 
     ``admission``: see :mod:`engram.strategies.memory`. Other plugins' loss terms compose
     (in any order): only the template's criterion term is replaced.
     """
 
     engram_name = "er_ace"
-    repartition = staticmethod(ReplayMemory.repartition)
 
     def __init__(
         self,
@@ -79,38 +80,13 @@ class ERACEPlugin(SupervisedPlugin):
         seed: int = 0,
         admission: Admission = default("er_ace", "admission"),
     ) -> None:
-        super().__init__()
-        self.admission = check_admission(admission)
-        self.mem_size = mem_size
-        self.policy = policy
-        self.seed = seed
-        self.batch_size_mem = batch_size_mem
-        self.memory = ReplayMemory(mem_size, policy, seed)
+        super().__init__(mem_size, batch_size_mem, policy, seed, admission)
         self._incoming = 0  # the step's samples: this many incoming, then the replayed
         self._empty_loss: tuple[torch.Tensor, int] | None = None
 
-    @property
-    def buffer(self) -> ReplayBuffer | None:
-        """The memory's buffer (None until the first training)."""
-        return self.memory.buffer
-
-    def hparams(self) -> dict[str, Any]:
-        return {"mem_size": self.mem_size, "policy": self.policy, "seed": self.seed,
-                "admission": self.admission, "batch_size_mem": self.batch_size_mem}  # fmt: skip
-
-    def before_training(self, strategy: Any, **kwargs: Any) -> None:
-        self.memory.prepare(strategy)
-
     def before_forward(self, strategy: Any, **kwargs: Any) -> None:
-        x, y, task = self.memory.observe(strategy)
-        self._incoming = len(x)
-        buffer = self.memory.buffer
-        if not len(buffer):
-            return
-        replayed = buffer.sample(self.batch_size_mem or len(x))
-        strategy.mbatch[0] = torch.cat([x, replayed["x"].to(x.device, x.dtype)])
-        strategy.mbatch[1] = torch.cat([y, replayed["y"].to(y.device)])
-        strategy.mbatch[-1] = torch.cat([task, replayed["task"].to(task.device)])
+        self._incoming = len(strategy.mb_x)
+        super().before_forward(strategy, **kwargs)
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
         # The loss is still the template's empty one; it adds its criterion to it next,
@@ -128,17 +104,3 @@ class ERACEPlugin(SupervisedPlugin):
             strategy.loss = ace.reshape(loss.shape)  # it holds the criterion alone: replace
         else:  # an earlier plugin's hook added its term: keep that, take the criterion out
             strategy.loss = loss - strategy.criterion() + ace
-
-    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        if self.admission == "stream":
-            self.memory.admit(strategy)
-
-    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        if self.admission == "experience_end":
-            self.memory.admit_experience(strategy)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.memory.load_state_dict(state)

@@ -50,9 +50,15 @@ def split_digits(n_experiences: int = 5, *, task_labels: bool = False, seed: int
         task_labels: give experience i task label i (task-incremental, multi-head models);
             classes are then relabelled from zero in each experience.
     """
+    return split_by_class(digits_tensors(seed), N_CLASSES, n_experiences, task_labels)
+
+
+def split_by_class(tensors, n_classes: int, n_experiences: int, task_labels: bool):
+    """``(x_train, y_train, x_test, y_test)`` split by class, in class order, into
+    ``n_experiences`` experiences (Avalanche's ``nc_benchmark``)."""
     from avalanche.benchmarks import nc_benchmark
 
-    x_train, y_train, x_test, y_test = digits_tensors(seed)
+    x_train, y_train, x_test, y_test = tensors
     train, test = LabelledTensors(x_train, y_train), LabelledTensors(x_test, y_test)
     return nc_benchmark(
         train,
@@ -60,7 +66,7 @@ def split_digits(n_experiences: int = 5, *, task_labels: bool = False, seed: int
         n_experiences=n_experiences,
         task_labels=task_labels,
         shuffle=False,
-        fixed_class_order=list(range(10)),
+        fixed_class_order=list(range(n_classes)),
         class_ids_from_zero_in_each_exp=task_labels,
     )
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from engram.streams.digits import LabelledTensors, _domain_incremental
+from engram.streams.digits import _domain_incremental, split_by_class
 
 INPUT_SHAPE = (40,)  # one signal of 40 points, standardised over the dataset
 N_CLASSES = 10
@@ -69,19 +69,7 @@ def split_mnist1d(n_experiences: int = 5, *, task_labels: bool = False, seed: in
         task_labels: give experience i task label i (task-incremental, multi-head models);
             classes are then relabelled from zero in each experience.
     """
-    from avalanche.benchmarks import nc_benchmark
-
-    x_train, y_train, x_test, y_test = mnist1d_tensors(seed)
-    train, test = LabelledTensors(x_train, y_train), LabelledTensors(x_test, y_test)
-    return nc_benchmark(
-        train,
-        test,
-        n_experiences=n_experiences,
-        task_labels=task_labels,
-        shuffle=False,
-        fixed_class_order=list(range(N_CLASSES)),
-        class_ids_from_zero_in_each_exp=task_labels,
-    )
+    return split_by_class(mnist1d_tensors(seed), N_CLASSES, n_experiences, task_labels)
 
 
 def permuted_mnist1d(n_experiences: int = 5, *, seed: int = 0):
