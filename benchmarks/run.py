@@ -45,6 +45,7 @@ SUITE = [
     "persistence.py",
     "resume_latency.py",
     "distributed.py",
+    "sklearn_persistence.py",
 ]
 
 QUICK_NOTE = (

@@ -1087,3 +1087,17 @@ def test_restore_repartitions_a_store_of_another_world_size(ranks: list[dict[str
         "rng": [9], "clock": {"iteration": 12}, "weights": {}, "slots": [1003],
         "records": {1003: b"r1-e"},
     }  # fmt: skip
+
+
+def test_an_empty_buffer_from_numpy_has_a_digest() -> None:
+    """A replay buffer admitting at the experience's end is empty at experience 0's
+    mid-experience commits: its slot table comes from numpy with stride 0."""
+    import numpy as np
+    import torch
+
+    from engram.distributed.sync import _digests
+
+    empty = torch.from_numpy(np.zeros(0, dtype=np.int64))
+    assert empty.stride() == (0,)
+    digests = _digests({"plugins": {"replay": {"slots": empty, "keys": torch.zeros(0)}}})
+    assert len(digests) == 2 and len(set(digests.values())) == 2  # dtype is in the digest

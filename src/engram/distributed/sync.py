@@ -179,7 +179,8 @@ def _tensor_leaves(tree: Any, path: tuple = ()) -> list[tuple[tuple, torch.Tenso
 
 
 def _digest(t: torch.Tensor) -> str:
-    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    # an empty tensor from numpy has stride 0, which view() refuses: it has no bytes
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
     return f"{t.dtype}{tuple(t.shape)}{xxhash.xxh3_128_hexdigest(raw)}"
 
 

@@ -17,6 +17,7 @@ Never falls back to ``joblib.load``.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import zipfile
@@ -87,9 +88,16 @@ class VersionMismatchError(EngramError):
 
 def library_versions() -> dict[str, str]:
     """The versions an estimator file depends on, recorded with every version."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
+    # Read once per process: four importlib.metadata look-ups cost ~3 ms, more than the
+    # skops save or load of a linear model (docs/benchmarks.md, "scikit-learn").
     from importlib.metadata import version
 
-    return {lib: version(lib) for lib in ("scikit-learn", "numpy", "scipy", "skops")}
+    return tuple((lib, version(lib)) for lib in ("scikit-learn", "numpy", "scipy", "skops"))
 
 
 def dumps(estimator: Any) -> bytes:
