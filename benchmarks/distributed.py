@@ -175,8 +175,11 @@ def main() -> None:
     p.add_argument("--every", type=int, default=4, help="checkpoint every K iterations")
     p.add_argument("--epochs", type=int, default=None, help="default 8 (--quick: 1)")
     p.add_argument("--direct", type=int, default=None, help="default 20 (--quick: 3)")
-    p.add_argument("--hidden", default=None,
-                   help="the MLP's hidden sizes, e.g. [2048,2048] (default: the config's [256])")
+    p.add_argument(
+        "--hidden",
+        default=None,
+        help="the MLP's hidden sizes, e.g. [2048,2048] (default: the config's [256])",
+    )
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":  # under torchrun
         worker(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
         return

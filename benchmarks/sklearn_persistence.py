@@ -429,10 +429,11 @@ Where engram's time goes (ms; ratios to plain `joblib.dump`/`joblib.load` in bra
 `library_versions()` runs in every save (the meta) and again in every load
 (`persist.loads` compares the recorded scikit-learn version); its four
 `importlib.metadata.version` look-ups (~3 ms, once the largest cost of a load) are read
-once per process since 2026-12-02 (before: load 6.9–11.3x joblib); "skops loads, no version check" is `persist.loads(data, None)`: the allowlist
-walk of the schema and `skops.io.loads`. "commit only" is `Store.commit` given ready
-bytes and meta: the artifact file written and fsynced with its directory, the manifest
-and HEAD in one synced LMDB transaction.
+once per process since 2026-12-02 (before: load 6.9–11.3x joblib); "skops loads, no
+version check" is `persist.loads(data, None)`: the allowlist walk of the schema and
+`skops.io.loads`. "commit only" is `Store.commit` given ready bytes and meta: the
+artifact file written and fsynced with its directory, the manifest and HEAD in one
+synced LMDB transaction.
 
 ### Load on demand: `engram.ModelHandle(store, "prod", check_every=0)`
 

@@ -70,9 +70,9 @@ def model_file_only(work: Path, bench: str, strategy: str, seed: int, n: int) ->
     import torch
     from omegaconf import OmegaConf
 
-    from engram.streams import build_benchmark
     from engram.models import build_model
     from engram.store import Store
+    from engram.streams import build_benchmark
     from engram.train import build_optimizer, build_plugins, model_spec
     from engram.training.template import DurableTemplate
 

@@ -27,6 +27,7 @@ from avalanche.core import SupervisedPlugin  # noqa: E402
 from avalanche.models import MultiHeadClassifier, MultiTaskModule  # noqa: E402
 from torch import nn  # noqa: E402
 
+from engram.metrics.curves import TrainingCurves  # noqa: E402
 from engram.strategies import (  # noqa: E402
     AGEMPlugin,
     DERPlugin,
@@ -37,7 +38,6 @@ from engram.strategies import (  # noqa: E402
     SIPlugin,
 )
 from engram.streams.digits import split_digits  # noqa: E402
-from engram.metrics.curves import TrainingCurves
 from engram.training.template import DurableTemplate  # noqa: E402
 
 N_EXPERIENCES = 3

@@ -56,6 +56,7 @@ from engram.errors import ArchitectureMismatchError, EngramError, GateFailed, No
 from engram.stateful import Stateful
 from engram.store import Snapshot, Store
 from engram.store.background import BackgroundCommitter
+from engram.strategies import avalanche_state
 from engram.training import execution
 from engram.training.gate import RegressionGate
 from engram.training.lineage import check_lineage
@@ -164,6 +165,7 @@ class DurableTemplate(SupervisedTemplate):
             evaluator=evaluator,
             eval_every=-1,
         )
+        self._stateful_plugins()  # refuses an Avalanche plugin whose memory it cannot keep
         # Avalanche's own (experimental) distributed mode checks plugins for its flag;
         # engram distributes the run itself (engram.distributed), so that check is moot.
         self._distributed_check = True
@@ -450,8 +452,10 @@ class DurableTemplate(SupervisedTemplate):
                 key, plugin = "lr_scheduler", SchedulerState(plugin)
             elif isinstance(plugin, Stateful):
                 key = getattr(plugin, "engram_name", type(plugin).__name__.lower())
+            elif (adapter := avalanche_state.adapter_for(plugin, self)) is not None:
+                key, plugin = adapter.engram_name, adapter  # Avalanche's own, made durable
             else:
-                continue
+                continue  # no memory across experiences (an Avalanche one with: refused)
             base, n = key, 1
             while key in found:
                 n += 1
