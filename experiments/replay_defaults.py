@@ -1,0 +1,62 @@
+"""The replay strategies' defaults, measured: admission (replay, DER++) and ER-ACE's buffer.
+
+    .venv/bin/python experiments/replay_defaults.py            # the grid below, 3 seeds
+    .venv/bin/python experiments/replay_defaults.py --quick    # 1 seed, split digits
+
+Each cell: ``engram-train strategy=<s> benchmark=<b> <override> seed=<n>`` through
+``engram.train.train``, mean ± std of the final average accuracy over the seeds. The
+results behind the defaults in src/engram/strategies/registry.py are recorded in
+docs/training.md ("Admission") and in ``ERACEConfig``'s docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import warnings
+
+from hydra import compose, initialize_config_module
+
+SETTINGS = [
+    ("replay", "strategy.replay.admission=stream"),
+    ("replay", "strategy.replay.admission=experience_end"),
+    ("derpp", "strategy.der.admission=stream"),
+    ("derpp", "strategy.der.admission=experience_end"),
+    ("er_ace", "strategy.er_ace.policy=reservoir"),
+    ("er_ace", "strategy.er_ace.policy=class_balanced"),
+]
+STREAMS = ["split_digits", "permuted_digits", "split_mnist1d", "permuted_mnist1d"]
+
+
+def config(store: str, *overrides: str):
+    with initialize_config_module(version_base="1.3", config_module="engram.configs"):
+        return compose("train", overrides=[f"store.path={store}", "run.quiet=true",
+                                           "logger=none", *overrides])  # fmt: skip
+
+
+def main() -> None:
+    from engram.metrics import average_accuracy
+    from engram.train import train
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, split digits")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    seeds = (0,) if args.quick else (0, 1, 2)
+    streams = STREAMS[:1] if args.quick else STREAMS
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, (strategy, setting) in enumerate(SETTINGS):
+            for bench in streams:
+                accs = []
+                for seed in seeds:
+                    cfg = config(f"{tmp}/{n}-{bench}-{seed}", f"strategy={strategy}",
+                                 f"benchmark={bench}", setting, f"seed={seed}")  # fmt: skip
+                    accs.append(average_accuracy(train(cfg)))
+                spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                print(f"{strategy:8} {setting:42} {bench:17} "
+                      f"{statistics.mean(accs):.3f} ± {spread:.3f}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
