@@ -12,11 +12,10 @@ docs/training.md ("Admission") and in ``ERACEConfig``'s docstring.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import warnings
 
-from hydra import compose, initialize_config_module
+from study import config, mean_std  # the same compose and summary as experiments/study.py
 
 SETTINGS = [
     ("replay", "strategy.replay.admission=stream"),
@@ -27,12 +26,6 @@ SETTINGS = [
     ("er_ace", "strategy.er_ace.policy=class_balanced"),
 ]
 STREAMS = ["split_digits", "permuted_digits", "split_mnist1d", "permuted_mnist1d"]
-
-
-def config(store: str, *overrides: str):
-    with initialize_config_module(version_base="1.3", config_module="engram.configs"):
-        return compose("train", overrides=[f"store.path={store}", "run.quiet=true",
-                                           "logger=none", *overrides])  # fmt: skip
 
 
 def main() -> None:
@@ -53,9 +46,7 @@ def main() -> None:
                     cfg = config(f"{tmp}/{n}-{bench}-{seed}", f"strategy={strategy}",
                                  f"benchmark={bench}", setting, f"seed={seed}")  # fmt: skip
                     accs.append(average_accuracy(train(cfg)))
-                spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                print(f"{strategy:8} {setting:42} {bench:17} "
-                      f"{statistics.mean(accs):.3f} ± {spread:.3f}", flush=True)  # fmt: skip
+                print(f"{strategy:8} {setting:42} {bench:17} {mean_std(accs)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from study import config, mean_std  # the same compose and summary as experiments/study.py
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ["naive", "ewc", "online_ewc", "si", "lwf", "replay", "derpp", "agem", "mas"]
@@ -61,16 +62,6 @@ AVALANCHE: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "agem": ("AGEM", {"patterns_per_exp": MEM // 5}, {"patterns_per_exp": MEM // 5}),
     "mas": ("MAS", {}, {}),  # defaults: lambda_reg 1.0, alpha 0.5
 }
-
-
-def config(store: Path, *overrides: str) -> Any:
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(version_base="1.3", config_module="engram.configs"):
-        return compose(
-            "train",
-            overrides=[f"store.path={store}", "run.quiet=true", "logger=none", *overrides],
-        )
 
 
 def run_engram(work: Path, bench: str, strategy: str, seed: int, overrides: list[str]) -> list:
@@ -127,12 +118,6 @@ def timed(fn: Any) -> tuple[list, float]:
     start = time.perf_counter()
     matrix = fn()
     return matrix, time.perf_counter() - start
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
