@@ -26,13 +26,8 @@ from torch import nn
 
 from engram.errors import EngramError, HyperparameterMismatchError
 from engram.store import SampleIds, Store
-from engram.strategies.avalanche_state import (
-    ADAPTERS,
-    REFUSED,
-    ReplayBatchSampler,
-    adapter_for,
-    read_samples,
-)
+from engram.strategies.avalanche_memory import ReplayBatchSampler, read_samples
+from engram.strategies.avalanche_state import ADAPTERS, REFUSED, adapter_for
 from engram.training.sampler import ResumableBatchSampler
 from engram.training.template import DurableTemplate
 from trees import assert_same_tree
