@@ -2,6 +2,8 @@
 
     .venv/bin/python experiments/replay_defaults.py            # the grid below, 3 seeds
     .venv/bin/python experiments/replay_defaults.py --quick    # 1 seed, split digits
+    .venv/bin/python experiments/replay_defaults.py --streams split_digits \
+        --grid avalanche.lfl:strategy.avalanche_lfl.lambda_e=1     # any STRATEGY:OVERRIDE
 
 Each cell: ``engram-train strategy=<s> benchmark=<b> <override> seed=<n>`` through
 ``engram.train.train``, mean ± std of the final average accuracy over the seeds. The
@@ -34,12 +36,21 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, split digits")
+    parser.add_argument(
+        "--grid",
+        nargs="+",
+        metavar="STRATEGY:OVERRIDE",
+        default=None,
+        help="other settings, e.g. avalanche.lfl:strategy.avalanche_lfl.lambda_e=1",
+    )
+    parser.add_argument("--streams", nargs="+", default=STREAMS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     seeds = (0,) if args.quick else (0, 1, 2)
-    streams = STREAMS[:1] if args.quick else STREAMS
+    streams = args.streams[:1] if args.quick else args.streams
+    grid = [tuple(g.split(":", 1)) for g in args.grid] if args.grid else SETTINGS
     with tempfile.TemporaryDirectory() as tmp:
-        for n, (strategy, setting) in enumerate(SETTINGS):
+        for n, (strategy, setting) in enumerate(grid):
             for bench in streams:
                 accs = []
                 for seed in seeds:

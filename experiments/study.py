@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     name = "study-quick" if args.quick else "study"
     plot(results, args.out / f"{name}.png")
     report = write_report(results, restarts, args.seeds, command, minutes, name)
-    (args.out / f"{name}.md").write_text(report)
+    doc = args.out / f"{name}.md"
+    doc.write_text(report + kept_tail(doc))
     print(report)
 
 
@@ -157,6 +158,18 @@ KINDS = {
     "split_digits": "class-incremental split digits (5 experiences of 2 classes, one shared head)",
     "permuted_digits": "domain-incremental permuted digits (5 pixel permutations, all 10 classes)",
 }
+
+
+#: Where the hand-written part of the report begins: it and everything after it (the
+#: engram-vs-Avalanche section that experiments/study_vs_avalanche.py writes) are kept.
+KEPT = "## Reading (hand-written"
+
+
+def kept_tail(doc: Path) -> str:
+    """The part of an existing report this script does not generate ('' for a new one)."""
+    text = doc.read_text() if doc.exists() else ""
+    at = text.find(KEPT)
+    return "\n" + text[at:] if at >= 0 else ""
 
 
 def write_report(results, restarts, seeds, command, minutes, name) -> str:

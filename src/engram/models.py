@@ -120,6 +120,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.body(x))
 
+    def get_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's input (Avalanche's ``BaseModel`` API: LFL compares these)."""
+        return self.body(x)
+
 
 class Reshape(nn.Module):
     """``x.reshape(-1, *shape)``: images stored flat or with a missing channel axis."""
@@ -169,6 +173,10 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.body(x))
+
+    def get_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's input (Avalanche's ``BaseModel`` API: LFL compares these)."""
+        return self.body(x)
 
 
 def _multihead(body: nn.Module, features: int) -> nn.Module:

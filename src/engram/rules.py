@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -72,6 +72,19 @@ def integers(low: int) -> Rule:
         lambda v: isinstance(v, list)
         and all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in v),
     )  # fmt: skip
+
+
+def boolean() -> Rule:
+    return Rule("true or false", lambda v: isinstance(v, bool))
+
+
+def text(*, null: bool = False) -> Rule:
+    return Rule("a non-empty string", lambda v: isinstance(v, str) and v != "", null)
+
+
+def hp(default: Any, rule: Rule, doc: str = "") -> Any:
+    """A hyperparameter (a dataclass field): its default, what it must be, and why."""
+    return field(default=default, metadata={"rule": rule, "doc": doc})
 
 
 SEED = integer(0, 2**32 - 1)  # numpy's seed range

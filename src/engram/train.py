@@ -166,7 +166,7 @@ def _template(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
         model=model,
         optimizer=build_optimizer(cfg, model),
         store=store if store is not None else cfg.store.path,
-        plugins=build_plugins(cfg.strategy)
+        plugins=build_plugins(cfg.strategy, {"model": model, "input_size": list(bench.input_shape)})
         + [TrainingCurves()]
         + ([] if quiet else [ProgressBar()]),
         train_mb_size=cfg.training.batch_size,
@@ -382,7 +382,14 @@ def _error_exit(message: str) -> None:
     sys.exit(2)
 
 
+#: Warnings no user can act on, shown despite the filters: Avalanche's ReplayPlugin calls
+#: its storage policy's deprecated ``update``, which warns with its own filter ("always").
+_UNACTIONABLE = ("Call to deprecated function update (removal in version 0.7",)
+
+
 def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    if str(message).startswith(_UNACTIONABLE):
+        return
     print(f"engram-train: warning: {message}", file=sys.stderr, flush=True)
 
 

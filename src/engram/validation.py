@@ -314,17 +314,29 @@ def _combinations(values: dict[str, Any]) -> list[str]:
     elif values["benchmark.name"] == "files" and not Path(data).expanduser().is_dir():
         problems.append(f"benchmark.path {data} is not a directory; benchmark=files reads "
                         "one .npz file per experience from it")  # fmt: skip
-    mode = values.get("strategy.ewc.mode")
-    decay = values.get("strategy.ewc.decay_factor")
-    if mode == "online" and decay is None:
-        problems.append("strategy.ewc.decay_factor must be set with strategy.ewc.mode=online "
-                        "(e.g. strategy.ewc.decay_factor=0.9), not null")  # fmt: skip
-    if mode == "separate" and decay is not None:
+    for ewc in ("strategy.ewc", "strategy.avalanche_ewc"):
+        mode, decay = values.get(f"{ewc}.mode"), values.get(f"{ewc}.decay_factor")
+        if mode == "online" and decay is None:
+            problems.append(f"{ewc}.decay_factor must be set with {ewc}.mode=online "
+                            f"(e.g. {ewc}.decay_factor=0.9), not null")  # fmt: skip
+        if mode == "separate" and decay is not None:
+            online = " or use strategy=online_ewc" if ewc == "strategy.ewc" else ""
+            problems.append(
+                f"{ewc}.decay_factor is used only with {ewc}.mode=online; set it "
+                f"to null{online}, not {decay}"
+            )
+    if "strategy.avalanche_gem.memory_strength" in values and not _has("quadprog"):
         problems.append(
-            f"strategy.ewc.decay_factor is used only with strategy.ewc.mode=online; set it "
-            f"to null or use strategy=online_ewc, not {decay}"
+            "strategy.avalanche_gem needs the quadprog solver (Avalanche's GEM solves a "
+            "quadratic program with it), which is not installed: pip install 'engram[gem]'"
         )
     return problems
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 @cache

@@ -245,3 +245,16 @@ def test_a_locked_store_is_one_line_on_rank_0_and_every_rank_exits_non_zero(
     assert "exitcode  : 1" in proc.stderr or "exitcode  : 2" in proc.stderr  # both ranks
     with Store.open(path) as store:
         assert store.versions() == []
+
+
+def test_avalanche_plugins_are_refused_across_ranks_in_one_line(tmp_path: Path) -> None:
+    """Each rank's Avalanche buffer would differ and no commit merges them."""
+    argv = [TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "engram.train",
+            f"store.path={tmp_path / 's'}", "strategy=avalanche.replay",
+            *(o for o in JOB if not o.startswith("strategy="))]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert errors and all("cannot train data-parallel (2 ranks)" in e for e in errors), proc.stderr
+    assert any("avalanche_replay" in e for e in errors)

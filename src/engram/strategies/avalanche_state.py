@@ -227,12 +227,41 @@ class RWalkAdapter(AvalancheAdapter):
         "exp_penalties",
     )  # fmt: skip
 
+    def __init__(self, plugin: Any, strategy: Any) -> None:
+        super().__init__(plugin, strategy)
+        if not plugin.__dict__.get("_engram_zero_score_guard"):
+            original = plugin.after_training_exp
+
+            def after_training_exp(strategy: Any, *args: Any, **kwargs: Any) -> None:
+                original(strategy, *args, **kwargs)
+                _without_nan_scores(plugin)
+
+            plugin.after_training_exp = after_training_exp
+            plugin.__dict__["_engram_zero_score_guard"] = True
+
     def state_dict(self) -> dict[str, Any]:
         return {f: maybe_params_out(getattr(self.plugin, f)) for f in self.fields}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for f in self.fields:
             setattr(self.plugin, f, maybe_params_in(state[f]))
+
+
+def _without_nan_scores(plugin: Any) -> None:
+    """Avalanche's RWalk (0.6) normalises the scores by their maximum: 0/0 when no score
+    was taken — an experience of fewer than ``delta_t`` iterations, such as one epoch of
+    split digits — so every penalty is NaN and the next experience's loss too. A zero
+    maximum means no score: the penalty is the normalised importance alone."""
+    from avalanche.training.utils import ParamData
+
+    if max(s.data.max() for s in plugin.exp_scores.values()) > 0:
+        return
+    top = max(i.data.max() for i in plugin.exp_importance.values())
+    plugin.exp_penalties = {
+        k: ParamData(k, device=plugin.exp_importance[k].device,
+                     init_tensor=plugin.exp_importance[k].data / top)
+        for k in plugin.exp_penalties
+    }  # fmt: skip
 
 
 class LwFAdapter(AvalancheAdapter):
@@ -269,6 +298,21 @@ class LFLAdapter(AvalancheAdapter):
 
     engram_name = "avalanche_lfl"
     hparam_names = ("lambda_e",)
+
+    def __init__(self, plugin: Any, strategy: Any) -> None:
+        super().__init__(plugin, strategy)
+        from avalanche.models import BaseModel
+
+        model = strategy.model
+        if isinstance(model, BaseModel):
+            return
+        if not callable(getattr(model, "get_features", None)):
+            raise EngramError(
+                f"Avalanche's LFLPlugin compares features: the model ({type(model).__name__}) "
+                "needs a get_features(x) method (engram's mlp and cnn have one)"
+            )
+        # LFL asks isinstance(model, BaseModel) only to know get_features exists
+        BaseModel.register(type(model))
 
     def state_dict(self) -> dict[str, Any]:
         return {"prev_model": module_out(self.plugin.prev_model)}

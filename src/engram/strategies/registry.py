@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from engram.rules import Rule, choice, integer, number
+from engram.errors import EngramError
+from engram.rules import Rule, choice, hp, integer, number
+from engram.strategies import avalanche_sections
 
 # The choices of the plugins' Literal types (the test checks they are the same).
 EWC_MODES = ("separate", "online")
 FISHER_ESTIMATORS = ("empirical", "true")
 POLICIES = ("reservoir", "class_balanced", "experience_balanced")
 ADMISSIONS = ("stream", "experience_end")
-
-
-def hp(default: Any, rule: Rule, doc: str = "") -> Any:
-    """A hyperparameter: its default, what it must be, and (optionally) why."""
-    return field(default=default, metadata={"rule": rule, "doc": doc})
 
 
 @dataclass
@@ -108,6 +105,13 @@ class Entry:
 
     plugin: str  # "module:Class", imported on use
     config: type
+    wires: tuple[str, ...] = ()  # constructor arguments the run supplies (model, input_size)
+    build: str | None = None  # "module:function"(kwargs) -> plugin, when not Class(**kwargs)
+
+    @property
+    def avalanche(self) -> bool:
+        """Whether the plugin is Avalanche's own (made durable by an adapter)."""
+        return self.plugin.startswith("avalanche.")
 
 
 #: Config section -> plugin, in the order plugins are built (and composed).
@@ -120,6 +124,12 @@ PLUGINS: dict[str, Entry] = {
     "der": Entry("engram.strategies.der:DERPlugin", DERConfig),
     "er_ace": Entry("engram.strategies.er_ace:ERACEPlugin", ERACEConfig),
     "agem": Entry("engram.strategies.agem:AGEMPlugin", AGEMConfig),
+    # Avalanche's own plugins, durable through engram.strategies.avalanche_state
+    # (strategy=avalanche.<name>; their defaults are Avalanche's, see avalanche_sections)
+    **{
+        section: Entry(f"avalanche.training.plugins:{s.plugin}", s.config, s.wires, s.build)
+        for section, s in avalanche_sections.SECTIONS.items()
+    },
 }
 
 
@@ -146,10 +156,31 @@ def plugin_class(section: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def build_plugins(strategy: Mapping[str, Any]) -> list[Any]:
-    """One plugin per non-null section of a strategy config, in registry order."""
-    return [
-        plugin_class(section)(**dict(strategy[section]))
-        for section in PLUGINS
-        if strategy.get(section) is not None
-    ]
+def build_plugins(
+    strategy: Mapping[str, Any], context: Mapping[str, Any] | None = None
+) -> list[Any]:
+    """One plugin per non-null section of a strategy config, in registry order.
+
+    ``context`` holds what some Avalanche plugins take besides their settings and the
+    run supplies (``model``: CWR*'s; ``input_size``: GSS's, the data's input shape).
+    """
+    context = context or {}
+    plugins = []
+    for section, entry in PLUGINS.items():
+        if strategy.get(section) is None:
+            continue
+        kwargs = dict(strategy[section])
+        missing = [w for w in entry.wires if w not in context]
+        if missing:
+            wanted = ", ".join(f"{w!r}: ..." for w in missing)
+            raise EngramError(
+                f"strategy.{section} needs the run's {', '.join(missing)}: pass "
+                f"build_plugins(strategy, context={{{wanted}}})"
+            )
+        kwargs.update({w: context[w] for w in entry.wires})
+        if entry.build is not None:
+            module, _, name = entry.build.partition(":")
+            plugins.append(getattr(importlib.import_module(module), name)(kwargs))
+        else:
+            plugins.append(plugin_class(section)(**kwargs))
+    return plugins

@@ -174,6 +174,7 @@ class DurableTemplate(SupervisedTemplate):
         # Data-parallel (inside a process group): rank 0 owns the store; the other ranks
         # keep their replay samples in memory and send their part at each commit.
         self.world = distributed.world()
+        self._refuse_avalanche_plugins_across_ranks()
         main = self.world.is_main
         self._store_path = Path(store.path if isinstance(store, Store) else store)
         self._owns_store = main and not isinstance(store, Store)
@@ -442,6 +443,20 @@ class DurableTemplate(SupervisedTemplate):
                 **self.extra_hparams,
             }
         )
+
+    def _refuse_avalanche_plugins_across_ranks(self) -> None:
+        """Avalanche's plugins keep one process's memory (a buffer, importances): across
+        ranks each would hold a different one, which no commit merges."""
+        if self.world.size == 1:
+            return
+        adapted = [k for k, p in self._stateful_plugins().items()
+                   if isinstance(p, avalanche_state.AvalancheAdapter)]  # fmt: skip
+        if adapted:
+            raise EngramError(
+                f"Avalanche's plugins ({', '.join(adapted)}) keep one process's memory and "
+                f"cannot train data-parallel ({self.world.size} ranks); use engram's own "
+                "strategies under torchrun (docs/distributed.md) or train on one process"
+            )
 
     def _stateful_plugins(self) -> dict[str, Any]:
         found: dict[str, Any] = {}
