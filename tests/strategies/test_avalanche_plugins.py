@@ -26,8 +26,9 @@ from torch import nn
 
 from engram.errors import EngramError, HyperparameterMismatchError
 from engram.store import SampleIds, Store
-from engram.strategies.avalanche_memory import ReplayBatchSampler, read_samples
 from engram.strategies.avalanche_state import ADAPTERS, REFUSED, adapter_for
+from engram.strategies.avalanche_state.loaders import ReplayBatchSampler
+from engram.strategies.avalanche_state.samples import read_samples
 from engram.training.sampler import ResumableBatchSampler
 from engram.training.template import DurableTemplate
 from trees import assert_same_tree
