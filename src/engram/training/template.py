@@ -26,15 +26,16 @@ Plugins' ``before_training_exp``/``before_training_epoch`` hooks run again when 
 experience resumes mid-way (they rebuild transient things such as data loaders); the
 committed state is applied after them, so hooks that reset counters cannot undo it.
 
+How it restores is :mod:`engram.training.restore`, how it commits
+:mod:`engram.training.commit` (mixins of this class); the parts that stand alone live in
+the sibling modules state, lineage, policy, gate, numerics, execution and sampler.
 (Over the 400-line budget on purpose: the class overrides a dozen Avalanche hooks that
-share the cursor and the snapshot being resumed; its parts that stand alone live in
-the sibling modules state, lineage, policy, gate, numerics, execution and sampler.)
+share the cursor and the snapshot being resumed.)
 """
 
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -42,26 +43,26 @@ from typing import Any
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.models.utils import avalanche_model_adaptation
 from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader
 
-from engram import distributed, metrics
+from engram import distributed
 from engram.distributed import sync
 from engram.distributed.reduce import average_gradients, broadcast_module, sum_counts
 from engram.distributed.state import LocalSamples
-from engram.errors import ArchitectureMismatchError, EngramError, GateFailed, NonFiniteError
+from engram.errors import EngramError, GateFailed, NonFiniteError
 from engram.stateful import Stateful
 from engram.store import Snapshot, Store
 from engram.store.background import BackgroundCommitter
 from engram.strategies import avalanche_state
 from engram.training import execution
+from engram.training.commit import Commit
 from engram.training.gate import RegressionGate
-from engram.training.lineage import check_lineage
 from engram.training.numerics import Precision, finite_step, nonfinite_weights
 from engram.training.policy import CommitPolicy
+from engram.training.restore import Restore
 from engram.training.sampler import ResumableBatchSampler, epoch_seed
 from engram.training.state import ClockState, Cursor, RngStreams, SchedulerState
 
@@ -82,7 +83,7 @@ class _AccuracyRecorder(SupervisedPlugin):
         self.seen += len(strategy.mb_y)
 
 
-class DurableTemplate(SupervisedTemplate):
+class DurableTemplate(Restore, Commit, SupervisedTemplate):
     """Avalanche's supervised template, restored from and committed to an engram store.
 
     Args:
@@ -298,129 +299,6 @@ class DurableTemplate(SupervisedTemplate):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ restore
-
-    def restore(self, experiences: Sequence[Any] = ()) -> bool:
-        """Restore HEAD of the store (once); returns False for an empty store.
-
-        ``experiences``: every experience the run may have adapted the model to (train
-        and test streams), to rebuild dynamically grown modules.
-        """
-        if self._restored:
-            return self._has_history
-        self._restored = True
-        if self.world.size == 1:
-            loaded = self._load_head()
-            if loaded is not None and "ranks" in loaded[0]:  # written by more ranks
-                state, weights = loaded
-                stored = [{"rng": state["rng"], "plugins": state["plugins"]}, *state["ranks"]]
-                common = {k: v for k, v in state.items() if k != "ranks"}
-                loaded = {**common, **self._repartition(stored, 1)[0]}, weights
-        else:
-            loaded = sync.restore(self.world, self._load_head, self._read_records,
-                                  self._local_samples, self._repartition)  # fmt: skip
-        self._has_history = loaded is not None
-        if loaded is None:
-            return False
-        snapshot = Snapshot(None, *loaded)  # type: ignore[arg-type]
-        self._replay_adaptations(snapshot.state["adaptations"], experiences)
-        self._check_architecture(snapshot.model or {})
-        # The optimizer must know the grown modules' parameters before its state loads;
-        # Avalanche's first make_optimizer would otherwise reset that state.
-        self.make_optimizer(reset_optimizer_state=True)
-        self._apply(snapshot)
-        self.cursor.load_state_dict(snapshot.state["cursor"])
-        metrics = snapshot.state["metrics"]
-        self.accuracy_matrix = [list(row) for row in metrics["accuracy_matrix"]]
-        self.skipped_updates = int(metrics.get("skipped_updates", 0))
-        initial = metrics.get("initial_accuracy")
-        self.initial_accuracy = list(initial) if initial is not None else None
-        self._adaptations = [list(a) for a in snapshot.state["adaptations"]]
-        if self.cursor.mid_experience:
-            self._snapshot = snapshot  # re-applied after the resumed epoch's hooks
-        return True
-
-    def _load_head(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-        """HEAD's state and weights once this run may continue it (rank 0's part)."""
-        head = self.store.head
-        if head is None:
-            return None
-        stored_hparams = head.meta.get("hparams", {})
-        check_lineage(head, path=self.store.path, hparams=self.hparams(),
-                      model_spec=self.model_spec, branch=self.branch,
-                      experience_ids=self.extra_meta.get("experience_ids"))  # fmt: skip
-        # Branching with new optimizer settings (e.g. lr): the stored optimizer state
-        # would bring the old values back, so the changed ones are re-applied over it.
-        stored_optimizer = stored_hparams.get("optimizer", {})
-        self._branched = {
-            k: v for k, v in self.hparams()["optimizer"].items()
-            if k != "class" and stored_optimizer.get(k) != v
-        } if self.branch else {}  # fmt: skip
-        self.execution_changes = execution.warn_if_changed(
-            self.store.path, head.name, head.meta.get("execution"), self._execution()
-        )
-        snapshot = self.store.load()
-        return snapshot.state, snapshot.model or {}
-
-    def _read_records(self, ids: list[int]) -> list[bytes]:
-        return self.store.samples.read_records(ids)
-
-    def _repartition(self, parts: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
-        """The stored ranks' parts (another world size) as ``size`` parts: each
-        plugin with a ``repartition`` (replay buffers) deals its shards anew; other
-        state is replicated (rank 0's); new ranks take rank 0's RNG streams."""
-        plugins = self._stateful_plugins()
-        out = [{"rng": (parts[r] if r < len(parts) else parts[0])["rng"], "plugins": {}}
-               for r in range(size)]  # fmt: skip
-        for key in parts[0]["plugins"]:
-            states = [p["plugins"].get(key, {}) for p in parts]
-            split = getattr(plugins.get(key), "repartition", None)
-            shards = split(states, size) if split is not None else [states[0]] * size
-            for r in range(size):
-                out[r]["plugins"][key] = shards[r]
-        return out
-
-    def _replay_adaptations(self, recorded: list, experiences: Sequence[Any]) -> None:
-        by_key = {}
-        for exp in experiences:
-            by_key[(exp.origin_stream.name, exp.current_experience)] = exp
-        was_training = self.model.training
-        self._replaying = True
-        try:
-            for stream, index, training in recorded:
-                exp = by_key.get((stream, index))
-                if exp is None:
-                    raise EngramError(
-                        f"the store's model was adapted to experience {index} of stream "
-                        f"{stream!r}, which this run was not given; pass the same streams"
-                    )
-                self.model.train(training)
-                avalanche_model_adaptation(self.model, exp)
-        finally:
-            self._replaying = False
-            self.model.train(was_training)
-        self.model.to(self.device)
-
-    def _check_architecture(self, weights: Mapping[str, torch.Tensor]) -> None:
-        current = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        stored = {k: tuple(v.shape) for k, v in weights.items()}
-        head = self.store.head.name if self.store is not None else "HEAD"
-        problems = [f"missing in the model: {k}" for k in sorted(stored.keys() - current.keys())]
-        problems += [f"not in the store: {k}" for k in sorted(current.keys() - stored.keys())]
-        problems += [
-            f"{k}: model {current[k]} vs store {stored[k]}"
-            for k in sorted(current.keys() & stored.keys())
-            if current[k] != stored[k]
-        ]
-        if problems:
-            raise ArchitectureMismatchError(
-                f"the model does not match the checkpoint in {self._store_path} "
-                f"({head}): "
-                + "; ".join(problems[:20])
-                + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
-                + ". Use the architecture that produced the store, or a new store."
-            )
-
     # -------------------------------------------------------------------- state
 
     def hparams(self) -> dict[str, Any]:
@@ -497,91 +375,6 @@ class DurableTemplate(SupervisedTemplate):
 
     def _plugin_states(self) -> dict[str, Any]:
         return {key: p.state_dict() for key, p in self._stateful_plugins().items()}
-
-    def _apply(self, snapshot: Snapshot) -> None:
-        state = snapshot.state
-        self.model.load_state_dict(snapshot.model or {})
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:
-            group.update({k: v for k, v in self._branched.items() if k in group})
-        stored = state["plugins"]
-        for key, plugin in self._stateful_plugins().items():
-            if key in stored:
-                plugin.load_state_dict(_to_device(stored[key], self.device))
-        ClockState(self.clock).load_state_dict(state["clock"])
-        RngStreams(cuda=self.device.type == "cuda").load_state_dict(state["rng"])
-        self.numerics.load_state_dict(state.get("scaler") or {})
-
-    def commit(self, message: str = "", *, gate: Mapping[str, Any] | None = None) -> None:
-        """Commit the current state now (the template also commits by itself).
-
-        ``gate``: the regression gate's verdict, recorded in the version's meta.
-        """
-        self._check_finite_weights("committing")
-        mid = self.cursor.mid_experience
-        # a boundary cursor points at the next experience; the version is the last one's
-        experience = self.cursor.experience if mid else max(self.cursor.experience - 1, 0)
-        kind = "mid-experience" if mid else "experience"
-        meta = {
-            "experience": experience,
-            "epoch": self.cursor.epoch,
-            "iteration": self.cursor.iteration,
-            "kind": kind,
-            "strategy": self.name,
-            "hparams": self.hparams(),
-        }
-        if self.model_spec is not None:
-            meta["model_spec"] = self.model_spec
-        meta.update(self.extra_meta)
-        meta["execution"] = self._execution()
-        if gate is not None:
-            meta["gate"] = dict(gate)
-        if self.skipped_updates:
-            meta["skipped_updates"] = self.skipped_updates
-        if self.accuracy_matrix and kind == "experience":
-            meta["accuracy"] = self.accuracy_matrix[-1]
-            meta["metrics"] = metrics.summary(self.accuracy_matrix, self.initial_accuracy)
-        start = time.perf_counter()
-        if self.world.size > 1:
-            self._commit_ranks(message, meta, mid)
-        elif self._committer is not None and mid:
-            # Staged (copied) here, persisted in the background; last_commit_seconds is
-            # then the training thread's stall, last_commit_bytes follows on the next wait.
-            self._committer.submit(
-                self.state_dict(), self.model.state_dict(), message=message, meta=meta
-            )
-        else:
-            self._wait_for_commit()
-            version = self.store.commit(
-                self.state_dict(), model=self.model, message=message, meta=meta
-            )
-            self.last_commit_bytes = version.new_bytes
-        self.last_commit_seconds = time.perf_counter() - start
-        self.policy.committed()
-
-    def _commit_ranks(self, message: str, meta: dict[str, Any], mid: bool) -> None:
-        """The collective commit: rank 0 commits its state with every other rank's
-        part (``state["ranks"]``); see :mod:`engram.distributed.sync`."""
-        if not self.world.is_main:  # its part only: the rest is rank 0's (replicated)
-            part = {"rng": RngStreams(cuda=self.device.type == "cuda").state_dict(),
-                    "plugins": self._plugin_states()}  # fmt: skip
-            sync.commit(self.world, part, self._local_samples, None, lambda parts: None)
-            return
-
-        own = self.state_dict()  # while the other ranks stage and send theirs
-
-        def commit(parts: list[dict[str, Any]]) -> None:
-            state = {**own, "ranks": parts}
-            if self._committer is not None and mid:
-                self._committer.submit(state, self.model.state_dict(), message=message,
-                                       meta=meta)  # fmt: skip
-                return
-            self._wait_for_commit()
-            version = self.store.commit(state, model=self.model, message=message, meta=meta)
-            self.last_commit_bytes = version.new_bytes
-
-        part = {"rng": own["rng"], "plugins": own["plugins"]}
-        sync.commit(self.world, part, None, self.store.samples, commit)
 
     def _execution(self) -> dict[str, Any]:
         return execution.settings(self.device, self.numerics.name)
@@ -745,15 +538,3 @@ class DurableTemplate(SupervisedTemplate):
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-def _to_device(state: Any, device: torch.device) -> Any:
-    """Floating-point tensors of a plugin's state onto the run's device (Fisher, anchors,
-    a teacher); integer ones (RNG states, sample ids, counters) stay where they are."""
-    if isinstance(state, torch.Tensor):
-        return state.to(device) if state.is_floating_point() else state
-    if isinstance(state, dict):
-        return {k: _to_device(v, device) for k, v in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(_to_device(v, device) for v in state)
-    return state
