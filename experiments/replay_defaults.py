@@ -41,7 +41,7 @@ def main() -> None:
         nargs="+",
         metavar="STRATEGY:OVERRIDE",
         default=None,
-        help="other settings, e.g. avalanche.lfl:strategy.avalanche_lfl.lambda_e=1",
+        help="other settings (overrides space-separated), e.g. replay:strategy.replay.mem_size=500",
     )
     parser.add_argument("--streams", nargs="+", default=STREAMS)
     args = parser.parse_args()
@@ -54,8 +54,8 @@ def main() -> None:
             for bench in streams:
                 accs = []
                 for seed in seeds:
-                    cfg = config(f"{tmp}/{n}-{bench}-{seed}", f"strategy={strategy}",
-                                 f"benchmark={bench}", setting, f"seed={seed}")  # fmt: skip
+                    overrides = [f"strategy={strategy}", f"benchmark={bench}", *setting.split()]
+                    cfg = config(f"{tmp}/{n}-{bench}-{seed}", *overrides, f"seed={seed}")
                     accs.append(average_accuracy(train(cfg)))
                 print(f"{strategy:8} {setting:42} {bench:17} {mean_std(accs)}", flush=True)
 

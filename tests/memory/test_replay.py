@@ -233,3 +233,77 @@ def test_sampling_from_memory_equals_the_stored_records(
             rows = [int(np.flatnonzero((contents["x"] == xi).all(dim=(1, 2)))[0]) for xi in a["x"]]
             for k in a:
                 assert torch.equal(a[k], contents[k][rows]), k
+
+
+# ---------------------------------------------------------- without replacement
+
+
+def filled(store: Store, n: int = 10, draw: str = "without_replacement") -> ReplayBuffer:
+    """A buffer holding items 0..n-1 (x[:, 0] is the item)."""
+    buffer = ReplayBuffer(store, n, "reservoir", seed=3, draw=draw)
+    buffer.add(torch.arange(n, dtype=torch.int64).reshape(n, 1), torch.zeros(n, dtype=torch.int64),
+               experience=0)  # fmt: skip
+    assert len(buffer) == n
+    return buffer
+
+
+def test_without_replacement_draws_every_sample_once_per_pass(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = filled(store)
+        picks = torch.cat([buffer.sample(3)["x"][:, 0] for _ in range(10)]).tolist()  # 3 passes
+    for k in range(3):
+        assert sorted(picks[10 * k : 10 * k + 10]) == list(range(10)), picks
+    assert picks[:10] != picks[10:20]  # each pass in a new order
+
+
+def test_with_replacement_repeats_within_a_pass(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = filled(store, draw="with_replacement")
+        picks = torch.cat([buffer.sample(10)["x"][:, 0] for _ in range(5)])
+    assert any(len(set(picks[k : k + 10].tolist())) < 10 for k in range(0, 50, 10))
+
+
+def test_a_resumed_pass_continues_where_it_stopped(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = filled(store)
+        buffer.sample(4)
+        state = buffer.state_dict()
+        expected = [buffer.sample(4)["x"][:, 0].tolist() for _ in range(4)]
+        resumed = ReplayBuffer(store, 10, "reservoir", seed=3, draw="without_replacement")
+        resumed.load_state_dict(state)
+        assert [resumed.sample(4)["x"][:, 0].tolist() for _ in range(4)] == expected
+
+
+def test_an_admission_starts_a_new_pass_over_the_grown_buffer(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = ReplayBuffer(store, 20, "reservoir", seed=0, draw="without_replacement")
+        buffer.add(torch.arange(5).reshape(5, 1), torch.zeros(5, dtype=torch.int64), experience=0)
+        buffer.sample(2)
+        buffer.add(torch.arange(5, 12).reshape(7, 1), torch.zeros(7, dtype=torch.int64),
+                   experience=1)  # fmt: skip
+        picks = torch.cat([buffer.sample(4)["x"][:, 0] for _ in range(3)]).tolist()
+    assert sorted(picks) == list(range(12))
+
+
+def test_the_default_draw_is_not_recorded_so_older_states_load(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s", mode="c") as store:
+        state = filled(store, draw="with_replacement").state_dict()
+        assert state["hparams"] == {"capacity": 10, "policy": "reservoir", "seed": 3}
+        assert "order" not in state
+        with pytest.raises(ReplayBufferError, match="draw"):
+            filled(store, draw="without_replacement").load_state_dict(state)
+        with pytest.raises(ReplayBufferError, match="draw must be one of"):
+            ReplayBuffer(store, 10, draw="fifo")
+
+
+def test_a_shard_dealt_anew_starts_a_new_pass(tmp_path: Path) -> None:
+    from engram.memory.replay import repartition
+
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = filled(store)
+        buffer.sample(3)
+        shards = repartition([buffer.state_dict()], 2)
+        assert all("order" not in s for s in shards)
+        half = ReplayBuffer(store, 5, "reservoir", seed=3, draw="without_replacement")
+        half.load_state_dict(shards[0])
+        assert sorted(half.sample(5)["x"][:, 0].tolist()) == list(range(0, 10, 2))

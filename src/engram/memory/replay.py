@@ -36,6 +36,10 @@ from engram.store import SampleIds, Store
 from engram.store.codec import TORCH_DTYPES, dtype_name
 
 Policy = Literal["reservoir", "class_balanced", "experience_balanced"]
+#: How :meth:`ReplayBuffer.sample` draws: independent uniform picks, or passes through
+#: the buffer in a fresh random order each (as Avalanche's replay loaders cycle).
+Draw = Literal["with_replacement", "without_replacement"]
+DRAWS = ("with_replacement", "without_replacement")
 _HEADER = 24  # target, task, experience: three little-endian int64
 _MIRROR_BYTES = 64 << 20  # a buffer whose records fit is also kept in memory, for sampling
 
@@ -48,12 +52,25 @@ class ReplayBuffer:
     """Fixed-capacity replay memory backed by a store (see the module docstring)."""
 
     def __init__(
-        self, store: Store | Any, capacity: int, policy: Policy = "reservoir", seed: int = 0
+        self,
+        store: Store | Any,
+        capacity: int,
+        policy: Policy = "reservoir",
+        seed: int = 0,
+        draw: Draw = "with_replacement",
     ):
         if capacity < 1:
             raise ReplayBufferError("capacity must be >= 1")
         if policy not in ("reservoir", "class_balanced", "experience_balanced"):
             raise ReplayBufferError(f"unknown policy {policy!r}")
+        if draw not in DRAWS:
+            raise ReplayBufferError(f"draw must be one of {', '.join(DRAWS)}, not {draw!r}")
+        self.draw = draw
+        # without_replacement: the slots still to draw in this pass (a permutation of
+        # range(_order_size) consumed from the front); a new pass once it is used up or
+        # the buffer's size changed
+        self._order = np.zeros(0, dtype=np.int64)
+        self._order_size = 0
         # where the samples are written: the store's table, or (a data-parallel rank
         # without the store) anything with the same append/read
         self.samples = store.samples if isinstance(store, Store) else store
@@ -75,7 +92,10 @@ class ReplayBuffer:
         self._mirrored = np.zeros(capacity, dtype=bool)
 
     def hparams(self) -> dict[str, Any]:
-        return {"capacity": self.capacity, "policy": self.policy, "seed": self.seed}
+        out = {"capacity": self.capacity, "policy": self.policy, "seed": self.seed}
+        if self.draw != "with_replacement":  # stores written before draw existed: unchanged
+            out["draw"] = self.draw
+        return out
 
     def __len__(self) -> int:
         return self.size
@@ -177,10 +197,15 @@ class ReplayBuffer:
     # -------------------------------------------------------------- sampling
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """A uniformly drawn minibatch (with replacement) from the buffer's own RNG."""
+        """A minibatch drawn with the buffer's own RNG: uniformly with replacement, or
+        (``draw="without_replacement"``) the next ``batch_size`` slots of a random pass
+        through the buffer, a new pass starting where one ends."""
         if not self.size:
             raise ReplayBufferError("the replay buffer is empty")
-        picks = torch.randint(self.size, (batch_size,), generator=self.sample_rng).numpy()
+        if self.draw == "with_replacement":
+            picks = torch.randint(self.size, (batch_size,), generator=self.sample_rng).numpy()
+        else:
+            picks = self._next_in_order(batch_size)
         mirror = self._mirror_array()
         if mirror is None:
             return self.read(self.slots[picks].tolist())
@@ -189,6 +214,20 @@ class ReplayBuffer:
             mirror[missing] = self.samples.read(self.slots[missing].tolist(), self._record_size())
             self._mirrored[missing] = True
         return self._parse(mirror[picks])
+
+    def _next_in_order(self, n: int) -> np.ndarray:
+        if self._order_size != self.size:
+            self._order = np.zeros(0, dtype=np.int64)  # admitted since: start a new pass
+            self._order_size = self.size
+        parts, wanted = [], n
+        while wanted:
+            if not len(self._order):
+                self._order = torch.randperm(self.size, generator=self.sample_rng).numpy()
+            take = self._order[:wanted]
+            self._order = self._order[wanted:]
+            parts.append(take)
+            wanted -= len(take)
+        return np.concatenate(parts)
 
     def read(self, sample_ids: list[int]) -> dict[str, torch.Tensor]:
         """Records by sample id, stacked: x, y, task, experience (and logits)."""
@@ -232,7 +271,13 @@ class ReplayBuffer:
             "schema": self.schema,
             "admit_rng": self.admit_rng.get_state(),
             "sample_rng": self.sample_rng.get_state(),
+            **self._order_state(),
         }
+
+    def _order_state(self) -> dict[str, Any]:
+        if self.draw == "with_replacement":
+            return {}
+        return {"order": torch.from_numpy(self._order.copy()), "order_size": self._order_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["hparams"] != self.hparams():
@@ -256,6 +301,11 @@ class ReplayBuffer:
         self._mirrored[:] = False
         self.admit_rng.set_state(state["admit_rng"])
         self.sample_rng.set_state(state["sample_rng"])
+        if "order" in state:  # a shard dealt anew (repartition) has none: a new pass
+            self._order = state["order"].numpy().astype(np.int64, copy=True)
+            self._order_size = int(state["order_size"])
+        else:
+            self._order, self._order_size = np.zeros(0, dtype=np.int64), 0
 
 
 def shard_capacity(capacity: int, rank: int, size: int) -> int:
@@ -288,6 +338,8 @@ def repartition(shards: list[dict[str, Any]], size: int) -> list[dict[str, Any]]
             "slots": SampleIds.of(ids[take]),
             "slot_keys": keys[take].clone(),
         }
+        state.pop("order", None)  # another shard's pass: each starts a new one
+        state.pop("order_size", None)
         if r >= len(shards):
             for name, offset in (("admit_rng", 0), ("sample_rng", 1)):
                 g = torch.Generator().manual_seed(old["hparams"]["seed"] + 7919 * r + offset)

@@ -86,7 +86,9 @@ class SklearnLearner:
         if self.replay is not None:
             from engram.memory.replay import ReplayBuffer
 
-            self.buffer = ReplayBuffer(store, self.replay["mem_size"], self.replay["policy"], seed)
+            r = self.replay
+            draw = r.get("draw", "with_replacement")
+            self.buffer = ReplayBuffer(store, r["mem_size"], r["policy"], seed, draw)
         self.cursor = Cursor()
         self.accuracy_matrix: list[list[float]] = []
         self.initial_accuracy: list[float] | None = None  # an unfitted estimator predicts nothing
@@ -103,7 +105,11 @@ class SklearnLearner:
 
     def hparams(self) -> dict[str, Any]:
         """Everything that must not silently change between a run and its resumption."""
-        plugins = {"replay": dict(self.replay, seed=self.seed)} if self.replay else {}
+        plugins = {}
+        if self.replay:  # the default draw is left out, as stores before it have no draw
+            replay = {k: v for k, v in self.replay.items()
+                      if (k, v) != ("draw", "with_replacement")}  # fmt: skip
+            plugins = {"replay": dict(replay, seed=self.seed)}
         return {
             "strategy": self.name,
             "train_mb_size": self.batch_size,

@@ -23,6 +23,7 @@ import torch
 
 from engram import distributed
 from engram.memory.replay import (
+    Draw,
     Policy,
     ReplayBuffer,
     ReplayBufferError,
@@ -53,10 +54,13 @@ class ReplayMemory:
     state loaded before that is kept and applied then. ``buffer`` is None until then.
     """
 
-    def __init__(self, mem_size: int, policy: Policy, seed: int) -> None:
+    def __init__(
+        self, mem_size: int, policy: Policy, seed: int, draw: Draw = "with_replacement"
+    ) -> None:
         self.mem_size = mem_size
         self.policy = policy
         self.seed = seed
+        self.draw = draw
         self.buffer: ReplayBuffer | None = None
         self._pending: dict[str, Any] | None = None
         # what admit() offers: the step's own samples, not the replayed ones
@@ -69,7 +73,8 @@ class ReplayMemory:
             # from its own data shard with its own random streams.
             w = distributed.world()
             capacity = shard_capacity(self.mem_size, w.rank, w.size)
-            self.buffer = ReplayBuffer(strategy.samples, capacity, self.policy, self.seed)
+            self.buffer = ReplayBuffer(strategy.samples, capacity, self.policy, self.seed,
+                                       self.draw)  # fmt: skip
             if w.rank:
                 for g, offset in ((self.buffer.admit_rng, 0), (self.buffer.sample_rng, 1)):
                     g.manual_seed(self.seed + 7919 * w.rank + offset)

@@ -27,6 +27,7 @@ EWC_MODES = ("separate", "online")
 FISHER_ESTIMATORS = ("empirical", "true")
 POLICIES = ("reservoir", "class_balanced", "experience_balanced")
 ADMISSIONS = ("stream", "experience_end")
+DRAWS = ("with_replacement", "without_replacement")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class ReplayConfig:
     batch_size_mem: int | None = hp(None, integer(1, null=True), "None: the training batch size")
     policy: str = hp("reservoir", choice(POLICIES))
     admission: str = hp("experience_end", choice(ADMISSIONS), "stream: also the current one")
+    draw: str = hp("with_replacement", choice(DRAWS), "without: passes, as Avalanche's loader")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from avalanche.core import SupervisedPlugin
 
-from engram.memory.replay import Policy, ReplayBuffer
+from engram.memory.replay import Draw, Policy, ReplayBuffer
 from engram.strategies.memory import Admission, ReplayMemory, check_admission
 from engram.strategies.registry import default
 
@@ -23,7 +23,9 @@ from engram.strategies.registry import default
 class ERPlugin(SupervisedPlugin):
     """Experience replay: the minibatch is extended with ``batch_size_mem`` buffer samples.
 
-    ``admission``: see :mod:`engram.strategies.memory`.
+    ``admission``: see :mod:`engram.strategies.memory`. ``draw``: how buffer minibatches
+    are drawn (:class:`~engram.memory.replay.ReplayBuffer`): independently with
+    replacement, or passes through the buffer in random order as Avalanche's loaders do.
     """
 
     engram_name = "replay"
@@ -36,6 +38,7 @@ class ERPlugin(SupervisedPlugin):
         policy: Policy = default("replay", "policy"),
         seed: int = 0,
         admission: Admission = default("replay", "admission"),
+        draw: Draw = default("replay", "draw"),
     ) -> None:
         super().__init__()
         self.admission = check_admission(admission)
@@ -43,7 +46,8 @@ class ERPlugin(SupervisedPlugin):
         self.policy = policy
         self.seed = seed
         self.batch_size_mem = batch_size_mem
-        self.memory = ReplayMemory(mem_size, policy, seed)
+        self.draw = draw
+        self.memory = ReplayMemory(mem_size, policy, seed, draw)
 
     @property
     def buffer(self) -> ReplayBuffer | None:
@@ -51,8 +55,11 @@ class ERPlugin(SupervisedPlugin):
         return self.memory.buffer
 
     def hparams(self) -> dict[str, Any]:
-        return {"mem_size": self.mem_size, "policy": self.policy, "seed": self.seed,
-                "admission": self.admission, "batch_size_mem": self.batch_size_mem}  # fmt: skip
+        out = {"mem_size": self.mem_size, "policy": self.policy, "seed": self.seed,
+               "admission": self.admission, "batch_size_mem": self.batch_size_mem}  # fmt: skip
+        if self.draw != "with_replacement":  # runs recorded before draw existed: unchanged
+            out["draw"] = self.draw
+        return out
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         self.memory.prepare(strategy)
