@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 
 from engram import metrics
-from engram.errors import EngramError, GateFailed
+from engram.errors import EngramError
 from engram.signature import check_labels
 from engram.sklearn import persist
 from engram.sklearn.estimators import build_estimator, partial_fit
 from engram.store import Artifact, Store
+from engram.training.experiences import train_experiences
+from engram.training.gate import gate_verdict, settle_gate
 from engram.training.lineage import check_lineage
 from engram.training.sampler import epoch_seed
 from engram.training.state import Cursor
@@ -160,21 +162,7 @@ class SklearnLearner:
         accuracy matrix (row i: accuracies on the test stream after experience i)."""
         train_list, test_list = list(train_stream), list(test_stream or [])
         self.restore(train_list + test_list)
-        trained = 0
-        for index, experience in enumerate(train_list):
-            if index < self.cursor.experience:
-                continue
-            if max_experiences is not None and trained >= max_experiences:
-                break
-            self.train_experience(index, experience)
-            self.accuracy_matrix.append(self.evaluate(test_list))
-            rejected = self._finish_experience(index)
-            trained += 1
-            if on_experience is not None:
-                on_experience(index, self.accuracy_matrix[-1])
-            if rejected is not None:
-                raise GateFailed(rejected)
-        return self.accuracy_matrix
+        return train_experiences(self, train_list, test_list, max_experiences, on_experience)
 
     def train_experience(self, index: int, experience: Any) -> None:
         """``partial_fit`` over one experience: ``epochs`` passes in seeded minibatches,
@@ -273,13 +261,8 @@ class SklearnLearner:
         self.last_commit_seconds = time.perf_counter() - start
         self.last_commit_bytes = version.new_bytes
 
-    def _finish_experience(self, index: int) -> str | None:
+    def finish_experience(self, index: int) -> str | None:
         """Commit experience ``index``'s version, then the gate (see engram.training.gate)."""
-        failures = self.gate.failures(self.accuracy_matrix) if self.gate is not None else []
-        verdict = None if self.gate is None else {"passed": not failures, "failures": failures}
+        failures, verdict = gate_verdict(self.gate, self.accuracy_matrix)
         self.commit(index, gate=verdict)
-        if failures:
-            return self.gate.reject(self.store, self.store.head, index, failures)
-        if self.gate is not None and self.gate.promote:
-            self.store.tag(self.gate.promote, self.store.head.id)
-        return None
+        return settle_gate(self.gate, self.store, index, failures)

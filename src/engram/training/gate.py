@@ -25,7 +25,7 @@ from engram import metrics
 from engram.errors import GateFailed
 from engram.store import Store, VersionInfo
 
-__all__ = ["GateFailed", "RegressionGate", "last_passing_ancestor"]
+__all__ = ["GateFailed", "RegressionGate", "gate_verdict", "last_passing_ancestor", "settle_gate"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,29 @@ class RegressionGate:
             f"{where}; the failed version {failed.name} is kept as tag {tag!r} "
             f"(inspect: engram show {store.path} {tag})"
         )
+
+
+def gate_verdict(
+    gate: RegressionGate | None, matrix: Sequence[Sequence[float]]
+) -> tuple[list[str], dict | None]:
+    """Step 1: the failures of the version holding ``matrix`` and the verdict its meta
+    records (``None``: no gate)."""
+    if gate is None:
+        return [], None
+    failures = gate.failures(matrix)
+    return failures, {"passed": not failures, "failures": failures}
+
+
+def settle_gate(
+    gate: RegressionGate | None, store: Store, index: int, failures: list[str]
+) -> str | None:
+    """Steps 3 and 4, once HEAD is the experience's version: move the promote tag, or
+    reject the version; returns the message GateFailed carries (None: it passed)."""
+    if failures:
+        return gate.reject(store, store.head, index, failures)
+    if gate is not None and gate.promote:
+        store.tag(gate.promote, store.head.id)
+    return None
 
 
 def last_passing_ancestor(store: Store, version: VersionInfo) -> VersionInfo | None:

@@ -59,7 +59,8 @@ from engram.store.background import BackgroundCommitter
 from engram.strategies import avalanche_state
 from engram.training import execution
 from engram.training.commit import Commit
-from engram.training.gate import RegressionGate
+from engram.training.experiences import train_experiences
+from engram.training.gate import RegressionGate, gate_verdict, settle_gate
 from engram.training.numerics import Precision, finite_step, nonfinite_weights
 from engram.training.policy import CommitPolicy
 from engram.training.restore import Restore
@@ -237,27 +238,18 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         fresh = self.cursor.experience == 0 and not self.cursor.mid_experience
         if fresh and self.initial_accuracy is None and test_list:
             self.initial_accuracy = self.evaluate(test_list)
-        trained = 0
         self._in_fit = True
         try:
-            for index, experience in enumerate(train_list):
-                if index < self.cursor.experience:
-                    continue
-                if max_experiences is not None and trained >= max_experiences:
-                    break
-                self.cursor.experience = index
-                self.train(experience)
-                self.accuracy_matrix.append(self.evaluate(test_list))
-                rejected = self._finish_experience(index)
-                trained += 1
-                if on_experience is not None:
-                    on_experience(index, self.accuracy_matrix[-1])
-                if rejected is not None:
-                    raise GateFailed(rejected)
+            train_experiences(self, train_list, test_list, max_experiences, on_experience)
         finally:
             self._in_fit = False
         self._wait_for_commit()
         return self.accuracy_matrix
+
+    def train_experience(self, index: int, experience: Any) -> None:
+        """Train experience ``index`` of the stream (Avalanche's ``train``, resumable)."""
+        self.cursor.experience = index
+        self.train(experience)
 
     def evaluate(self, test_stream: Iterable[Any]) -> list[float]:
         """Accuracy of the current model on each experience of ``test_stream``
@@ -508,26 +500,21 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
     def _after_training_exp(self, **kwargs: Any) -> None:
         super()._after_training_exp(**kwargs)
         if not self._in_fit:  # plain Avalanche-style strategy.train(exp)
-            rejected = self._finish_experience(self.cursor.experience - 1)
+            rejected = self.finish_experience(self.cursor.experience - 1)
             if rejected is not None:
                 raise GateFailed(rejected)
 
-    def _finish_experience(self, index: int) -> str | None:
+    def finish_experience(self, index: int) -> str | None:
         """Commit experience ``index``'s version, decide the gate, prune; returns the
         gate's rejection message (None: passed, or no gate)."""
         self._wait_for_commit()  # a mid-experience version in flight is pruned below too
         main = self.store is not None
         before = {v.id for v in self.store.versions()} if main else set()
-        failures = self.gate.failures(self.accuracy_matrix) if self.gate is not None else []
-        verdict = None if self.gate is None else {"passed": not failures, "failures": failures}
+        failures, verdict = gate_verdict(self.gate, self.accuracy_matrix)
         self.commit(f"after experience {index}", gate=verdict)
 
         def settle() -> str | None:  # the store's part: rank 0's (the matrix is every rank's)
-            rejected = None
-            if failures:
-                rejected = self.gate.reject(self.store, self.store.head, index, failures)
-            elif self.gate is not None and self.gate.promote:
-                self.store.tag(self.gate.promote, self.store.head.id)
+            rejected = settle_gate(self.gate, self.store, index, failures)
             self.policy.prune(self.store, before, index)
             return rejected
 
