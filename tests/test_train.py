@@ -17,6 +17,7 @@ from engram.errors import EngramError
 from engram.store import Store
 from engram.streams import digits
 from engram.train import GateFailed, train
+from helpers import scalars
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "engram" / "configs"
 STRATEGIES = sorted(p.stem for p in (CONFIGS / "strategy").glob("*.yaml"))
@@ -323,18 +324,6 @@ def hparams_in(log_dir: Path) -> bool:
     events.Reload()
     subdirs = [p for p in log_dir.iterdir() if p.is_dir()]
     return not subdirs and "_hparams_/experiment" in events.PluginTagToContent("hparams")
-
-
-def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)]
-        for tag in events.Tags()["scalars"]
-        if tag != "store/commit_seconds"  # a measurement, not a function of the history
-    }
 
 
 def test_tensorboard_history_after_a_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:

@@ -103,16 +103,15 @@ def _check_json(value: Any, name: str) -> None:
 # ------------------------------------------------------------------ engram's builders
 
 
-class MLP(nn.Module):
-    """Flatten, then ``hidden`` ReLU layers, then a linear classifier."""
+class _Classifier(nn.Module):
+    """``body`` (given layers, then ``hidden`` ReLU layers), then a linear ``classifier``;
+    the parameter names (``body.N.*``, ``classifier.*``) are what checkpoints hold."""
 
-    def __init__(self, input_shape: Sequence[int], n_classes: int, hidden: Sequence[int]):
-        super().__init__()
-        width = math.prod(input_shape)
-        layers: list[nn.Module] = [nn.Flatten()]
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
+    def _build(self, layers: list[nn.Module], width: int, hidden: Sequence[int],
+               n_classes: int) -> None:  # fmt: skip
+        for units in hidden:
+            layers += [nn.Linear(width, units), nn.ReLU()]
+            width = units
         self.body = nn.Sequential(*layers)
         self.features = width
         self.classifier = nn.Linear(width, n_classes)
@@ -123,6 +122,14 @@ class MLP(nn.Module):
     def get_features(self, x: torch.Tensor) -> torch.Tensor:
         """The classifier's input (Avalanche's ``BaseModel`` API: LFL compares these)."""
         return self.body(x)
+
+
+class MLP(_Classifier):
+    """Flatten, then ``hidden`` ReLU layers, then a linear classifier."""
+
+    def __init__(self, input_shape: Sequence[int], n_classes: int, hidden: Sequence[int]):
+        super().__init__()
+        self._build([nn.Flatten()], math.prod(input_shape), hidden, n_classes)
 
 
 class Reshape(nn.Module):
@@ -136,7 +143,7 @@ class Reshape(nn.Module):
         return x.reshape(-1, *self.shape)
 
 
-class ConvNet(nn.Module):
+class ConvNet(_Classifier):
     """3x3 conv blocks (2x2 pooling while the image is large enough), then an MLP.
 
     Inputs are (C, H, W) images, (H, W) grey images, or flat vectors of a square number
@@ -163,20 +170,7 @@ class ConvNet(nn.Module):
                 h, w = h // 2, w // 2
             c = out
         layers.append(nn.Flatten())
-        width = c * h * w
-        for units in hidden:
-            layers += [nn.Linear(width, units), nn.ReLU()]
-            width = units
-        self.body = nn.Sequential(*layers)
-        self.features = width
-        self.classifier = nn.Linear(width, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.body(x))
-
-    def get_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The classifier's input (Avalanche's ``BaseModel`` API: LFL compares these)."""
-        return self.body(x)
+        self._build(layers, c * h * w, hidden, n_classes)
 
 
 def _multihead(body: nn.Module, features: int) -> nn.Module:

@@ -20,6 +20,7 @@ import torch
 
 from engram.memory.replay import ReplayBuffer
 from engram.store import Store
+from helpers import scalars
 from trees import assert_same_tree
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on Linux")
@@ -192,18 +193,6 @@ def test_two_ranks_to_one_and_one_to_two_keep_every_sample(tmp_path: Path) -> No
     assert [len(s["y"]) for s in shards] == [100, 100]
     assert kept  # the 2-rank buffer held samples of both shards
     assert len(kept) == 200
-
-
-def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)]
-        for tag in events.Tags()["scalars"]
-        if tag != "store/commit_seconds"
-    }  # fmt: skip - a measurement, not history
 
 
 def _versions(path: Path) -> list:

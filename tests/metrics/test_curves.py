@@ -34,7 +34,8 @@ def test_tensorboard_shows_loss_accuracy_lr_and_evaluation_on_the_iteration_axis
     tmp_path: Path,
 ) -> None:
     from engram.train import train
-    from test_train import config, scalars
+    from helpers import scalars
+    from test_train import config
 
     train(config(tmp_path / "s", "benchmark.n_experiences=5", "run.max_experiences=2"))
     train(config(tmp_path / "s", "benchmark.n_experiences=5"))  # resumed: history rewritten

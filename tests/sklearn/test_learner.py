@@ -244,7 +244,7 @@ def test_predict_checks_the_signature_for_estimators_and_torch_models(tmp_path: 
 
 
 def test_tensorboard_reviews_an_estimator_like_a_network(tmp_path: Path) -> None:
-    from test_train import scalars
+    from helpers import scalars
 
     args = ["model=sgd_classifier", "strategy=replay", "logger.tensorboard=true"]
     train(config(tmp_path / "whole", *args))

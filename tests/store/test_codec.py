@@ -22,31 +22,7 @@ from engram.store.format import (
     PLAIN_FORMAT_VERSION,
     SEALED_FORMAT_VERSION,
 )
-
-
-def assert_same(a, b) -> None:
-    """Exact equality, bit for bit, including dtype, shape and container types."""
-    assert type(a) is type(b), (type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        if a.numel():
-            assert bytes(a.contiguous().reshape(-1).view(torch.uint8).numpy()) == bytes(
-                b.contiguous().reshape(-1).view(torch.uint8).numpy()
-            )
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            assert_same(x, y)
-    elif isinstance(a, float) and a != a:
-        assert b != b
-    else:
-        assert a == b
+from trees import assert_same_tree as assert_same
 
 
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:

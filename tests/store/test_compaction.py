@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_codec import assert_same  # the same tree comparison (tests/store is on sys.path)
 
 from engram.errors import CorruptionError, StoreFormatError
 from engram.store import Store
@@ -35,6 +34,7 @@ from engram.store.format import (
     SEALED_FORMAT_VERSION,
 )
 from engram.store.records import seal
+from trees import assert_same_tree as assert_same
 
 
 def lineage(n: int, *, frozen_backbone: bool = False, seed: int = 0):

@@ -31,6 +31,7 @@ from engram.strategies.avalanche_state.loaders import ReplayBatchSampler
 from engram.strategies.avalanche_state.samples import read_samples
 from engram.training.sampler import ResumableBatchSampler
 from engram.training.template import DurableTemplate
+from helpers import one_thread
 from trees import assert_same_tree
 
 # Avalanche's plugins call its own deprecated functions (storage_policy.update...)
@@ -73,15 +74,11 @@ def streams():
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread (restored after): these tiny models train faster so, and the
-    float reductions are the same whatever the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+def single_thread() -> Iterator[None]:
+    """These tiny models train faster so, and the float reductions are the same
+    whatever the machine (tests/helpers.py)."""
+    with one_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

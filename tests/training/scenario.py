@@ -15,11 +15,10 @@ import random
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: run as a script too
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -39,6 +38,7 @@ from engram.strategies import (  # noqa: E402
 )
 from engram.streams.digits import split_digits  # noqa: E402
 from engram.training.template import DurableTemplate  # noqa: E402
+from helpers import one_thread  # noqa: E402
 
 N_EXPERIENCES = 3
 STRATEGIES = {
@@ -108,18 +108,6 @@ def build(
         name=strategy,
         **kwargs,
     )
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """One torch thread: the same float reductions in every process (the children run
-    with one too), restored afterwards so the test process is left as it was."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run(strategy: str, store: Path, *, multihead: bool = False, max_experiences: int | None = None,

@@ -6,12 +6,13 @@ Imports the store (and so torch): only the subcommand modules import this.
 
 from __future__ import annotations
 
+import argparse
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from engram.cli.output import UsageError
+from engram.cli.output import EXIT_OK, UsageError, emit_json
 from engram.errors import StoreNotFoundError
 from engram.store import Store, version_name
 
@@ -27,6 +28,24 @@ def open_store(path: str, mode: str = "r") -> Iterator[Store]:
         raise UsageError(f"no store at {path}: the path does not exist") from None
     with store:
         yield store
+
+
+def report(
+    args: argparse.Namespace,
+    compute: Callable[[Store], dict[str, Any]],
+    show: Callable[[dict[str, Any]], None],
+    *,
+    mode: str = "r",
+) -> int:
+    """A subcommand over one store: open ``args.store``, compute the result (a JSON-able
+    dict), print it with ``show`` or as JSON (``--json``); returns the exit status."""
+    with open_store(args.store, mode=mode) as store:
+        result = compute(store)
+    if args.json:
+        emit_json(result)
+    else:
+        show(result)
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------ state trees

@@ -19,10 +19,10 @@ from engram.cli.common import (
     describe_group,
     flatten,
     group_of,
-    open_store,
     print_damaged,
+    report,
 )
-from engram.cli.output import EXIT_OK, emit_json, human_bytes, indent, num, table
+from engram.cli.output import human_bytes, indent, num, table
 from engram.store import Store, VersionInfo, version_name
 from engram.store.codec import TAG_SAMPLES, ArrayRecord, decode_tree
 from engram.store.inspect import tree_arrays
@@ -57,13 +57,7 @@ def version_row(v: VersionInfo, head: int | None) -> dict[str, Any]:
 
 
 def ls(args: argparse.Namespace) -> int:
-    with open_store(args.store) as store:
-        result = list_versions(store, args.store)
-    if args.json:
-        emit_json(result)
-    else:
-        print_ls(result)
-    return EXIT_OK
+    return report(args, lambda store: list_versions(store, args.store), print_ls)
 
 
 def list_versions(store: Store, path: str) -> dict[str, Any]:
@@ -131,13 +125,7 @@ def print_ls(result: dict[str, Any]) -> None:
 
 
 def show(args: argparse.Namespace) -> int:
-    with open_store(args.store) as store:
-        result = summarise(store, args.version)
-    if args.json:
-        emit_json(result)
-    else:
-        print_show(result)
-    return EXIT_OK
+    return report(args, lambda store: summarise(store, args.version), print_show)
 
 
 def summarise(store: Store, version: str) -> dict[str, Any]:
@@ -333,13 +321,7 @@ def print_show(v: dict[str, Any]) -> None:
 
 
 def diff(args: argparse.Namespace) -> int:
-    with open_store(args.store) as store:
-        result = diff_versions(store, args.a, args.b)
-    if args.json:
-        emit_json(result)
-    else:
-        print_diff(result)
-    return EXIT_OK
+    return report(args, lambda store: diff_versions(store, args.a, args.b), print_diff)
 
 
 def diff_versions(store: Store, a: str, b: str) -> dict[str, Any]:

@@ -14,10 +14,10 @@ from engram.cli.common import (
     damaged_versions,
     describe_group,
     group_of,
-    open_store,
     print_damaged,
+    report,
 )
-from engram.cli.output import EXIT_OK, UsageError, emit_json, human_bytes, table
+from engram.cli.output import UsageError, human_bytes, table
 from engram.store import Store, version_name
 from engram.store.inspect import Usage, disk_usage
 
@@ -27,13 +27,7 @@ from engram.store.inspect import Usage, disk_usage
 def gc(args: argparse.Namespace) -> int:
     if args.keep_last is not None and args.keep_last < 0:
         raise UsageError("--keep-last must be 0 or more")
-    with open_store(args.store, mode="w") as store:
-        result = collect(store, keep_last=args.keep_last)
-    if args.json:
-        emit_json(result)
-    else:
-        print_gc(result)
-    return EXIT_OK
+    return report(args, lambda store: collect(store, keep_last=args.keep_last), print_gc, mode="w")
 
 
 def collect(store: Store, *, keep_last: int | None) -> dict[str, Any]:
@@ -91,13 +85,8 @@ def print_gc(result: dict[str, Any]) -> None:
 
 
 def compact(args: argparse.Namespace) -> int:
-    with open_store(args.store, mode="w") as store:
-        result = compact_store(store, tagged=args.tagged)
-    if args.json:
-        emit_json(result)
-    else:
-        print_compact(result)
-    return EXIT_OK
+    compute = lambda store: compact_store(store, tagged=args.tagged)  # noqa: E731
+    return report(args, compute, print_compact, mode="w")
 
 
 def compact_store(store: Store, *, tagged: bool) -> dict[str, Any]:
@@ -145,13 +134,8 @@ class _Usage:
 
 
 def du(args: argparse.Namespace) -> int:
-    with open_store(args.store) as store:
-        result = disk_report(store, args.store)
-    if args.json:
-        emit_json(result)
-    else:
-        print_du(result, args.store)
-    return EXIT_OK
+    return report(args, lambda store: disk_report(store, args.store),
+                  lambda result: print_du(result, args.store))  # fmt: skip
 
 
 def disk_report(store: Store, path: str) -> dict[str, Any]:

@@ -5,21 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engram.cli.common import open_store
-from engram.cli.output import EXIT_OK, UsageError, emit_json
+from engram.cli.common import report
+from engram.cli.output import UsageError
 from engram.store import Store, version_name
 
 # ------------------------------------------------------------------ rollback
 
 
 def rollback(args: argparse.Namespace) -> int:
-    with open_store(args.store, mode="w") as store:
-        result = move_head(store, args.version)
-    if args.json:
-        emit_json(result)
-    else:
-        print_rollback(result)
-    return EXIT_OK
+    return report(args, lambda store: move_head(store, args.version), print_rollback, mode="w")
 
 
 def move_head(store: Store, version: str) -> dict[str, Any]:
@@ -41,13 +35,8 @@ def print_rollback(result: dict[str, Any]) -> None:
 
 
 def tag(args: argparse.Namespace) -> int:
-    with open_store(args.store, mode="w") as store:
-        result = set_tag(store, args.name, args.version, delete=args.delete)
-    if args.json:
-        emit_json(result)
-    else:
-        print_tag(result)
-    return EXIT_OK
+    compute = lambda store: set_tag(store, args.name, args.version, delete=args.delete)  # noqa: E731
+    return report(args, compute, print_tag, mode="w")
 
 
 def set_tag(store: Store, name: str, version: str | None, *, delete: bool) -> dict[str, Any]:
