@@ -247,3 +247,28 @@ def test_avalanche_plugins_are_refused_across_ranks_in_one_line(tmp_path: Path) 
     errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert errors and all("cannot train data-parallel (2 ranks)" in e for e in errors), proc.stderr
     assert any("avalanche_replay" in e for e in errors)
+
+
+KILL_IN_COMMIT = Path(__file__).with_name("kill_in_commit.py")
+
+
+# rank 0 inside Store.commit by default; rank 1 after sending its part under -m slow
+@pytest.mark.parametrize("point", ["rank0-checkpoint", pytest.param("rank1-sent",
+                                   marks=pytest.mark.slow)])  # fmt: skip
+def test_sigkill_inside_the_collective_commit_then_rerun(
+    reference: Path, tmp_path: Path, point: str
+) -> None:
+    """The 6th collective commit (in experience 1) is cut short by a SIGKILL of one
+    rank; the store verifies, and the same command resumes to the uninterrupted run."""
+    path, marker = tmp_path / "killed", tmp_path / "marker"
+    argv = [TORCHRUN, "--standalone", "--nproc-per-node=2", str(KILL_IN_COMMIT), point, "6",
+            str(marker), f"store.path={path}", *JOB]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert marker.read_text() == f"killed: {point} 6\n", proc.stderr[-3000:]
+    with Store.open(path) as store:
+        assert store.verify(all=True).ok
+        assert len(store.load().state["metrics"]["accuracy_matrix"]) < 2
+    torchrun(path)
+    assert_equivalent(reference, path)
