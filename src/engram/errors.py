@@ -71,3 +71,7 @@ class NonFiniteError(EngramError):
 class DataFileError(EngramError):
     """A file of the ``files`` benchmark is missing, unreadable or malformed, or a file
     a store was trained on changed since (raised by the streams and by the lineage)."""
+
+
+class ConfigError(EngramError):
+    """An option is unknown, out of range, or does not fit the rest of the config."""

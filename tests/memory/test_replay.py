@@ -297,7 +297,7 @@ def test_the_default_draw_is_not_recorded_so_older_states_load(tmp_path: Path) -
 
 
 def test_a_shard_dealt_anew_starts_a_new_pass(tmp_path: Path) -> None:
-    from engram.memory.replay import repartition
+    from engram.memory.shards import repartition
 
     with Store.open(tmp_path / "s", mode="c") as store:
         buffer = filled(store)

@@ -16,10 +16,11 @@ its report), so a script reads stdout whatever happened; the one line still goes
 
 This module holds the parser and :func:`main`; each group of subcommands is one module
 that computes a plain result (what ``--json`` prints) and, separately, prints it as
-text: :mod:`~engram.cli.history` (ls, show, diff), :mod:`~engram.cli.integrity` (verify,
-upgrade), :mod:`~engram.cli.refs` (tag, rollback), :mod:`~engram.cli.maintenance` (gc,
-compact, du) and :mod:`~engram.cli.export`; their shared store helpers are in
-:mod:`~engram.cli.common`, exit codes and printing in :mod:`~engram.cli.output`.
+text: :mod:`~engram.cli.history` (ls, show), :mod:`~engram.cli.diff`,
+:mod:`~engram.cli.integrity` (verify, upgrade), :mod:`~engram.cli.refs` (tag, rollback),
+:mod:`~engram.cli.maintenance` (gc, compact, du) and :mod:`~engram.cli.export`; their
+shared store helpers are in :mod:`~engram.cli.common`, exit codes and printing in
+:mod:`~engram.cli.output`.
 
 This module imports nothing heavy: ``engram --help`` stays fast, and only the module of
 the subcommand run is imported (the store needs torch; nothing imports Avalanche except
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="the tag (letters, digits, . _ -)")
     p.add_argument("version", metavar="VERSION", nargs="?", default=None, help="default HEAD")
     p.add_argument("--delete", action="store_true", help="delete the tag")
-    p = command("diff", "What changed between two versions.", "history")
+    p = command("diff", "What changed between two versions.", "diff")
     p.add_argument("a", metavar="A", help="the older version")
     p.add_argument("b", metavar="B", help="the newer version")
     p = command("gc", "Delete unreachable data (never HEAD or tagged versions).", "maintenance")

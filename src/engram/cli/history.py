@@ -1,8 +1,8 @@
-"""``engram ls``, ``show`` and ``diff``: reading the versions of a store.
+"""``engram ls`` and ``show``: reading the versions of a store.
 
 ``ls`` and ``show`` summarise state trees from the manifests (no tensor is read, except
-the metrics of a state that stores them as tensors); ``diff`` loads the two versions
-through :meth:`Store.load`.
+the metrics of a state that stores them as tensors); ``diff``, which loads the two
+versions through :meth:`Store.load`, is :mod:`~engram.cli.diff`.
 """
 
 from __future__ import annotations
@@ -220,6 +220,17 @@ def _compacted_model(manifest: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def print_show(v: dict[str, Any]) -> None:
+    _print_identity(v)
+    _print_execution(v["execution"])
+    _print_signature(v["signature"])
+    _print_files(v)
+    _print_meta(v)
+    _print_metrics(v["metrics"])
+    _print_state(v)
+
+
+def _print_identity(v: dict[str, Any]) -> None:
+    """The version, its marks and parent, when, why, how it was trained, its model spec."""
     marks = ["HEAD"] if v["head"] else []
     marks += [f"tag {t}" for t in v["tags"]]
     parent = version_name(v["parent"]) if v["parent"] is not None else "none (root)"
@@ -233,7 +244,10 @@ def print_show(v: dict[str, Any]) -> None:
         )
     spec = v["model_spec"]
     print(f"model       {json.dumps(spec) if spec else '(no model spec recorded)'}")
-    ex = v["execution"]
+
+
+def _print_execution(ex: dict[str, Any] | None) -> None:
+    """The libraries (and, for torch, the device and determinism) it was trained with."""
     if ex and ex.get("library") == "scikit-learn":
         print(f"execution   scikit-learn {ex.get('scikit-learn')}, numpy {ex.get('numpy')}, "
               f"scipy {ex.get('scipy')}, skops {ex.get('skops')}")  # fmt: skip
@@ -245,13 +259,20 @@ def print_show(v: dict[str, Any]) -> None:
             f"{ex.get('deterministic')}, cudnn deterministic {ex.get('cudnn_deterministic')} "
             f"benchmark {ex.get('cudnn_benchmark')}"
         )
-    sig = v["signature"]
+
+
+def _print_signature(sig: dict[str, Any] | None) -> None:
+    """The model's input and classes, if recorded."""
     if sig:
         c = sig["classes"]
         span = f"{c[0]}..{c[-1]}" if c == list(range(c[0], c[-1] + 1)) else ", ".join(map(str, c))
         shape = ", ".join(map(str, sig["input"]["shape"]))
         tasks = ", task labels" if sig.get("task_labels") else ""
         print(f"signature   input {sig['input']['dtype']} (N, {shape}), classes {span}{tasks}")
+
+
+def _print_files(v: dict[str, Any]) -> None:
+    """Where the model is (a model file, a checkpoint, compacted blobs) and the sizes."""
     ckpt, packed, art = v["checkpoint"], v["compacted_model"], v["artifact"]
     if art:
         print(
@@ -274,6 +295,10 @@ def print_show(v: dict[str, Any]) -> None:
         f"size        {human_bytes(v['nbytes'])} logical, "
         f"{human_bytes(v['new_bytes'])} written by this commit"
     )
+
+
+def _print_meta(v: dict[str, Any]) -> None:
+    """The hyperparameters, then the meta not shown above, one leaf a line."""
     shown = {"model_spec", "metrics", "accuracy", "hparams", "strategy", "experience", "kind",
              "execution", "signature"}  # fmt: skip
     rest = {k: val for k, val in v["meta"].items() if k not in shown}
@@ -283,7 +308,10 @@ def print_show(v: dict[str, Any]) -> None:
             print(f"\n{title}")
             for path, value in leaves.items():
                 print(f"  {path.strip('/').replace('/', '.')} = {json.dumps(value)}")
-    metrics = v["metrics"]
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    """The summary metrics and the accuracy matrix, if recorded."""
     if metrics["summary"]:
         s = metrics["summary"]
         print(
@@ -297,6 +325,10 @@ def print_show(v: dict[str, Any]) -> None:
         width = max(len(row) for row in matrix)
         rows = [[f"e{i}", *(num(a) for a in row)] for i, row in enumerate(matrix)]
         print(table(rows, ["", *(f"e{j}" for j in range(width))], right=set(range(1, width + 1))))
+
+
+def _print_state(v: dict[str, Any]) -> None:
+    """The state's size, then its components and its arrays, one a row."""
     print(
         f"\nstate       {len(v['state'])} arrays, "
         f"{human_bytes(sum(r['nbytes'] for r in v['state']))}"
@@ -315,180 +347,3 @@ def print_show(v: dict[str, Any]) -> None:
             for r in v["state"]
         ]
         print(indent(table(rows, ["path", "dtype", "shape", "bytes"], right={3})))
-
-
-# ------------------------------------------------------------------ diff
-
-
-def diff(args: argparse.Namespace) -> int:
-    return report(args, lambda store: diff_versions(store, args.a, args.b), print_diff)
-
-
-def diff_versions(store: Store, a: str, b: str) -> dict[str, Any]:
-    """What changed from version ``a`` to ``b``: tensors (L2 of the difference), replay
-    samples entered and left, and the plain values."""
-    info_a, info_b = store.info(a), store.info(b)
-    recs_a = dict(tree_arrays(store.manifest(info_a.id)["state"]))
-    recs_b = dict(tree_arrays(store.manifest(info_b.id)["state"]))
-    snap_a, snap_b = store.load(info_a.id), store.load(info_b.id)
-    flat_a, flat_b = flatten(snap_a.state), flatten(snap_b.state)
-    flat_a.update({"model/" + k: t for k, t in (snap_a.model or {}).items()})
-    flat_b.update({"model/" + k: t for k, t in (snap_b.model or {}).items()})
-    flat_a.update(_estimator_arrays(store, snap_a))  # a scikit-learn version's fitted arrays
-    flat_b.update(_estimator_arrays(store, snap_b))
-    samples = {p for p, r in (recs_a | recs_b).items() if r.kind == TAG_SAMPLES}
-
-    changed, unchanged, values, replay = [], 0, [], []
-    arrays_a = {p for p, x in flat_a.items() if _is_array(x) and p not in samples}
-    arrays_b = {p for p, x in flat_b.items() if _is_array(x) and p not in samples}
-    for path in sorted(arrays_a & arrays_b):
-        ra, rb = recs_a.get(path), recs_b.get(path)
-        if ra is not None and rb is not None and ra.chunks == rb.chunks and ra.dtype == rb.dtype:
-            unchanged += 1  # same content hashes: no need to compare the bytes
-            continue
-        change = _tensor_change(path, flat_a[path], flat_b[path])
-        if change is None:
-            unchanged += 1
-        else:
-            change["dtype_a"], change["dtype_b"] = _dtype(flat_a[path]), _dtype(flat_b[path])
-            changed.append(change)
-
-    def described(paths: set[str], flat: dict[str, Any]) -> list[dict[str, Any]]:
-        return [
-            {"path": p, "shape": list(flat[p].shape), "dtype": _dtype(flat[p])}
-            for p in sorted(paths)
-        ]
-
-    for path in sorted(samples):
-        ids_a = set(flat_a[path].tolist()) if path in flat_a else set()
-        ids_b = set(flat_b[path].tolist()) if path in flat_b else set()
-        replay.append(
-            {
-                "path": path,
-                "entered": sorted(ids_b - ids_a),
-                "left": sorted(ids_a - ids_b),
-                "kept": len(ids_a & ids_b),
-            }
-        )
-    scalars_a = {p for p, x in flat_a.items() if not _is_array(x)}
-    scalars_b = {p for p, x in flat_b.items() if not _is_array(x)}
-    for path in sorted(scalars_a | scalars_b):
-        value_a, value_b = flat_a.get(path), flat_b.get(path)
-        if path not in scalars_a or path not in scalars_b or value_a != value_b:
-            values.append({"path": path, "a": value_a, "b": value_b})
-    return {
-        "a": info_a.name,
-        "b": info_b.name,
-        "tensors": {
-            "changed": changed,
-            "added": described(arrays_b - arrays_a, flat_b),
-            "removed": described(arrays_a - arrays_b, flat_a),
-            "unchanged": unchanged,
-        },
-        "replay": replay,
-        "values": values,
-    }
-
-
-def _estimator_arrays(store: Store, snap: Any) -> dict[str, Any]:
-    """``model/<step>/<attribute>`` → array for the fitted attributes (``coef_``, an
-    MLP's ``coefs_``...) of a scikit-learn version's estimator, read through engram's
-    allowlist; nothing for a torch version."""
-    if snap.artifact is None:
-        return {}
-    from engram.inference import load_model
-
-    estimator = load_model(store, snap.version.id, allow_version_mismatch=True)  # read only
-    out: dict[str, Any] = {}
-    steps = getattr(estimator, "steps", None) or [("", estimator)]
-    for step, est in steps:
-        prefix = f"model/{step}/" if step else "model/"
-        for name, value in sorted(vars(est).items()):
-            if not name.endswith("_") or name.startswith("_"):
-                continue
-            values = value if isinstance(value, list) else [value]
-            for i, v in enumerate(values):
-                if isinstance(v, np.ndarray) and v.dtype.kind in "fiub":
-                    out[f"{prefix}{name}{f'/{i}' if isinstance(value, list) else ''}"] = v
-    return out
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, torch.Tensor | np.ndarray)
-
-
-def _dtype(x: Any) -> str:
-    return str(x.dtype).removeprefix("torch.")
-
-
-def _as_float(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return (x.to(torch.complex128) if x.is_complex() else x.to(torch.float64)).numpy()
-    return np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64)
-
-
-def _tensor_change(path: str, a: Any, b: Any) -> dict[str, Any] | None:
-    """None if equal, else shapes and the L2 norm of the difference (absolute, relative)."""
-    if tuple(a.shape) != tuple(b.shape):
-        return {
-            "path": path,
-            "shape_a": list(a.shape),
-            "shape_b": list(b.shape),
-            "l2": None,
-            "relative": None,
-        }
-    fa, fb = _as_float(a), _as_float(b)
-    if str(a.dtype) == str(b.dtype) and np.array_equal(fa, fb, equal_nan=True):
-        return None
-    l2 = float(np.linalg.norm((fb - fa).ravel()))
-    norm_a = float(np.linalg.norm(fa.ravel()))
-    return {
-        "path": path,
-        "shape_a": list(a.shape),
-        "shape_b": list(b.shape),
-        "l2": l2,
-        "relative": l2 / norm_a if norm_a > 0 else None,
-    }
-
-
-def print_diff(d: dict[str, Any], max_values: int = 20) -> None:
-    t = d["tensors"]
-    print(
-        f"{d['a']} -> {d['b']}: {len(t['changed'])} tensors changed, {len(t['added'])} added, "
-        f"{len(t['removed'])} removed, {t['unchanged']} unchanged"
-    )
-    if t["changed"]:
-        rows = []
-        for c in t["changed"]:
-            shape = "x".join(map(str, c["shape_a"])) or "scalar"
-            if c["shape_a"] != c["shape_b"]:
-                shape += " -> " + ("x".join(map(str, c["shape_b"])) or "scalar")
-            l2 = "-" if c["l2"] is None else f"{c['l2']:.4g}"
-            rel = "-" if c["relative"] is None else f"{c['relative']:.4g}"
-            rows.append([c["path"], shape, l2, rel])
-        print(indent(table(rows, ["changed", "shape", "|B-A|", "|B-A|/|A|"], right={2, 3})))
-    for what in ("added", "removed"):
-        for item in t[what]:
-            shape = "x".join(map(str, item["shape"])) or "scalar"
-            print(f"  {what} {item['path']} {item['dtype']} {shape}")
-    for r in d["replay"]:
-        print(
-            f"replay {r['path']}: {len(r['entered'])} samples entered, {len(r['left'])} left, "
-            f"{r['kept']} kept"
-        )
-    if d["values"]:
-        print(f"values: {len(d['values'])} changed")
-        # Items of one list (an RNG state's 625 words) are summed up in one line.
-        lines, items = [], {}
-        for v in d["values"]:
-            parent, _, last = v["path"].rpartition("/")
-            if last.isdigit():
-                items[parent] = items.get(parent, 0) + 1
-                if items[parent] == 1:
-                    lines.append(parent)
-            else:
-                lines.append(f"  {v['path']}: {json.dumps(v['a'])} -> {json.dumps(v['b'])}")
-        for line in lines[:max_values]:
-            print(line if line.startswith("  ") else f"  {line}: {items[line]} item(s) changed")
-        if len(lines) > max_values:
-            print(f"  … {len(lines) - max_values} more (--json lists all)")

@@ -4,6 +4,9 @@ Crash-safe in three steps (:mod:`engram.store.format`): (1) encoded (and plain) 
 appended to a new pack, fsynced; (2) one LMDB transaction (:meth:`Compaction.run`'s
 ``swap``) puts their index entries and the compacted manifests; (3) as ``gc``: files
 nothing references any more are removed.
+
+(A little over the ~400-line budget: :class:`Compaction` is one plan over shared chunk
+tables — planning, delta chains, keyframes, manifests — that only makes sense whole.)
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ index entries — goes through :meth:`Env.get`, :meth:`Env.items`, :meth:`Env.pu
 In a format-3 store every value is *sealed* (:mod:`engram.store.records`): reads check
 its checksum, so a damaged record is reported, never used; stores of formats 1 and 2
 are read as they are until :meth:`Env.upgrade` seals them.
+
+(A little over the ~400-line budget: every record access goes through this one class
+so that sealing, map growth and the LMDB errno mapping cannot be bypassed.)
 """
 
 from __future__ import annotations

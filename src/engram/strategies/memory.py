@@ -27,9 +27,8 @@ from engram.memory.replay import (
     Policy,
     ReplayBuffer,
     ReplayBufferError,
-    repartition,
-    shard_capacity,
 )
+from engram.memory.shards import repartition, shard_capacity
 
 Admission = Literal["stream", "experience_end"]
 
