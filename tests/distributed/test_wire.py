@@ -627,6 +627,30 @@ def _step_gather(w: World, ctx: dict) -> Any:
             "slots_types": [type(g["slots"]).__name__ for g in got]}  # fmt: skip
 
 
+def _sized_tree(total: int, rank: int) -> dict[str, Any]:
+    """A tree that packs to exactly ``total`` bytes (a uint8 array filled with ``rank``)."""
+    n = total
+    while (size := wire.pack({"x": torch.full((n,), rank, dtype=torch.uint8)}).numel()) != total:
+        n -= size - total
+    return {"x": torch.full((n,), rank, dtype=torch.uint8)}
+
+
+#: Payload sizes around the first message's end, and one of several messages' worth.
+FRAME_SIZES = (wire.FRAME - 8, wire.FRAME - 7, 3 * wire.FRAME + 5)
+
+
+def _step_framing(w: World, ctx: dict) -> Any:
+    """Broadcast from rank 0 and send to rank 0, at each of FRAME_SIZES."""
+    out = []
+    for total in FRAME_SIZES:
+        got = wire.broadcast(_sized_tree(total, 0) if w.is_main else None, 0, w.group)
+        out.append(difference(got, _sized_tree(total, 0)))
+        gathered = wire.gather(_sized_tree(total, w.rank), w.group)
+        if gathered is not None:
+            out.append([difference(g, _sized_tree(total, r)) for r, g in enumerate(gathered)])
+    return out
+
+
 def _step_all_gather_bytes(w: World, ctx: dict) -> Any:
     return wire.all_gather_bytes([b"sha256:ab", b"\x00\x01\x00\x00"][w.rank], w.group)
 
@@ -823,6 +847,7 @@ SCENARIO: list[tuple[str, Callable[[World, dict], Any]]] = [
     ("broadcast", _step_broadcast),
     ("broadcast from rank 1", _step_broadcast_from_rank_1),
     ("gather", _step_gather),
+    ("framing", _step_framing),
     ("all_gather_bytes", _step_all_gather_bytes),
     ("all_gather_bytes one empty", _step_all_gather_one_empty),
     ("all_gather_bytes all empty", _step_all_gather_all_empty),
@@ -955,6 +980,13 @@ def test_gather_brings_every_ranks_tree_to_rank_0_in_rank_order(
     assert ok(ranks[0]["gather"]) == {"n": 2, "diffs": [None, None],
                                       "slots_types": ["SampleIds", "SampleIds"]}  # fmt: skip
     assert ok(ranks[1]["gather"]) is None
+
+
+def test_payloads_longer_than_the_first_message_arrive_whole(
+    ranks: list[dict[str, Any]],
+) -> None:
+    assert ok(ranks[0]["framing"]) == [None, [None, None]] * len(FRAME_SIZES)
+    assert ok(ranks[1]["framing"]) == [None] * len(FRAME_SIZES)
 
 
 def test_all_gather_bytes_gives_every_ranks_bytes_exactly(ranks: list[dict[str, Any]]) -> None:

@@ -79,30 +79,59 @@ def unpack(data: torch.Tensor) -> Any:
     return out
 
 
+#: Every transfer starts with one message of this many bytes: the payload's length (8
+#: bytes) and its first bytes; a longer payload follows in a second message. The small
+#: trees a commit exchanges (digests, a rank's RNG streams and slot table, the reply)
+#: so take one message, not a size and then a payload: each is a gloo round trip, and
+#: those round trips were most of what the collective commit added to a small one.
+FRAME = 64 << 10
+
+
+def _frame(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first message for ``data`` and the rest (None: it fits the first)."""
+    n = data.numel()
+    first = torch.empty(FRAME, dtype=torch.uint8)
+    first[:8] = torch.frombuffer(bytearray(struct.pack("<Q", n)), dtype=torch.uint8)
+    k = min(n, FRAME - 8)
+    first[8 : 8 + k] = data[:k]
+    return first, (data[k:] if n > k else None)
+
+
+def _unframe(first: torch.Tensor, receive: Any) -> torch.Tensor:
+    """The payload whose first message is ``first``; ``receive(tensor)`` fills the rest."""
+    (n,) = struct.unpack("<Q", first[:8].numpy().tobytes())
+    k = min(n, FRAME - 8)
+    if n == k:
+        return first[8 : 8 + n]
+    rest = torch.empty(n - k, dtype=torch.uint8)
+    receive(rest)
+    return torch.cat([first[8 : 8 + k], rest])
+
+
 def send(tree: Any, dst: int, group: Any = None) -> None:
-    data = pack(tree)
-    dist.send(torch.tensor([data.numel()], dtype=torch.int64), dst, group=group)
-    dist.send(data, dst, group=group)
+    first, rest = _frame(pack(tree))
+    dist.send(first, dst, group=group)
+    if rest is not None:
+        dist.send(rest.contiguous(), dst, group=group)
 
 
 def recv(src: int, group: Any = None) -> Any:
-    size = torch.zeros(1, dtype=torch.int64)
-    dist.recv(size, src, group=group)
-    data = torch.empty(int(size), dtype=torch.uint8)
-    dist.recv(data, src, group=group)
-    return unpack(data)
+    first = torch.empty(FRAME, dtype=torch.uint8)
+    dist.recv(first, src, group=group)
+    return unpack(_unframe(first, lambda rest: dist.recv(rest, src, group=group)))
 
 
 def broadcast(tree: Any, src: int = 0, group: Any = None) -> Any:
     """``src``'s ``tree`` on every rank (other ranks pass anything, e.g. None)."""
-    mine = dist.get_rank() == src
-    data = pack(tree) if mine else None
-    size = torch.tensor([data.numel() if mine else 0], dtype=torch.int64)
-    dist.broadcast(size, src, group=group)
-    if not mine:
-        data = torch.empty(int(size), dtype=torch.uint8)
-    dist.broadcast(data, src, group=group)
-    return tree if mine else unpack(data)
+    if dist.get_rank() == src:
+        first, rest = _frame(pack(tree))
+        dist.broadcast(first, src, group=group)
+        if rest is not None:
+            dist.broadcast(rest.contiguous(), src, group=group)
+        return tree
+    first = torch.empty(FRAME, dtype=torch.uint8)
+    dist.broadcast(first, src, group=group)
+    return unpack(_unframe(first, lambda rest: dist.broadcast(rest, src, group=group)))
 
 
 def gather(tree: Any, group: Any = None) -> list[Any] | None:
