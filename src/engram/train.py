@@ -78,6 +78,8 @@ def _open_existing(cfg: DictConfig) -> Any:
 
 
 def _run(cfg: DictConfig) -> list[list[float]]:
+    """The run after validation: threads, device, the data, the store, the learner, fit.
+    Long because it is the runner's steps in order, each a few lines."""
     import numpy as np
     import torch
 
@@ -219,7 +221,8 @@ def _fit(
 
     ``shadow``: ``shadow(store) -> template`` to measure, for a resumed run, what the
     experiences it trained would have given with only the model file
-    (engram.counterfactual); returns the matrix and ``(rows, first, resumed_from)``."""
+    (engram.counterfactual); returns the matrix and ``(rows, first, resumed_from)``.
+    Long because TensorBoard's writes interleave with the fit's callbacks."""
     from engram import build
     from engram.metrics.curves import TrainingCurves
     from engram.metrics.tensorboard import ForgettingWriter

@@ -56,6 +56,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    """Every subcommand and option. Long because it is the CLI's whole surface, a line or
+    two per option, in one place."""
     parser = _Parser(
         prog="engram",
         description="Inspect and manage an engram store: versions, tags, integrity, "

@@ -203,6 +203,8 @@ def _linear_sums(
     multiplicative ``transform``, ``sum_i transform(delta_i a_i^T) =
     transform(delta)^T transform(a)``: one forward with hooks, one backward of the
     batch's summed loss (each sample's output gradient is then its own), two matmuls.
+    (Long because the hooks, the one backward and the fallback conditions share the
+    per-layer records; split, they would pass them around.)
     A layer called more than once, fed other than ``(batch, features)``, or whose
     parameters are also used outside its own call (shared, tied) is left to the
     per-sample ``vmap`` path, as are all other parameterised modules.

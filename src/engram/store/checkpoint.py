@@ -217,6 +217,7 @@ def checkpoint_spans(path: Path) -> tuple[list[TensorSpan], dict[str, str]]:
     Validates what safetensors validates before anything is trusted: the header's
     length (capped), that each tensor's byte count is its shape times its dtype's
     size, and that the tensors tile the data section exactly (no overlap, no gap).
+    Long because it is a flat list of independent checks of untrusted bytes.
 
     Raises:
         CorruptionError: the header is malformed or names a dtype the store lacks.

@@ -134,6 +134,7 @@ def encode_tree(obj: Any) -> tuple[Any, list[PendingArray]]:
     """Encode a nested state into a JSON-able tree and the arrays it references.
 
     The returned records' ``chunks`` fields are ``None`` until the caller fills them.
+    Long because one recursive walk handles every value kind the format stores.
 
     Raises:
         EncodingError: a value is not a tensor, array, mapping, list, tuple or JSON

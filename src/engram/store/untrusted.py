@@ -189,7 +189,8 @@ def verify_in_child(
     crosses a fork) checks the directory, checks that ``data.mdb`` is not truncated,
     opens the store read-only and verifies it; its report comes back as JSON. If LMDB
     crashes it, or it runs past ``timeout`` seconds (it is killed), or the store cannot
-    be opened, the report has ``fatal`` set to one line saying so.
+    be opened, the report has ``fatal`` set to one line saying so. Long because each
+    way the child can end (crash, timeout, refusal, a report) is answered here.
 
     Raises:
         StoreNotFoundError, NotAStoreError: the path is not a store directory.

@@ -64,6 +64,8 @@ def _verify_version(
     report: VerifyReport,
     checked: set[str],
 ) -> None:
+    """Add version ``vid``'s problems to ``report`` (``checked``: chunks already read).
+    Long because it checks, in order, the manifest, its arrays, checkpoint and artifact."""
     try:
         manifest = history.manifest(txn, vid)
         records = version_arrays(manifest)

@@ -149,6 +149,8 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         nonfinite: str = "stop",
         precision: str = "32",
     ) -> None:
+        """Arguments: see the class. Long because it sets every attribute that the hooks and
+        the restore and commit mixins share, each with its comment."""
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', not {nonfinite!r}")
         self._recorder = _AccuracyRecorder()
