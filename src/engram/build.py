@@ -1,7 +1,7 @@
 """Builders from a composed ``engram-train`` config (Hydra's DictConfig) to plain objects.
 
-The one module besides :mod:`engram.train` that reads the config: the training room
-(:mod:`engram.training`) takes only what these return.
+With :mod:`engram.runner`, the modules that read the config: the training room
+(:mod:`engram.training`) and the scikit-learn learner take only what these return.
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ __all__ = [
     "build_plugins",
     "flat_hparams",
     "gate",
+    "learner",
     "model_spec",
+    "signature",
+    "sklearn_learner",
+    "template",
 ]
 
 # Where the data lives, not what it is: a resumed run may change these.
@@ -90,3 +94,82 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
         walk(OmegaConf.to_container(cfg[group]), group)
     out["seed"] = cfg.seed
     return out
+
+
+# ------------------------------------------------------------------ the learner
+
+
+def signature(spec: dict[str, Any], bench: Any) -> dict[str, Any]:
+    """What the model takes and answers (engram.signature), recorded in every version."""
+    from engram.signature import signature as make
+
+    shape = spec["args"]["input_shape"] if is_sklearn(spec["name"]) else bench.input_shape
+    return make(shape, range(bench.n_classes), task_labels=bench.task_labels)
+
+
+def template(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
+              signature: dict[str, Any], quiet: bool) -> Any:  # fmt: skip
+    """The torch model's durable Avalanche template for this run."""
+    from engram.metrics.curves import TrainingCurves
+    from engram.models import build_model
+    from engram.training.progress import ProgressBar
+    from engram.training.template import DurableTemplate
+
+    model = build_model(spec)
+    meta = {"signature": signature}
+    if bench.experience_ids:
+        meta["experience_ids"] = bench.experience_ids
+    return DurableTemplate(
+        model=model,
+        optimizer=build_optimizer(cfg, model),
+        store=store if store is not None else cfg.store.path,
+        plugins=build_plugins(cfg.strategy, {"model": model, "input_size": list(bench.input_shape)})
+        + [TrainingCurves()]
+        + ([] if quiet else [ProgressBar()]),
+        train_mb_size=cfg.training.batch_size,
+        train_epochs=cfg.training.epochs,
+        eval_mb_size=cfg.training.eval_batch_size,
+        seed=cfg.seed,
+        commit_every_iterations=cfg.training.commit_every_iterations,
+        commit_every_seconds=cfg.training.commit_every_seconds,
+        async_commit=cfg.training.async_commit,
+        keep_mid_experience=cfg.store.keep_mid_experience,
+        hparams={"benchmark": benchmark_hparams(cfg), "model": spec},
+        branch=cfg.branch,
+        name=cfg.strategy.name,
+        model_spec=spec,
+        meta=meta,
+        gate=gate(cfg),
+        nonfinite=cfg.training.nonfinite,
+        device=cfg.training.device,
+        precision=cfg.training.precision,
+    )
+
+
+def sklearn_learner(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
+                     signature: dict[str, Any], quiet: bool) -> Any:  # fmt: skip
+    """The scikit-learn estimator's learner for this run (engram.sklearn)."""
+    from engram.sklearn.learner import SklearnLearner
+
+    replay = cfg.strategy.get("replay")
+    return SklearnLearner(
+        spec,
+        store,
+        signature=signature,
+        name=cfg.strategy.name,
+        replay=OmegaConf.to_container(replay) if replay is not None else None,
+        batch_size=cfg.training.batch_size,
+        epochs=cfg.training.epochs,
+        seed=cfg.seed,
+        hparams={"benchmark": benchmark_hparams(cfg), "model": spec},
+        meta={"experience_ids": bench.experience_ids} if bench.experience_ids else None,
+        gate=gate(cfg),
+        branch=cfg.branch,
+    )
+
+
+def learner(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
+            signature: dict[str, Any], quiet: bool) -> Any:  # fmt: skip
+    """The run's learner: a durable template, or a scikit-learn model's learner."""
+    make = sklearn_learner if is_sklearn(spec["name"]) else template
+    return make(cfg, spec, store, bench, signature, quiet)
