@@ -10,19 +10,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
 
 from engram import distributed
 from engram.distributed.reduce import average, sum_counts
-from engram.memory.replay import Policy, ReplayBuffer, ReplayBufferError
-from engram.strategies.memory import Admission, ReplayMemory
+from engram.memory.replay import Policy, ReplayBufferError
+from engram.strategies.memory import Admission, MemoryPlugin, ReplayMemory
 from engram.strategies.registry import default
 
 
-class AGEMPlugin(SupervisedPlugin):
+class AGEMPlugin(MemoryPlugin):
     engram_name = "agem"
-    repartition = staticmethod(ReplayMemory.repartition)
     # each minibatch is admitted as it is trained on; hparams() records it (stores hold it)
     admission: Admission = "stream"
 
@@ -40,29 +38,15 @@ class AGEMPlugin(SupervisedPlugin):
         self.sample_size = sample_size
         self.memory = ReplayMemory(mem_size, policy, seed)
 
-    @property
-    def buffer(self) -> ReplayBuffer | None:
-        """The memory's buffer (None until the first training)."""
-        return self.memory.buffer
-
     def hparams(self) -> dict[str, Any]:
         return {"mem_size": self.mem_size, "policy": self.policy, "seed": self.seed,
                 "admission": self.admission, "sample_size": self.sample_size}  # fmt: skip
-
-    def before_training(self, strategy: Any, **kwargs: Any) -> None:
-        self.memory.prepare(strategy)
 
     def before_forward(self, strategy: Any, **kwargs: Any) -> None:
         self.memory.observe(strategy)
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         self.memory.admit(strategy)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.memory.load_state_dict(state)
 
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
         buffer = self.memory.buffer

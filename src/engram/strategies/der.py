@@ -11,17 +11,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
 
-from engram.memory.replay import Policy, ReplayBuffer
-from engram.strategies.memory import Admission, ReplayMemory, check_admission
+from engram.memory.replay import Policy
+from engram.strategies.memory import Admission, MemoryPlugin, ReplayMemory, check_admission
 from engram.strategies.registry import default
 
 
-class DERPlugin(SupervisedPlugin):
+class DERPlugin(MemoryPlugin):
     engram_name = "der"
-    repartition = staticmethod(ReplayMemory.repartition)
 
     def __init__(
         self,
@@ -43,11 +41,6 @@ class DERPlugin(SupervisedPlugin):
         self.batch_size_mem = batch_size_mem
         self.memory = ReplayMemory(mem_size, policy, seed)
 
-    @property
-    def buffer(self) -> ReplayBuffer | None:
-        """The memory's buffer (None until the first training)."""
-        return self.memory.buffer
-
     def hparams(self) -> dict[str, Any]:
         return {
             "mem_size": self.mem_size,
@@ -58,9 +51,6 @@ class DERPlugin(SupervisedPlugin):
             "beta": self.beta,
             "batch_size_mem": self.batch_size_mem,
         }
-
-    def before_training(self, strategy: Any, **kwargs: Any) -> None:
-        self.memory.prepare(strategy)
 
     def before_forward(self, strategy: Any, **kwargs: Any) -> None:
         self.memory.observe(strategy)
@@ -93,9 +83,3 @@ class DERPlugin(SupervisedPlugin):
     def logits_for(self, strategy: Any, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         # experience_end: the trained model's logits, as Avalanche's DER stores them
         return avalanche_forward(strategy.model, x.to(strategy.device), task.to(strategy.device))
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.memory.load_state_dict(state)

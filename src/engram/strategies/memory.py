@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+from avalanche.core import SupervisedPlugin
 
 from engram import distributed
 from engram.memory.replay import (
@@ -132,3 +133,26 @@ class ReplayMemory:
         if not all(states):  # no buffer yet (nothing trained)
             return [states[0]] * size
         return repartition(states, size)
+
+
+class MemoryPlugin(SupervisedPlugin):
+    """A plugin holding a :class:`ReplayMemory` as ``self.memory`` (ER, DER, A-GEM): the
+    buffer is created in ``before_training``, the state is the memory's, and a resume at
+    another world size deals its shards anew. Subclasses set ``self.memory``."""
+
+    memory: ReplayMemory
+    repartition = staticmethod(ReplayMemory.repartition)
+
+    @property
+    def buffer(self) -> ReplayBuffer | None:
+        """The memory's buffer (None until the first training)."""
+        return self.memory.buffer
+
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        self.memory.prepare(strategy)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state)

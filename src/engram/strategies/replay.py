@@ -13,14 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from avalanche.core import SupervisedPlugin
 
-from engram.memory.replay import Draw, Policy, ReplayBuffer
-from engram.strategies.memory import Admission, ReplayMemory, check_admission
+from engram.memory.replay import Draw, Policy
+from engram.strategies.memory import Admission, MemoryPlugin, ReplayMemory, check_admission
 from engram.strategies.registry import default
 
 
-class ERPlugin(SupervisedPlugin):
+class ERPlugin(MemoryPlugin):
     """Experience replay: the minibatch is extended with ``batch_size_mem`` buffer samples.
 
     ``admission``: see :mod:`engram.strategies.memory`. ``draw``: how buffer minibatches
@@ -29,7 +28,6 @@ class ERPlugin(SupervisedPlugin):
     """
 
     engram_name = "replay"
-    repartition = staticmethod(ReplayMemory.repartition)
 
     def __init__(
         self,
@@ -49,20 +47,12 @@ class ERPlugin(SupervisedPlugin):
         self.draw = draw
         self.memory = ReplayMemory(mem_size, policy, seed, draw)
 
-    @property
-    def buffer(self) -> ReplayBuffer | None:
-        """The memory's buffer (None until the first training)."""
-        return self.memory.buffer
-
     def hparams(self) -> dict[str, Any]:
         out = {"mem_size": self.mem_size, "policy": self.policy, "seed": self.seed,
                "admission": self.admission, "batch_size_mem": self.batch_size_mem}  # fmt: skip
         if self.draw != "with_replacement":  # runs recorded before draw existed: unchanged
             out["draw"] = self.draw
         return out
-
-    def before_training(self, strategy: Any, **kwargs: Any) -> None:
-        self.memory.prepare(strategy)
 
     def before_forward(self, strategy: Any, **kwargs: Any) -> None:
         x, y, task = self.memory.observe(strategy)
@@ -81,9 +71,3 @@ class ERPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         if self.admission == "experience_end":
             self.memory.admit_experience(strategy)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.memory.load_state_dict(state)
