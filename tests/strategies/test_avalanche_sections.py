@@ -40,7 +40,7 @@ def avalanche_defaults(section: str) -> dict[str, object]:
 
 
 def test_one_section_per_adapter_named_as_its_state() -> None:
-    by_class = {s.plugin: name for name, s in avalanche_sections.SECTIONS.items()}
+    by_class = {s.plugin.split(":")[1]: name for name, s in avalanche_sections.SECTIONS.items()}
     assert set(by_class) == set(ADAPTERS)
     for cls, section in by_class.items():
         assert ADAPTERS[cls].engram_name == section
@@ -79,7 +79,7 @@ def test_the_built_plugin_is_made_durable_with_the_configured_settings(
     settings = {f.name: f.default for f in fields(registry.PLUGINS[section].config)}
     context = {"model": model, "input_size": [4]}
     (plugin,) = registry.build_plugins({section: settings}, context)
-    cls = avalanche_sections.SECTIONS[section].plugin
+    cls = avalanche_sections.SECTIONS[section].plugin.split(":")[1]
     assert type(plugin) is getattr(P, cls)
     template = DurableTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                store=tmp_path / "s", plugins=[plugin])  # fmt: skip

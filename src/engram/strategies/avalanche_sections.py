@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engram.rules import boolean, choice, hp, integer, number, text
+from engram.strategies.entry import Entry
 
 #: ``strategy.avalanche_replay.storage_policy`` -> Avalanche's storage policy class.
 STORAGE_POLICIES = {
@@ -111,31 +112,30 @@ class FromScratchSection:
     reset_optimizer: bool = hp(True, boolean())
 
 
-@dataclass(frozen=True)
-class Section:
-    plugin: str  # the class in avalanche.training.plugins
-    config: type
-    wires: tuple[str, ...] = ()
-    build: str | None = None
+def _plugin(
+    name: str, config: type, wires: tuple[str, ...] = (), build: str | None = None
+) -> Entry:
+    """The entry of ``avalanche.training.plugins.<name>``."""
+    return Entry(f"avalanche.training.plugins:{name}", config, wires, build)
 
 
 #: Section -> Avalanche plugin, in the order they are built (after engram's).
-SECTIONS: dict[str, Section] = {
-    "avalanche_ewc": Section("EWCPlugin", EWCSection),
-    "avalanche_si": Section("SynapticIntelligencePlugin", SISection),
-    "avalanche_mas": Section("MASPlugin", MASSection),
-    "avalanche_rwalk": Section("RWalkPlugin", RWalkSection),
-    "avalanche_lwf": Section("LwFPlugin", LwFSection),
-    "avalanche_lfl": Section("LFLPlugin", LFLSection),
-    "avalanche_cwr_star": Section("CWRStarPlugin", CWRStarSection, wires=("model",)),
-    "avalanche_replay": Section(
+SECTIONS: dict[str, Entry] = {
+    "avalanche_ewc": _plugin("EWCPlugin", EWCSection),
+    "avalanche_si": _plugin("SynapticIntelligencePlugin", SISection),
+    "avalanche_mas": _plugin("MASPlugin", MASSection),
+    "avalanche_rwalk": _plugin("RWalkPlugin", RWalkSection),
+    "avalanche_lwf": _plugin("LwFPlugin", LwFSection),
+    "avalanche_lfl": _plugin("LFLPlugin", LFLSection),
+    "avalanche_cwr_star": _plugin("CWRStarPlugin", CWRStarSection, wires=("model",)),
+    "avalanche_replay": _plugin(
         "ReplayPlugin", ReplaySection, build="engram.strategies.avalanche_sections:replay"
     ),
-    "avalanche_gdumb": Section("GDumbPlugin", GDumbSection),
-    "avalanche_gem": Section("GEMPlugin", GEMSection),
-    "avalanche_agem": Section("AGEMPlugin", AGEMSection),
-    "avalanche_gss_greedy": Section("GSS_greedyPlugin", GSSGreedySection, wires=("input_size",)),
-    "avalanche_from_scratch": Section("FromScratchTrainingPlugin", FromScratchSection),
+    "avalanche_gdumb": _plugin("GDumbPlugin", GDumbSection),
+    "avalanche_gem": _plugin("GEMPlugin", GEMSection),
+    "avalanche_agem": _plugin("AGEMPlugin", AGEMSection),
+    "avalanche_gss_greedy": _plugin("GSS_greedyPlugin", GSSGreedySection, wires=("input_size",)),
+    "avalanche_from_scratch": _plugin("FromScratchTrainingPlugin", FromScratchSection),
 }
 
 

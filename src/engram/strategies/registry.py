@@ -21,6 +21,7 @@ from typing import Any
 from engram.errors import EngramError
 from engram.rules import Rule, choice, hp, integer, number
 from engram.strategies import avalanche_sections
+from engram.strategies.entry import Entry
 
 # The choices of the plugins' Literal types (the test checks they are the same).
 EWC_MODES = ("separate", "online")
@@ -101,21 +102,6 @@ class AGEMConfig:
     policy: str = hp("experience_balanced", choice(POLICIES))
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A strategy section of the config: the plugin that implements it, its schema."""
-
-    plugin: str  # "module:Class", imported on use
-    config: type
-    wires: tuple[str, ...] = ()  # constructor arguments the run supplies (model, input_size)
-    build: str | None = None  # "module:function"(kwargs) -> plugin, when not Class(**kwargs)
-
-    @property
-    def avalanche(self) -> bool:
-        """Whether the plugin is Avalanche's own (made durable by an adapter)."""
-        return self.plugin.startswith("avalanche.")
-
-
 #: Config section -> plugin, in the order plugins are built (and composed).
 PLUGINS: dict[str, Entry] = {
     "ewc": Entry("engram.strategies.ewc:EWCPlugin", EWCConfig),
@@ -128,10 +114,7 @@ PLUGINS: dict[str, Entry] = {
     "agem": Entry("engram.strategies.agem:AGEMPlugin", AGEMConfig),
     # Avalanche's own plugins, durable through engram.strategies.avalanche_state
     # (strategy=avalanche.<name>; their defaults are Avalanche's, see avalanche_sections)
-    **{
-        section: Entry(f"avalanche.training.plugins:{s.plugin}", s.config, s.wires, s.build)
-        for section, s in avalanche_sections.SECTIONS.items()
-    },
+    **avalanche_sections.SECTIONS,
 }
 
 
