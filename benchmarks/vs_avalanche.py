@@ -29,7 +29,7 @@ from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 from engram.metrics import average_accuracy, forgetting  # noqa: E402
 from engram.strategies import DERPlugin, ERPlugin, EWCPlugin  # noqa: E402
 from engram.streams.digits import split_digits  # noqa: E402
-from engram.training.template import DurableTemplate, _AccuracyRecorder  # noqa: E402
+from engram.training.template import AccuracyRecorder, DurableTemplate  # noqa: E402
 
 MEM, BATCH, EWC_LAMBDA, ALPHA, BETA = 200, 32, 100.0, 0.1, 0.5
 LONG_EPOCHS = 20
@@ -53,20 +53,12 @@ def run_engram(store: Path, plugin: Any, name: str, epochs: int, seed: int) -> l
 def run_avalanche(cls: Any, epochs: int, seed: int, **kwargs: Any) -> list[list[float]]:
     bench = split_digits(5)
     model, opt = model_and_optimizer(seed)
-    recorder = _AccuracyRecorder()  # the evaluation engram's template runs, on the same loop
+    recorder = AccuracyRecorder()  # the evaluation engram's template runs, on the same loop
     strategy = cls(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(),
                    train_mb_size=BATCH, train_epochs=epochs, eval_mb_size=256,
                    evaluator=EvaluationPlugin(loggers=[]), plugins=[recorder],
                    **kwargs)  # fmt: skip
-    matrix = []
-    for exp in bench.train_stream:
-        strategy.train(exp)
-        row = []
-        for test in bench.test_stream:
-            strategy.eval(test)
-            row.append(recorder.correct / max(recorder.seen, 1))
-        matrix.append(row)
-    return matrix
+    return recorder.accuracy_matrix(strategy, bench.train_stream, bench.test_stream)
 
 
 PAIRS = [

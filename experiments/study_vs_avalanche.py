@@ -86,7 +86,7 @@ def run_avalanche(work: Path, bench: str, strategy: str, seed: int) -> list:
     from engram.models import build_model
     from engram.streams import build_benchmark
     from engram.train import build_optimizer, model_spec
-    from engram.training.template import _AccuracyRecorder
+    from engram.training.template import AccuracyRecorder
 
     cfg = config(work / "unused", f"benchmark={bench}", f"strategy={strategy}", f"seed={seed}")
     torch.manual_seed(seed)
@@ -96,22 +96,14 @@ def run_avalanche(work: Path, bench: str, strategy: str, seed: int) -> list:
     model = build_model(model_spec(cfg, stream.input_shape, stream.n_classes, False))
     name, split_kwargs, permuted_kwargs = AVALANCHE[strategy]
     kwargs = permuted_kwargs if bench.startswith("permuted") else split_kwargs
-    recorder = _AccuracyRecorder()  # the evaluation engram's template runs, on the same loop
+    recorder = AccuracyRecorder()  # the evaluation engram's template runs, on the same loop
     learner = getattr(training, name)(
         model=model, optimizer=build_optimizer(cfg, model), criterion=nn.CrossEntropyLoss(),
         train_mb_size=cfg.training.batch_size, train_epochs=cfg.training.epochs,
         eval_mb_size=cfg.training.eval_batch_size, evaluator=EvaluationPlugin(loggers=[]),
         plugins=[recorder], device="cpu", **kwargs,
     )  # fmt: skip
-    matrix = []
-    for exp in stream.train_stream:
-        learner.train(exp)
-        row = []
-        for test in stream.test_stream:
-            learner.eval(test)
-            row.append(recorder.correct / max(recorder.seen, 1))
-        matrix.append(row)
-    return matrix
+    return recorder.accuracy_matrix(learner, stream.train_stream, stream.test_stream)
 
 
 def timed(fn: Any) -> tuple[list, float]:

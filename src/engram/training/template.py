@@ -68,8 +68,9 @@ from engram.training.sampler import ResumableBatchSampler, epoch_seed
 from engram.training.state import ClockState, Cursor, RngStreams, SchedulerState
 
 
-class _AccuracyRecorder(SupervisedPlugin):
-    """Counts correct predictions during ``eval``, with no logging."""
+class AccuracyRecorder(SupervisedPlugin):
+    """Counts correct predictions during ``eval``, with no logging: the evaluation the
+    template runs, usable on a plain Avalanche strategy too (comparisons against it)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,6 +83,19 @@ class _AccuracyRecorder(SupervisedPlugin):
     def after_eval_iteration(self, strategy: Any, **kwargs: Any) -> None:
         self.correct += int((strategy.mb_output.argmax(dim=-1) == strategy.mb_y).sum())
         self.seen += len(strategy.mb_y)
+
+    def accuracy_matrix(self, strategy: Any, train_stream: Any, test_stream: Any) -> list:
+        """Train ``strategy`` (holding this plugin) on each experience, evaluating every
+        test experience after each: row i, the accuracies after experience i."""
+        matrix = []
+        for exp in train_stream:
+            strategy.train(exp)
+            row = []
+            for test in test_stream:
+                strategy.eval(test)
+                row.append(self.correct / max(self.seen, 1))
+            matrix.append(row)
+        return matrix
 
 
 class DurableTemplate(Restore, Commit, SupervisedTemplate):
@@ -153,7 +167,7 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         the restore and commit mixins share, each with its comment."""
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', not {nonfinite!r}")
-        self._recorder = _AccuracyRecorder()
+        self._recorder = AccuracyRecorder()
         with warnings.catch_warnings():  # "no loggers": on purpose, metrics are ours
             warnings.simplefilter("ignore", UserWarning)
             evaluator = EvaluationPlugin(loggers=[])
