@@ -240,7 +240,8 @@ def main() -> None:
          ms(alone_s), ms(two["direct_s"]), f"**{paired:.2f}x**"],
         ["of which `Store.commit` on rank 0", ms(alone_store_s), ms(two["direct_store_s"]),
          f"{two['direct_store_s'] / alone_store_s:.2f}x"],
-        ["of which receiving rank 1's part (it builds, packs and sends it)", "", ms(recv_s), ""],
+        ["of which receiving rank 1's part (inside `Store.commit`, beside the weights' write)",
+         "", ms(recv_s), ""],
         ["commit of the same state, separate launches (N=1 launch vs N=2 launch)",
          ms(one["direct_s"]), ms(two["direct_s"]), vs("direct_s")],
         [f"mid-experience commit while training ({mids} a run; separate launches)",
@@ -300,11 +301,12 @@ single-process path. Machine: {machine()}.
 {table(["measure", "1 rank", "2 ranks", "2 vs 1"], rows)}
 
 - Commit: the collective commit costs {paired:.2f}x rank 0's own commit of the same state
-  (target ≤ 1.3x: {"met" if paired <= 1.3 else "missed"}), {ms(extra_ms)} ms more:
-  {ms(recv_s)} ms waiting for rank 1's part (built, staged, packed, sent, then unpacked on
-  rank 0), {ms(two["direct_store_s"] - alone_store_s)} ms more in `Store.commit`
-  ({two["direct_store_s"] / alone_store_s:.2f}x: the version also holds rank 1's part),
-  the rest (medians, so about) mostly the reply broadcast.
+  (target ≤ 1.3x: {"met" if paired <= 1.3 else "missed"}), {ms(extra_ms)} ms more, nearly
+  all inside `Store.commit` ({ms(two["direct_store_s"] - alone_store_s)} ms more,
+  {two["direct_store_s"] / alone_store_s:.2f}x): it receives rank 1's part while the
+  checkpoint file is written ({ms(recv_s)} ms in the receive: rank 1 stages, digests,
+  packs and sends it, rank 0 unpacks it), then encodes, hashes and publishes a version
+  that also holds rank 1's part. The outcome's broadcast is not waited for.
 - Throughput: 2 ranks train at {two["samples_per_s"] / one["samples_per_s"]:.2f}x the
   1-rank samples/s on this shared 2-vCPU VM: a step of this small MLP is a fraction of a
   millisecond, so the per-step gradient all-reduce is not amortised; the figure says

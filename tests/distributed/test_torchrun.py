@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -160,6 +161,36 @@ def test_sigkill_of_one_rank_mid_experience_then_rerun(
         assert len(store.load().state["metrics"]["accuracy_matrix"]) < 2
     torchrun(path)
     assert_equivalent(reference, path)
+
+
+@pytest.mark.slow
+def test_two_nodes_through_a_c10d_rendezvous_equal_one_standalone_node(
+    reference: Path, tmp_path: Path
+) -> None:
+    """The multi-node launch (``--nnodes=2 --rdzv-backend=c10d``): two torchrun agents,
+    one rank each, meet at a rendezvous endpoint (here both on this host, sharing the
+    store's path: only the rank that is 0 opens it) and train what one
+    ``--standalone --nproc-per-node=2`` agent does."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "nodes"
+    argv = [TORCHRUN, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=engram-test", "-m", "engram.train",
+            f"store.path={path}", *JOB, "logger=tensorboard"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True) for _ in range(2)]  # fmt: skip
+    try:
+        outs = [agent.communicate(timeout=300) for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+    for agent, (_, err) in zip(agents, outs, strict=True):
+        assert agent.returncode == 0, err[-4000:]
+    assert_equivalent(reference, path)
+    assert scalars(path / "tb") == scalars(reference / "tb")
 
 
 def test_world_size_one_under_torchrun_equals_plain_engram_train(tmp_path: Path) -> None:

@@ -613,6 +613,21 @@ def _step_broadcast(w: World, ctx: dict) -> Any:
     return got is tree if w.is_main else difference(got, make_tree())
 
 
+def _step_broadcast_without_waiting(w: World, ctx: dict) -> Any:
+    """Two broadcasts rank 0 does not wait for (one over a frame), then a send: rank 1
+    gets all three in order; rank 0 has nothing in flight afterwards."""
+    big = {"x": torch.arange(wire.FRAME, dtype=torch.uint8)}
+    if w.is_main:
+        wire.broadcast({"n": 1}, 0, w.group, wait=False)
+        wire.broadcast(big, 0, w.group, wait=False)
+        in_flight = len(wire._in_flight)
+        wire.send({"n": 3}, 1, w.group)
+        return {"in_flight": in_flight, "after": len(wire._in_flight)}
+    got = [wire.broadcast(None, 0, w.group), wire.broadcast(None, 0, w.group),
+           wire.recv(0, w.group)]  # fmt: skip
+    return [got[0], difference(got[1], big), got[2]]
+
+
 def _step_broadcast_from_rank_1(w: World, ctx: dict) -> Any:
     tree = _rank_tree(1)
     got = wire.broadcast(tree if w.rank == 1 else None, 1, w.group)
@@ -745,17 +760,20 @@ def _step_same_config_differs(w: World, ctx: dict) -> Any:
 
 
 def _commit(w: World, ctx: dict, slots: list[int], new_records: list[bytes],
-            do_commit: Callable[[list], Any]) -> Any:  # fmt: skip
+            do_commit: Callable[[list | None], Any], gather: bool = True) -> Any:  # fmt: skip
     """One commit: rank 1 appends ``new_records`` and references ``slots``; rank 0
-    commits with its table and ``do_commit``."""
+    commits with its table and ``do_commit`` (given the parts, or None without
+    ``gather``: a commit that fails before it receives them)."""
     if w.is_main:
         table = ctx.setdefault("table", SampleTable())
         got: list = []
         appended = len(table.appends)
 
-        def commit_parts(parts: list) -> Any:
-            got.append(parts)
-            return do_commit(parts)
+        def commit_parts(receive: Callable[[], list]) -> Any:
+            if not gather:
+                return do_commit(None)
+            got.append(receive())
+            return do_commit(got[-1])
 
         result = sync.commit(w, {"ignored": "rank 0's part is its own state"}, None, table,
                              commit_parts)  # fmt: skip
@@ -795,6 +813,74 @@ def _step_commit_fails(w: World, ctx: dict) -> Any:
 
 def _step_commit_state_after_failure(w: World, ctx: dict) -> Any:
     return ctx.get("after_failed_commit")
+
+
+def _step_commit_fails_before_gathering(w: World, ctx: dict) -> Any:
+    def locked(parts: list | None) -> Any:
+        assert parts is None
+        raise CommitError("the store is locked")
+
+    return _commit(w, ctx, [-1], [b"r1-f"], locked, gather=False)
+
+
+def _shared_part(rank: int) -> dict[str, Any]:
+    """A part whose ``fisher`` is the same on both ranks (all-reduced), ``anchor`` and
+    the RNG stream each rank's own, and ``extra`` only on rank 1."""
+    part = {"rng": {"torch": torch.tensor([rank, 7], dtype=torch.uint8)},
+            "plugins": {"ewc": {"fisher": torch.arange(3000, dtype=torch.float32),
+                                "anchor": torch.full((3000,), float(rank))},
+                        "replay": {"slots": SampleIds.of([])}}}  # fmt: skip
+    if rank == 1:
+        part["plugins"]["extra"] = [torch.ones(5, dtype=torch.float64)]
+    return part
+
+
+def _commit_shared(w: World, ctx: dict, do_commit: Callable[[list], Any]) -> Any:
+    if w.is_main:
+        own = _shared_part(0)
+        got: list = []
+
+        def commit_parts(receive: Callable[[], list]) -> Any:
+            got.append(receive())
+            return do_commit(got[-1])
+
+        result = sync.commit(w, own, None, SampleTable(), commit_parts)
+        ((part,),) = got
+        ewc = part["plugins"]["ewc"]
+        return {"result": result, "fisher_is_rank_0s": ewc["fisher"] is own["plugins"]["ewc"]["fisher"],
+                "rest": difference(part, _shared_part(1))}  # fmt: skip
+    samples = ctx.setdefault("shared samples", LocalSamples())  # not the replay steps' own
+    part = _shared_part(1)
+    sends, send = [], wire.send
+    wire.send = lambda tree, *args, **kwargs: (sends.append(tree), send(tree, *args, **kwargs))
+    try:
+        result = sync.commit(w, part, samples, None, _never)
+    finally:
+        wire.send = send
+    return {"result": result, "unchanged": difference(part, _shared_part(1)),
+            "sends": len(sends), "whole": sorted(samples.whole)}  # fmt: skip
+
+
+def _step_commit_shared_first(w: World, ctx: dict) -> Any:
+    return _commit_shared(w, ctx, lambda parts: "v-first")
+
+
+def _step_commit_shared_again(w: World, ctx: dict) -> Any:
+    return _commit_shared(w, ctx, lambda parts: "v-again")
+
+
+def _step_commit_shared_fails(w: World, ctx: dict) -> Any:
+    ctx["shared samples"] = LocalSamples()  # a new process: a second round again
+
+    def disk_full(parts: list) -> Any:
+        raise CommitError("no space left on device")
+
+    return _commit_shared(w, ctx, disk_full)
+
+
+def _step_commit_after_failures(w: World, ctx: dict) -> Any:
+    """The group is still in step: rank 1's parts of the failed commits were drained."""
+    return _commit(w, ctx, [-1], [b"r1-g"], lambda parts: "v3")
 
 
 def _step_restore(w: World, ctx: dict) -> Any:
@@ -846,6 +932,7 @@ SCENARIO: list[tuple[str, Callable[[World, dict], Any]]] = [
     ("world", _step_world),
     ("broadcast", _step_broadcast),
     ("broadcast from rank 1", _step_broadcast_from_rank_1),
+    ("broadcast without waiting", _step_broadcast_without_waiting),
     ("gather", _step_gather),
     ("framing", _step_framing),
     ("all_gather_bytes", _step_all_gather_bytes),
@@ -866,6 +953,11 @@ SCENARIO: list[tuple[str, Callable[[World, dict], Any]]] = [
     ("commit second", _step_commit_second),
     ("commit fails", _step_commit_fails),
     ("after failed commit", _step_commit_state_after_failure),
+    ("commit fails before gathering", _step_commit_fails_before_gathering),
+    ("commit shared first", _step_commit_shared_first),
+    ("commit shared again", _step_commit_shared_again),
+    ("commit shared fails", _step_commit_shared_fails),
+    ("commit after failures", _step_commit_after_failures),
     ("restore", _step_restore),
     ("restore empty store", _step_restore_empty_store),
     ("restore repartition", _step_restore_repartition),
@@ -972,6 +1064,13 @@ def test_broadcast_delivers_the_sources_tree_to_every_rank(ranks: list[dict[str,
     assert ok(ranks[1]["broadcast"]) is None  # no difference from make_tree()
     assert ok(ranks[1]["broadcast from rank 1"]) is True
     assert ok(ranks[0]["broadcast from rank 1"]) is None
+
+
+def test_a_broadcast_rank_0_does_not_wait_for_arrives_before_what_it_sends_next(
+    ranks: list[dict[str, Any]],
+) -> None:
+    assert ok(ranks[0]["broadcast without waiting"]) == {"in_flight": 2, "after": 0}  # 2 messages
+    assert ok(ranks[1]["broadcast without waiting"]) == [{"n": 1}, None, {"n": 3}]
 
 
 def test_gather_brings_every_ranks_tree_to_rank_0_in_rank_order(
@@ -1097,6 +1196,39 @@ def test_a_failed_commit_reraises_on_rank_0_and_rank_1_learns_no_ids(
     assert ok(ranks[1]["after failed commit"]) == {-1: 1001}  # -5 has no store id
 
 
+def test_tensors_rank_0_holds_the_same_are_its_own_the_others_come_whole(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """Rank 1 sends digests: the all-reduced tensor is rank 0's own object in the
+    gathered part; the ones rank 0 lacks or holds otherwise are asked for in a second
+    round, then sent whole at every later commit (one message)."""
+    whole = ['["plugins", "ewc", "anchor"]', '["plugins", "extra", 0]', '["rng", "torch"]']
+    for step, result, sends in (("first", "v-first", 2), ("again", "v-again", 1)):
+        assert ok(ranks[0][f"commit shared {step}"]) == {
+            "result": result, "fisher_is_rank_0s": True, "rest": None}  # fmt: skip
+        assert ok(ranks[1][f"commit shared {step}"]) == {
+            "result": None, "unchanged": None, "sends": sends, "whole": whole}  # fmt: skip
+    assert raised(ranks[0]["commit shared fails"]) == (
+        "engram.errors.CommitError", "no space left on device")  # fmt: skip
+    assert raised(ranks[1]["commit shared fails"])[0] == "engram.distributed.PeerFailed"
+
+
+def test_a_commit_failing_before_it_gathers_still_receives_rank_1s_part(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """Rank 0 fails before asking for the parts (a locked store): rank 1's send is
+    received anyway, so rank 1 learns the failure and the next commit works."""
+    assert raised(ranks[0]["commit fails before gathering"]) == (
+        "engram.errors.CommitError", "the store is locked")  # fmt: skip
+    assert raised(ranks[1]["commit fails before gathering"]) == (
+        "engram.distributed.PeerFailed",
+        "rank 1: rank 0's commit failed: CommitError: the store is locked",
+    )
+    after = ok(ranks[0]["commit after failures"])
+    assert (after["result"], after["slots"], after["appends"]) == ("v3", [1001], [])
+    assert ok(ranks[1]["commit after failures"])["result"] is None
+
+
 def test_restore_delivers_rank_1_its_part_the_weights_and_its_samples(
     ranks: list[dict[str, Any]],
 ) -> None:
@@ -1127,9 +1259,8 @@ def test_an_empty_buffer_from_numpy_has_a_digest() -> None:
     import numpy as np
     import torch
 
-    from engram.distributed.sync import _digests
+    from engram.distributed.sync import _digest
 
     empty = torch.from_numpy(np.zeros(0, dtype=np.int64))
     assert empty.stride() == (0,)
-    digests = _digests({"plugins": {"replay": {"slots": empty, "keys": torch.zeros(0)}}})
-    assert len(digests) == 2 and len(set(digests.values())) == 2  # dtype is in the digest
+    assert _digest(empty) != _digest(torch.zeros(0))  # dtype is in the digest

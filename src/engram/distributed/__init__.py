@@ -104,7 +104,14 @@ def shutdown() -> None:
 
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        from engram.distributed import wire
+
+        try:
+            wire.settle()  # a commit's outcome still on its way
+        except RuntimeError:
+            pass  # a peer is gone: the job is ending anyway
+        finally:
+            dist.destroy_process_group()
     _world = None
 
 

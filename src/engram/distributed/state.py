@@ -26,11 +26,17 @@ from engram.store.codec import SampleIds
 class LocalSamples:
     """A rank's replay samples in memory, with :class:`~engram.store.SampleTable`'s
     ``append``/``read``: ids of committed samples are the store's (positive); a new
-    sample has a provisional negative id until a commit gives it a store id."""
+    sample has a provisional negative id until a commit gives it a store id.
+
+    It also remembers which of the rank's tensors rank 0 did not hold the same at a
+    commit (:attr:`whole`, paths of the part): they are sent whole from then on, the
+    others as digests (:func:`engram.distributed.sync.commit`).
+    """
 
     def __init__(self) -> None:
         self.records: dict[int, bytes] = {}
         self.store_id: dict[int, int] = {}  # provisional id -> store id, once committed
+        self.whole: set[str] = set()
         self._next = -1
 
     def append(self, records: Sequence[bytes | memoryview]) -> list[int]:

@@ -8,6 +8,7 @@ one message on rank 0 and :class:`PeerFailed` on the others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -67,55 +68,121 @@ def commit(
     part: dict[str, Any],
     samples: LocalSamples | None,
     store_samples: Any,
-    do_commit: Callable[[list[dict[str, Any]]], Any],
+    do_commit: Callable[[Callable[[], list[dict[str, Any]]]], Any],
 ) -> Any:
-    """Gather every rank's ``part`` on rank 0, which appends the other ranks' new
-    replay samples to the store and calls ``do_commit(parts of ranks 1..N-1)``;
-    returns its result on rank 0 (None elsewhere) once every rank knows it committed.
-    Rank 0's ``part`` is its own: a tensor of another rank's part equal to rank 0's at
-    the same place (all-reduced importances) is not sent but taken from rank 0's, as
-    the same object, so the store also hashes that memory once.
+    """Gather every rank's ``part`` on rank 0 and commit one version there; returns
+    ``do_commit``'s result on rank 0 (None elsewhere) once every rank knows it committed.
+
+    ``do_commit(gather)`` commits on rank 0; ``gather()`` returns the parts of ranks
+    1..N-1, once their new replay samples are appended to ``store_samples``. Given to
+    ``Store.commit`` as its state function, the receive overlaps the write and fsync of
+    the weights.
+
+    A rank sends its part as soon as it reaches the commit, each tensor replaced by its
+    digest (XXH3-128 of dtype, shape and bytes) unless rank 0 held another tensor at
+    that place at an earlier commit (``samples.whole``). Rank 0 puts its own tensor
+    there when the digests match — the all-reduced importances and anchors, MBs each,
+    the same object, so the store hashes that memory once — and asks the rank for the
+    others in a second round (the rank's RNG streams, at its first commit). From then
+    on a commit is one message each way: the part, then the outcome.
     """
-    # Rank 0's tensor digests first: a rank sends only the tensors rank 0 does not hold
-    # the same (the all-reduced importances and anchors cost 16 bytes each, not MBs).
-    digests = wire.broadcast(_digests(part) if world.is_main else None, 0, world.group)
     if not world.is_main:
         staged, new = samples.stage(part)
-        staged, same = _drop_known(staged, digests)
-        wire.send({"part": staged, "new": new, "same": same}, 0, world.group)
-        reply = wire.broadcast(None, 0, world.group)
-        if not reply["ok"]:
-            raise PeerFailed(f"rank {world.rank}: rank 0's commit failed: {reply['error']}")
+        staged, digests = _digest_tensors(staged, samples.whole)
+        wire.send({"part": staged, "new": new, "digests": digests}, 0, world.group)
+        while True:
+            reply = wire.broadcast(None, 0, world.group)
+            if not reply["ok"]:
+                raise PeerFailed(f"rank {world.rank}: rank 0's commit failed: {reply['error']}")
+            if "need" not in reply:
+                break
+            asked = reply["need"][world.rank - 1]
+            if asked:
+                wire.send({key: _get(part, json.loads(key)) for key in asked}, 0, world.group)
+                samples.whole.update(asked)
         samples.committed(new["ids"], reply["ids"][world.rank - 1])
         return None
-    own = part
-    parts, assigned = [], []
-    error: BaseException | None = None
-    for r in range(1, world.size):
-        got = wire.recv(r, world.group)  # every rank's part is received, even after an error
-        if error is not None:
-            continue
-        try:
-            ids, records = split_records(got["new"])
-            real = store_samples.append(records) if records else []
-            mapping = dict(zip(ids, real, strict=True))
-            part = map_sample_ids(got["part"], lambda t, m=mapping: torch.tensor(
-                [m.get(i, i) for i in t.tolist()], dtype=torch.int64))  # fmt: skip
-            parts.append(_fill_known(part, got["same"], own))
-            assigned.append(torch.tensor(real, dtype=torch.int64))
-        except Exception as e:
-            error = e
-    result = None
-    if error is None:
-        try:
-            result = do_commit(parts)
-        except BaseException as e:
-            error = e
-    if error is not None:
+    gather = _Gather(world, part, store_samples)
+    try:
+        result = do_commit(gather)
+        if not gather.done:
+            raise DistributedError("the commit did not gather the other ranks' parts")
+    except BaseException as error:
+        if not gather.done:  # every rank's part is received (its send would hang)
+            with contextlib.suppress(Exception):
+                gather.drain()
         wire.broadcast({"ok": False, "error": f"{type(error).__name__}: {error}"}, 0, world.group)
-        raise error
-    wire.broadcast({"ok": True, "ids": assigned}, 0, world.group)
+        raise
+    # The version is durable: rank 0 goes on while the outcome travels.
+    wire.broadcast({"ok": True, "ids": gather.assigned}, 0, world.group, wait=False)
     return result
+
+
+class _Gather:
+    """Rank 0's receive of the other ranks' parts, called once by the commit."""
+
+    def __init__(self, world: World, own: dict[str, Any], store_samples: Any) -> None:
+        self._world, self._own, self._store_samples = world, own, store_samples
+        self.done = False
+        self.assigned: list[torch.Tensor] = []  # each rank's new samples' store ids
+
+    def drain(self) -> None:
+        """Receive every part and keep none (the commit failed before it gathered)."""
+        self.done = True
+        self._receive(list(range(1, self._world.size)))
+
+    def _receive(self, ranks: list[int]) -> list[Any]:
+        """One message from each of ``ranks``: all of them, even after an error (a rank
+        is not left waiting on its send), then the first error is raised."""
+        got, error = [], None
+        for r in ranks:
+            try:
+                got.append(wire.recv(r, self._world.group))
+            except Exception as e:
+                got.append(None)
+                error = error or e
+        if error is not None:
+            raise error
+        return got
+
+    def __call__(self) -> list[dict[str, Any]]:
+        if self.done:
+            raise DistributedError("the other ranks' parts were already received")
+        self.done = True
+        group, ranks = self._world.group, list(range(1, self._world.size))
+        got = self._receive(ranks)
+        own = dict(_tensor_leaves(self._own))
+        mine: dict[tuple, str] = {}  # rank 0's digests, each computed once
+
+        def held(path: tuple, digest: str) -> bool:
+            if path not in own:
+                return False
+            if path not in mine:
+                mine[path] = _digest(own[path])
+            return mine[path] == digest
+
+        need = [[k for k, d in g["digests"].items() if not held(tuple(json.loads(k)), d)]
+                for g in got]  # fmt: skip
+        if any(need):  # a second round: the tensors rank 0 does not hold the same
+            wire.broadcast({"ok": True, "need": need}, 0, group)
+            asked = [r for r, paths in zip(ranks, need, strict=True) if paths]
+            sent = dict(zip(asked, self._receive(asked), strict=True))
+            sent = [sent.get(r, {}) for r in ranks]
+        else:
+            sent = [{} for _ in ranks]
+        parts = []
+        for g, asked, tensors in zip(got, need, sent, strict=True):
+            part = g["part"]
+            for key in g["digests"]:
+                path = json.loads(key)
+                _set(part, path, tensors[key] if key in asked else own[tuple(path)])
+            ids, records = split_records(g["new"])
+            real = self._store_samples.append(records) if records else []
+            mapping = dict(zip(ids, real, strict=True))
+            parts.append(map_sample_ids(part, lambda t, m=mapping: torch.tensor(
+                [m.get(i, i) for i in t.tolist()], dtype=torch.int64)))  # fmt: skip
+            self.assigned.append(torch.tensor(real, dtype=torch.int64))
+        return parts
 
 
 def restore(
@@ -179,34 +246,40 @@ def _tensor_leaves(tree: Any, path: tuple = ()) -> list[tuple[tuple, torch.Tenso
 
 
 def _digest(t: torch.Tensor) -> str:
-    # an empty tensor from numpy has stride 0, which view() refuses: it has no bytes
-    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+    if t.requires_grad or t.device.type != "cpu" or not t.is_contiguous():
+        t = t.detach().cpu().contiguous()
+    if not t.numel():  # an empty tensor from numpy has stride 0, which view() refuses
+        raw: Any = b""
+    elif t.dtype in _NUMPY_VIEWABLE:
+        raw = memoryview(t.numpy()).cast("B")  # a commit digests ~100 tensors: no copies
+    else:  # bfloat16, float8: numpy has no such dtype
+        raw = t.reshape(-1).view(torch.uint8).numpy()
     return f"{t.dtype}{tuple(t.shape)}{xxhash.xxh3_128_hexdigest(raw)}"
 
 
-def _digests(part: Any) -> dict[str, str]:
-    return {json.dumps(path): _digest(t) for path, t in _tensor_leaves(part)}
+_NUMPY_VIEWABLE = frozenset({
+    torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+    torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+})  # fmt: skip
 
 
-def _drop_known(part: Any, known: dict[str, str]) -> tuple[Any, list[str]]:
-    """``part`` with each tensor whose digest rank 0 sent at the same path replaced by
-    None, and those paths."""
-    same = [key for path, t in _tensor_leaves(part)
-            if known.get(key := json.dumps(path)) == _digest(t)]  # fmt: skip
-    for key in same:
-        _set(part, json.loads(key), None)
-    return part, same
+def _digest_tensors(part: Any, whole: set[str]) -> tuple[Any, dict[str, str]]:
+    """``part`` with each tensor not at a path in ``whole`` replaced by None, and those
+    tensors' digests by path (``part`` is the rank's staged copy: its containers are its
+    own)."""
+    digests = {}
+    for path, t in _tensor_leaves(part):
+        key = json.dumps(path)
+        if key not in whole:
+            digests[key] = _digest(t)
+            _set(part, list(path), None)
+    return part, digests
 
 
-def _fill_known(part: Any, same: list[str], own: Any) -> Any:
-    """Put rank 0's tensors back at the ``same`` paths (the objects, not copies)."""
-    for key in same:
-        path = json.loads(key)
-        node = own
-        for k in path:
-            node = node[k]
-        _set(part, path, node)
-    return part
+def _get(tree: Any, path: list) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
 
 
 def _set(tree: Any, path: list, value: Any) -> None:

@@ -108,7 +108,20 @@ def _unframe(first: torch.Tensor, receive: Any) -> torch.Tensor:
     return torch.cat([first[8 : 8 + k], rest])
 
 
+#: Broadcasts rank 0 sent without waiting (a commit's outcome): their work handles and
+#: tensors, kept alive until :func:`settle`.
+_in_flight: list[tuple[Any, torch.Tensor]] = []
+
+
+def settle() -> None:
+    """Wait for the broadcasts sent with ``wait=False``; raises a failed one's error."""
+    while _in_flight:
+        work, _ = _in_flight.pop(0)
+        work.wait()
+
+
 def send(tree: Any, dst: int, group: Any = None) -> None:
+    settle()
     first, rest = _frame(pack(tree))
     dist.send(first, dst, group=group)
     if rest is not None:
@@ -116,18 +129,30 @@ def send(tree: Any, dst: int, group: Any = None) -> None:
 
 
 def recv(src: int, group: Any = None) -> Any:
+    settle()
     first = torch.empty(FRAME, dtype=torch.uint8)
     dist.recv(first, src, group=group)
     return unpack(_unframe(first, lambda rest: dist.recv(rest, src, group=group)))
 
 
-def broadcast(tree: Any, src: int = 0, group: Any = None) -> Any:
-    """``src``'s ``tree`` on every rank (other ranks pass anything, e.g. None)."""
+def broadcast(tree: Any, src: int = 0, group: Any = None, *, wait: bool = True) -> Any:
+    """``src``'s ``tree`` on every rank (other ranks pass anything, e.g. None).
+
+    ``wait=False`` (on ``src``): return once the broadcast is under way; the next
+    transfer of this module, or :func:`settle`, waits for it. Process-group operations
+    keep their order, so what ``src`` sends next arrives after it.
+    """
+    settle()
     if dist.get_rank() == src:
         first, rest = _frame(pack(tree))
-        dist.broadcast(first, src, group=group)
-        if rest is not None:
-            dist.broadcast(rest.contiguous(), src, group=group)
+        for message in (first, rest.contiguous() if rest is not None else None):
+            if message is None:
+                continue
+            if wait:
+                dist.broadcast(message, src, group=group)
+            else:
+                _in_flight.append((dist.broadcast(message, src, group=group, async_op=True),
+                                   message))  # fmt: skip
         return tree
     first = torch.empty(FRAME, dtype=torch.uint8)
     dist.broadcast(first, src, group=group)

@@ -3,7 +3,7 @@
 Independent of Avalanche and Hydra: a plain PyTorch loop can persist its state with it.
 """
 
-from engram.store.codec import SampleIds
+from engram.store.codec import Later, SampleIds
 from engram.store.format import FORMAT_VERSION
 from engram.store.store import (
     Artifact,
@@ -22,6 +22,7 @@ __all__ = [
     "Artifact",
     "CompactReport",
     "GcReport",
+    "Later",
     "Problem",
     "SampleIds",
     "Snapshot",

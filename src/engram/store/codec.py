@@ -66,6 +66,18 @@ class SampleIds(torch.Tensor):
 
 
 MAX_DEPTH = 100  # deeper trees are refused: they are never real state, and recursion is bounded
+
+# A list or tuple of only these (exact types: no bool-like int subclass) is encoded and
+# decoded as it is, without a walk per item: Python's RNG state is a tuple of 625 ints,
+# once per rank in a data-parallel version, and walking each item was most of the time
+# encoding a small state took.
+_PLAIN_ITEMS = frozenset({type(None), bool, int, float, str})
+
+
+def _plain(items: list | tuple) -> bool:
+    return all(type(v) in _PLAIN_ITEMS for v in items)
+
+
 MAX_NDIM = 64
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -81,6 +93,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 def checksum(data: Any) -> int:
     """Fast 64-bit checksum (XXH3) of a bytes-like object, checked on every load."""
     return xxhash.xxh3_64_intdigest(data)
+
+
+@dataclass(frozen=True)
+class Later:
+    """A top-level value of a committed state that is produced late: ``produce()`` is
+    called once the rest of the state is encoded and the model's checkpoint file is
+    being written, so producing it (a data-parallel commit receiving the other ranks'
+    parts) overlaps that write and its fsync. Replay samples it appends to
+    ``store.samples`` are published with the version."""
+
+    produce: Callable[[], Any]
 
 
 @dataclass
@@ -130,11 +153,26 @@ def ndarray_bytes(array: np.ndarray, where: str = "") -> tuple[str, list[int], n
     return name, list(array.shape), arr.reshape(-1).view(np.uint8)
 
 
-def encode_tree(obj: Any) -> tuple[Any, list[PendingArray]]:
+class SharedArrays:
+    """The arrays already encoded for one version (see :func:`encode_tree`)."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, tuple[Any, dict[str, Any], int]] = {}  # id -> value, record, n
+        self.reused_bytes = 0  # of the places that reused a record
+
+
+def encode_tree(obj: Any, shared: SharedArrays | None = None) -> tuple[Any, list[PendingArray]]:
     """Encode a nested state into a JSON-able tree and the arrays it references.
 
     The returned records' ``chunks`` fields are ``None`` until the caller fills them.
     Long because one recursive walk handles every value kind the format stores.
+
+    Args:
+        shared: given (one for the calls encoding one version), a tensor or array
+            object met again gets the record of its first place, not an array of its
+            own: a data-parallel version holds every rank's all-reduced importances as
+            rank 0's tensors. Only for stores, whose records name chunks; a packed wire
+            message holds each record's bytes in place.
 
     Raises:
         EncodingError: a value is not a tensor, array, mapping, list, tuple or JSON
@@ -147,6 +185,17 @@ def encode_tree(obj: Any) -> tuple[Any, list[PendingArray]]:
         record: dict[str, Any] = {"dtype": name, "shape": shape, "chunks": None}
         pending.append(PendingArray(raw, record))
         return {kind: record}
+
+    def shared_record(kind: str, value: Any, path: str) -> dict[str, Any]:
+        if shared is not None and id(value) in shared.records:
+            _, record, nbytes = shared.records[id(value)]
+            shared.reused_bytes += nbytes
+            return {kind: record}
+        enc = tensor_bytes(value, path) if kind == TAG_TENSOR else ndarray_bytes(value, path)
+        out = array_record(kind, enc)
+        if shared is not None:  # the value is kept, so its id is not reused meanwhile
+            shared.records[id(value)] = (value, out[kind], len(enc[2]))
+        return out
 
     def walk(value: Any, path: str, depth: int) -> Any:
         if depth > MAX_DEPTH:
@@ -161,16 +210,20 @@ def encode_tree(obj: Any) -> tuple[Any, list[PendingArray]]:
                 raise EncodingError(f"SampleIds at {path!r} must be a 1-d int64 tensor")
             return array_record(TAG_SAMPLES, tensor_bytes(plain, path))
         if isinstance(value, torch.Tensor):
-            return array_record(TAG_TENSOR, tensor_bytes(value, path))
+            return shared_record(TAG_TENSOR, value, path)
         if isinstance(value, np.ndarray):
-            return array_record(TAG_NDARRAY, ndarray_bytes(value, path))
+            return shared_record(TAG_NDARRAY, value, path)
         if isinstance(value, np.generic) and isinstance(value.item(), bool | int | float):
             return value.item()  # numpy scalars come back as Python numbers
         if isinstance(value, Mapping):
             return walk_mapping(value, path, depth)
         if isinstance(value, list):
+            if _plain(value):
+                return list(value)
             return [walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(value)]
         if isinstance(value, tuple):  # torch.Size included
+            if _plain(value):
+                return {TAG_TUPLE: list(value)}
             return {TAG_TUPLE: [walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(value)]}
         raise EncodingError(
             f"cannot store a value of type {type(value).__qualname__} at {path or '/'!r}: "
@@ -281,6 +334,8 @@ def decode_tree(tree: Any, read_array: Callable[[ArrayRecord, str], Any]) -> Any
         if node is None or isinstance(node, bool | int | float | str):
             return node
         if isinstance(node, list):
+            if _plain(node):
+                return list(node)
             return [walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(node)]
         if not isinstance(node, dict):
             raise CorruptionError(f"unexpected JSON value at {path!r}")
@@ -295,6 +350,8 @@ def decode_tree(tree: Any, read_array: Callable[[ArrayRecord, str], Any]) -> Any
         if not isinstance(body, list):
             raise CorruptionError(f"{tag} at {path!r} must hold a list")
         if tag == TAG_TUPLE:
+            if _plain(body):
+                return tuple(body)
             return tuple(walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(body))
         out = {}
         for pair in body:

@@ -9,6 +9,11 @@
 
 (1) and (2) run at the same time (hashing, file writes and fsyncs release the GIL).
 A crash before (3) leaves HEAD where it was; what (1) and (2) wrote is left to ``gc``.
+
+The state is encoded once (2) has started, and a :class:`~engram.store.codec.Later`
+value of it is produced after the rest is encoded: what produces it — a data-parallel
+commit receiving the other ranks' parts — runs while the weights are written and
+fsynced instead of before (that fsync is most of a small commit).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from engram.store.checkpoint import (
     weights_digest,
     write_checkpoint,
 )
-from engram.store.codec import PendingArray, encode_tree
+from engram.store.codec import TAG_MAP, Later, PendingArray, SharedArrays, encode_tree
 from engram.store.env import Env, now
 from engram.store.history import History, manifest_bytes, version_info
 from engram.store.samples import SampleTable
@@ -63,6 +68,10 @@ def commit(
     env.check_writable()
     if state is not None and not isinstance(state, Mapping):
         raise EncodingError(f"state must be a mapping, not {type(state).__qualname__}")
+    state = dict(state or {})
+    for key, value in state.items():
+        if isinstance(value, Later) and not (isinstance(key, str) and not key.startswith("__")):
+            raise EncodingError(f"a Later value needs a plain str key, not {key!r}")
     if artifact is not None:
         if not isinstance(artifact, Artifact):
             raise EncodingError(f"artifact must be an Artifact, not {type(artifact).__name__}")
@@ -78,15 +87,12 @@ def commit(
         meta = json.loads(json.dumps(dict(meta or {}), allow_nan=True))
     except (TypeError, ValueError) as e:
         raise EncodingError(f"meta must be JSON-serializable: {e}") from None
-    tree, pending = encode_tree(dict(state or {}))
     weights = None
     if model is not None:
         weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
         weights = prepare_weights(weights)
     try:
-        return _commit(
-            env, history, blobs, samples, tree, pending, (weights, artifact), message, meta
-        )
+        return _commit(env, history, blobs, samples, state, (weights, artifact), message, meta)
     except (OSError, lmdb.Error) as e:
         head = _reopen_after_failure(env, history)
         raise CommitError(
@@ -112,20 +118,11 @@ def _commit(
     history: History,
     blobs: Blobs,
     samples: Any,
-    tree: Any,
-    pending: list[PendingArray],
+    state: dict[Any, Any],
     model: tuple[dict[str, torch.Tensor] | None, Artifact | None],
     message: str,
     meta: dict[str, Any],
 ) -> VersionInfo:
-    # Replay samples this version may reference must be durable no later than it:
-    # they go into the transaction that publishes it (one synced transaction, not
-    # two). A wrapped table (a background committer's, shared by two threads) is
-    # flushed on its own, under its lock.
-    table = samples if isinstance(samples, SampleTable) else None
-    if table is None:
-        samples.flush()
-    sample_items = table.pending_items() if table is not None else []
     with env.read() as txn:
         new = _NewVersion(
             id=env.counter(txn, b"next_version"),
@@ -135,7 +132,20 @@ def _commit(
             meta=meta,
         )
     weights, artifact = model
-    index, new_bytes, ckpt = _write_files(env, history, blobs, new, pending, weights)
+    with _Checkpoint(env, history, new, weights) as ckpt_job:  # (2) starts
+        tree, pending, state_bytes = _encode(state)  # while the weights are written
+        # Replay samples this version may reference must be durable no later than it:
+        # they go into the transaction that publishes it (one synced transaction, not
+        # two). A wrapped table (a background committer's, shared by two threads) is
+        # flushed on its own, under its lock. (After the state: producing it may add some.)
+        table = samples if isinstance(samples, SampleTable) else None
+        if table is None:
+            samples.flush()
+        sample_items = table.pending_items() if table is not None else []
+        index, new_bytes = _write_blobs(env, blobs, new, pending)  # (1)
+        ckpt = ckpt_job.result()
+    if ckpt is not None and ckpt_job.written:
+        new_bytes += ckpt.nbytes
     art = None
     if artifact is not None:  # small next to the state (an estimator): after it
         art = _write_artifact_durably(env.path / fmt.CHECKPOINT_DIR, new, artifact)
@@ -151,7 +161,7 @@ def _commit(
         "meta": meta,
         "state": tree,
         "checkpoint": None if ckpt is None else ckpt.to_json(),
-        "nbytes": sum(len(p.raw) for p in pending) + (ckpt.nbytes if ckpt else 0),
+        "nbytes": state_bytes + (ckpt.nbytes if ckpt else 0),
         "new_bytes": new_bytes,
     }
     if art is not None:
@@ -161,20 +171,75 @@ def _commit(
     return version_info(manifest, {})  # a new id: no tag names it yet
 
 
-def _write_files(
-    env: Env,
-    history: History,
-    blobs: Blobs,
-    new: _NewVersion,
-    pending: list[PendingArray],
-    weights: dict[str, torch.Tensor] | None,
-) -> tuple[list[tuple[bytes, bytes]], int, CheckpointInfo | None]:
-    """Steps (1) and (2), at the same time: hashing, file writes and fsyncs release the
-    GIL. Returns the new index entries, the bytes written and the checkpoint."""
-    digest = weights_digest(weights) if weights is not None else ""
-    ckpt = None
-    if weights is not None:
-        ckpt = _parent_checkpoint_if_same(env, history, new.parent, digest)
+def _encode(state: dict[Any, Any]) -> tuple[Any, list[PendingArray], int]:
+    """:func:`encode_tree` of ``state``, its :class:`Later` values produced and encoded
+    after the rest: the tree is the one encoding in one pass gives (keys in ``state``'s
+    order); the late values' arrays come after the others'. A tensor met twice is one
+    array under one record. Returns the tree, the arrays and the state's bytes (each
+    place counted)."""
+    shared = SharedArrays()
+    eager = {k: v for k, v in state.items() if not isinstance(v, Later)}
+    tree, pending = encode_tree(eager, shared)
+    pairs = tree.get(TAG_MAP) if isinstance(tree, dict) else None  # non-str keys: pairs
+    items = iter(pairs if pairs is not None else tree.items())
+    merged = []
+    for key, value in state.items():
+        if isinstance(value, Later):
+            late, more = encode_tree({key: value.produce()}, shared)
+            merged.append([key, late[key]])
+            pending += more
+        else:
+            merged.append(list(next(items)))
+    nbytes = sum(len(p.raw) for p in pending) + shared.reused_bytes
+    return ({TAG_MAP: merged} if pairs is not None else dict(merged)), pending, nbytes
+
+
+class _Checkpoint:
+    """Step (2) in a thread of its own, from entering until :meth:`result`: the
+    checkpoint file (or the parent's, when it holds the same weights).
+
+    Leaving the block on an error waits for the file and deletes it: no version will
+    reference it.
+    """
+
+    def __init__(self, env: Env, history: History, new: _NewVersion, weights: dict | None) -> None:
+        self._env, self._history, self._new, self._weights = env, history, new, weights
+        self._pool: ThreadPoolExecutor | None = None
+        self._job: Future[CheckpointInfo] | None = None
+        self._reused: CheckpointInfo | None = None
+        self.written = False  # a new file (not the parent's)
+
+    def __enter__(self) -> _Checkpoint:
+        weights = self._weights
+        if weights is None:
+            return self
+        digest = weights_digest(weights)
+        self._reused = _parent_checkpoint_if_same(
+            self._env, self._history, self._new.parent, digest
+        )
+        if self._reused is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-ckpt")
+            self._job = _start_checkpoint(self._pool, self._env, self._new, weights, digest)
+            self.written = True
+        return self
+
+    def result(self) -> CheckpointInfo | None:
+        return self._job.result() if self._job is not None else self._reused
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> None:
+        if self._pool is None:
+            return
+        self._pool.shutdown(wait=True)
+        if error is not None and self._job is not None and self._job.exception() is None:
+            (self._env.path / fmt.CHECKPOINT_DIR / self._job.result().file).unlink(missing_ok=True)
+
+
+def _write_blobs(
+    env: Env, blobs: Blobs, new: _NewVersion, pending: list[PendingArray]
+) -> tuple[list[tuple[bytes, bytes]], int]:
+    """Step (1): hash the state's chunks, append the new ones to a pack file, fsync it
+    (while step (2) runs: hashing, file writes and fsyncs release the GIL). Returns the
+    new index entries and the bytes written."""
     for p in pending:
         p.record["chunks"] = []  # filled in chunk order by Blobs.write_new
     pieces = [
@@ -182,18 +247,12 @@ def _write_files(
         for p in pending
         for off in range(0, len(p.raw), fmt.CHUNK_BYTES)
     ]
-    # One worker more than cores: the checkpoint job mostly waits on its write and fsync.
     # A small state is hashed in this thread: each worker started costs a GIL
     # hand-off (up to the 5 ms switch interval), more than hashing a few MiB.
     inline = sum(len(view) for _, view in pieces) <= _INLINE_HASH_BYTES
-    workers = 1 if inline else (os.cpu_count() or 1) + 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        ckpt_job = None
-        if weights is not None and ckpt is None:  # (2), while (1) runs
-            ckpt_job = _start_checkpoint(pool, env, new, weights, digest)
-        # The same memory referenced twice in one state (a data-parallel version holds
-        # every rank's copy of the all-reduced importances as rank 0's tensors) is
-        # hashed once: ``pending`` keeps every array alive, so an address is not reused.
+    with ThreadPoolExecutor(max_workers=1 if inline else os.cpu_count() or 1) as pool:
+        # The same memory under two array objects (views of one buffer) is hashed once:
+        # ``pending`` keeps every array alive, so an address is not reused.
         seen: dict[tuple[int, int], Future[Any]] = {}
         hashes = []
         for _, view in pieces:
@@ -201,13 +260,10 @@ def _write_files(
             if key not in seen or not len(view):
                 seen[key] = _done(hash_chunk(view)) if inline else pool.submit(hash_chunk, view)
             hashes.append(seen[key])
-        index, new_bytes = blobs.write_new(pieces, hashes, new.pack_id)  # (1)
+        index, new_bytes = blobs.write_new(pieces, hashes, new.pack_id)
         if index:  # a new pack file: its directory entry, while the checkpoint's runs
             fsync_dir(env.path / fmt.BLOB_DIR)
-        if ckpt_job is not None:
-            ckpt = ckpt_job.result()
-            new_bytes += ckpt.nbytes
-    return index, new_bytes, ckpt
+    return index, new_bytes
 
 
 def _start_checkpoint(

@@ -292,7 +292,9 @@ class Store:
 
         Args:
             state: nested mapping of tensors, numpy arrays and JSON scalars (a plugin's
-                ``state_dict()``, an optimizer's, RNG states, counters...).
+                ``state_dict()``, an optimizer's, RNG states, counters...). A top-level
+                value may be a :class:`~engram.store.Later`: produced while the model's
+                checkpoint file is written (e.g. other processes' parts, received).
             model: the model (its ``state_dict()`` is saved) or a mapping of its weights,
                 written as a plain safetensors checkpoint file.
             message: a human-readable description of the version.

@@ -11,11 +11,12 @@ mid-experience commit with ``async_commit``, collectively across ranks under tor
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from engram import metrics
 from engram.distributed import sync
+from engram.store import Later
 from engram.training.state import RngStreams
 
 
@@ -75,19 +76,20 @@ class Commit:
         if not self.world.is_main:  # its part only: the rest is rank 0's (replicated)
             part = {"rng": RngStreams(cuda=self.device.type == "cuda").state_dict(),
                     "plugins": self._plugin_states()}  # fmt: skip
-            sync.commit(self.world, part, self._local_samples, None, lambda parts: None)
+            sync.commit(self.world, part, self._local_samples, None, lambda gather: None)
             return
 
         own = self.state_dict()  # while the other ranks stage and send theirs
 
-        def commit(parts: list[dict[str, Any]]) -> None:
-            state = {**own, "ranks": parts}
+        def commit(gather: Callable[[], list[dict[str, Any]]]) -> None:
             if self._committer is not None and mid:
-                self._committer.submit(state, self.model.state_dict(), message=message,
-                                       meta=meta)  # fmt: skip
+                self._committer.submit({**own, "ranks": gather()}, self.model.state_dict(),
+                                       message=message, meta=meta)  # fmt: skip
                 return
             self._wait_for_commit()
-            version = self.store.commit(state, model=self.model, message=message, meta=meta)
+            # the other ranks' parts are received while the weights are written
+            version = self.store.commit({**own, "ranks": Later(gather)}, model=self.model,
+                                        message=message, meta=meta)  # fmt: skip
             self.last_commit_bytes = version.new_bytes
 
         part = {"rng": own["rng"], "plugins": own["plugins"]}

@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from engram import distributed
-from engram.distributed import sync
+from engram.distributed import sync, wire
 from engram.distributed.reduce import average_gradients, broadcast_module, sum_counts
 from engram.distributed.state import LocalSamples
 from engram.errors import EngramError, GateFailed, NonFiniteError
@@ -285,11 +285,14 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         return self.store.samples if self.store is not None else self._local_samples
 
     def close(self) -> None:
-        """Wait for a background commit in flight, then close the store if this template
-        opened it."""
+        """Wait for a background commit in flight (and, on rank 0 of a data-parallel
+        run, for the last commit's outcome to reach the other ranks), then close the
+        store if this template opened it."""
         try:
             if self._committer is not None:
                 self._committer.close()
+            if self.world.size > 1:
+                wire.settle()  # before the caller may destroy the process group
         finally:
             if self._owns_store:
                 self.store.close()
