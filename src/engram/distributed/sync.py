@@ -75,8 +75,8 @@ def commit(
 
     ``do_commit(gather)`` commits on rank 0; ``gather()`` returns the parts of ranks
     1..N-1, once their new replay samples are appended to ``store_samples``. Given to
-    ``Store.commit`` as its state function, the receive overlaps the write and fsync of
-    the weights.
+    ``Store.commit`` as a :class:`~engram.store.Later` value of the state, the receive
+    overlaps the write and fsync of the weights.
 
     A rank sends its part as soon as it reaches the commit, each tensor replaced by its
     digest (XXH3-128 of dtype, shape and bytes) unless rank 0 held another tensor at
