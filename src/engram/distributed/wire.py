@@ -145,9 +145,7 @@ def broadcast(tree: Any, src: int = 0, group: Any = None, *, wait: bool = True) 
     settle()
     if dist.get_rank() == src:
         first, rest = _frame(pack(tree))
-        for message in (first, rest.contiguous() if rest is not None else None):
-            if message is None:
-                continue
+        for message in [first] if rest is None else [first, rest.contiguous()]:
             if wait:
                 dist.broadcast(message, src, group=group)
             else:

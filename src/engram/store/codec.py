@@ -134,10 +134,23 @@ def tensor_bytes(tensor: torch.Tensor, where: str = "") -> tuple[str, list[int],
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
+    return name, list(tensor.shape), raw_view(t.contiguous())
+
+
+def raw_view(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor as a flat uint8 numpy view (no copy)."""
     if t.numel() == 0:  # may carry stride 0, which view() rejects
-        return name, list(tensor.shape), np.empty(0, dtype=np.uint8)
-    raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-    return name, list(tensor.shape), raw
+        return np.empty(0, dtype=np.uint8)
+    if t.dtype in _NUMPY_VIEWABLE:  # a numpy view is cheaper than torch's view chain
+        return t.numpy().reshape(-1).view(np.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy()  # bfloat16, float8: not in numpy
+
+
+# torch dtypes numpy has too: their bytes are viewed through numpy
+_NUMPY_VIEWABLE = frozenset({
+    torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+    torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+})  # fmt: skip
 
 
 def ndarray_bytes(array: np.ndarray, where: str = "") -> tuple[str, list[int], np.ndarray]:
