@@ -75,3 +75,30 @@ class DataFileError(EngramError):
 
 class ConfigError(EngramError):
     """An option is unknown, out of range, or does not fit the rest of the config."""
+
+
+class UnsafeStoreError(CorruptionError):
+    """Something inside the store directory is a symbolic link, a hard link or not a
+    regular file (a FIFO, a device): the store never follows, opens or deletes through
+    it, since it could lead outside the store or block forever."""
+
+
+class DamagedDatabaseError(CorruptionError):
+    """LMDB's own page checks failed while reading ``memory.lmdb/data.mdb`` (an
+    ``lmdb.Error`` such as ``MDB_CORRUPTED``, ``MDB_PAGE_NOTFOUND``, ``MDB_BAD_TXN``)."""
+
+
+class LockTableReplacedError(EngramError):
+    """``memory.lmdb/lock.mdb`` was deleted or replaced while a read ran, so a writer
+    may have reused the pages it read: not corruption; the next read reopens the store,
+    so the read can simply run again."""
+
+
+class RemoteError(EngramError):
+    """A store's remote (object storage) cannot be used: unreachable, no credentials,
+    not an engram remote, or an object that fails its hash. Local versions are intact."""
+
+
+class RemoteConflictError(RemoteError):
+    """The remote's HEAD moved (another writer pushed) or names another history:
+    nothing was overwritten; the message says how to resolve it."""

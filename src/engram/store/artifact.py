@@ -20,6 +20,7 @@ from pathlib import Path
 from engram.errors import CorruptionError, EncodingError
 from engram.store import format as fmt
 from engram.store.codec import checksum
+from engram.store.files import create_new, open_read
 from engram.store.history import is_count
 from engram.store.values import version_name
 
@@ -68,7 +69,7 @@ def write_artifact(directory: Path, file: str, artifact: Artifact) -> ArtifactIn
     data = bytes(artifact.data)
     final, tmp = directory / file, directory / f".{file}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(create_new(tmp), "wb") as f:  # never through a planted link
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -87,7 +88,7 @@ def read_artifact(path: Path, info: ArtifactInfo, *, verify: bool, what: str) ->
         CorruptionError: the file is missing, truncated, or its bytes do not match.
     """
     try:
-        with open(path, "rb") as f:
+        with open_read(path) as f:  # never a link, never a FIFO (it would block)
             data = f.read(info.nbytes + 1)  # one more: a longer file is caught too
     except FileNotFoundError:
         raise CorruptionError(f"{what}: model file {path} is missing") from None

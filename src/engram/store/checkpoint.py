@@ -32,6 +32,7 @@ from safetensors.torch import save_file as st_save_file
 
 from engram.errors import CorruptionError, EncodingError
 from engram.store.codec import TORCH_DTYPES, checksum
+from engram.store.files import open_read
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def read_checkpoint(path: Path, info: CheckpointInfo, *, verify: bool, what: str
         CorruptionError: the file is missing, truncated, or its bytes do not match.
     """
     try:
-        with open(path, "rb") as f:
+        with open_read(path) as f:  # never a link, never a FIFO (it would block)
             _check_open(f, path, info, verify=verify, what=what)
             by_fd = Path(f"/proc/self/fd/{f.fileno()}")
             try:
@@ -162,7 +163,7 @@ def read_checkpoint(path: Path, info: CheckpointInfo, *, verify: bool, what: str
 def check_file(path: Path, info: CheckpointInfo, *, what: str, sha256: bool = True) -> None:
     """Re-hash a checkpoint file (XXH3, and SHA-256 unless told not) without decoding it."""
     try:
-        with open(path, "rb") as f:
+        with open_read(path) as f:
             _check_open(f, path, info, verify=sha256, what=what)
     except FileNotFoundError:
         raise CorruptionError(f"{what}: checkpoint file {path} is missing") from None
@@ -224,7 +225,7 @@ def checkpoint_spans(path: Path) -> tuple[list[TensorSpan], dict[str, str]]:
     """
     what = f"checkpoint {path.name}"
     try:
-        with open(path, "rb") as f:
+        with open_read(path) as f:
             size = os.fstat(f.fileno()).st_size
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER_BYTES:

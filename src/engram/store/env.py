@@ -27,13 +27,16 @@ import lmdb
 from engram import __version__
 from engram.errors import (
     CorruptionError,
+    DamagedDatabaseError,
     EngramError,
+    LockTableReplacedError,
     NotAStoreError,
     ReadOnlyStoreError,
     StoreFormatError,
     StoreNotFoundError,
 )
 from engram.store import format as fmt
+from engram.store.files import check_layout
 from engram.store.lock import WriterLock
 from engram.store.records import SEAL_BYTES, seal, unseal
 from engram.store.untrusted import check_not_truncated
@@ -41,6 +44,10 @@ from engram.store.values import Mode
 
 INITIAL_MAP_SIZE = 1 << 30  # address space only: the file grows as pages are used
 _MAX_GROWTHS = 24  # each at least doubles the map: 2**24 GiB is more than any disk
+# A reader that cannot write LMDB's lock file (a registry shared read-only, a read-only
+# mount) opens without it (docs/store.md, "Read-only stores").
+_NO_LOCK_FILE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_LOCK_FILE = "lock.mdb"
 # meta key whose presence (sealed, with this value) says every record is sealed
 _SEALED_KEY, _SEALED_VALUE = b"records", b"sealed-xxh3-64"
 
@@ -56,10 +63,12 @@ def prepare_directory(root: Path, mode: Mode, lock_timeout: float) -> WriterLock
 
     Raises:
         StoreNotFoundError, NotAStoreError, StoreLockedError.
+        UnsafeStoreError: a directory or LMDB file inside ``root`` is a link (or a FIFO).
     """
     lmdb_dir = root / fmt.LMDB_DIR
     if root.exists() and not root.is_dir():
         raise NotAStoreError(f"{root} is a file, not an engram store directory")
+    check_layout(root)  # before anything below creates, locks or lists through a link
     ours = {fmt.LMDB_DIR, fmt.BLOB_DIR, fmt.CHECKPOINT_DIR, fmt.LOCK_FILE, *fmt.RUN_DIRS}
     if not lmdb_dir.is_dir():
         if mode != "c":
@@ -109,25 +118,32 @@ class Env:
         self.owner: object | None = None
         self._map_size = map_size
         self._lmdb: lmdb.Environment | None = None
+        # (st_dev, st_ino) of the lock.mdb LMDB registered this process's readers in;
+        # None when opened without one (read-only registries)
+        self._lock_file_id: tuple[int, int] | None = None
+        self._lock_path = str(path / fmt.LMDB_DIR / _LOCK_FILE)  # a str: stat'd per read
+        self._reading = 0  # read transactions open (the environment is reopened at 0 only)
         self._open()
 
     # ------------------------------------------------------------------ opening
 
     def _open(self) -> None:
-        # Before LMDB maps the file: a truncated data.mdb would be a SIGBUS, not an error.
+        # LMDB opens data.mdb and lock.mdb by name, read-write even for a reader: never
+        # through a link. Then, before LMDB maps the file: a truncated data.mdb would be
+        # a SIGBUS, not an error.
+        check_layout(self.path)
         check_not_truncated(self.path / fmt.LMDB_DIR)
         writable = self.mode != "r"
         try:
-            self._lmdb = lmdb.open(
-                str(self.path / fmt.LMDB_DIR),
-                subdir=True,
-                readonly=not writable,
-                create=writable,
-                map_size=self._map_size,
-                max_dbs=8,
-                meminit=False,
-                max_readers=1024,
-            )
+            try:
+                self._lmdb = self._lmdb_open(writable, lock=True)
+            except lmdb.Error as e:
+                if writable or getattr(e, "code", 0) not in _NO_LOCK_FILE:
+                    raise
+                # A reader that may not write the lock file reads without it: LMDB's
+                # lock-free read-only mode (what it gives up: docs/store.md).
+                self._lmdb = self._lmdb_open(writable, lock=False)
+            self._lock_file_id = self._lock_file() if self._lmdb.flags()["lock"] else None
         except lmdb.Error as e:
             if "already open in this process" in str(e):
                 raise EngramError(
@@ -165,14 +181,49 @@ class Env:
             with self.read() as txn:
                 self.sealed = self._is_sealed(txn)
                 self._check_meta(txn)
+        except lmdb.NotFoundError as e:  # no named database of ours: a foreign environment
+            self._lmdb.close()
+            raise NotAStoreError(f"{self.path} is not a valid engram store: {e}") from e
         except lmdb.Error as e:
             self._lmdb.close()
-            raise _os_fault(e, self.path) or NotAStoreError(
-                f"{self.path} is not a valid engram store: {e}"
-            ) from e
+            raise _os_fault(e, self.path) or self._damaged(e) from e
         except BaseException:
             self._lmdb.close()
             raise
+
+    def _lmdb_open(self, writable: bool, *, lock: bool) -> lmdb.Environment:
+        return lmdb.open(
+            str(self.path / fmt.LMDB_DIR),
+            subdir=True,
+            readonly=not writable,
+            create=writable,
+            lock=lock,
+            map_size=self._map_size,
+            max_dbs=8,
+            meminit=False,
+            max_readers=1024,
+        )
+
+    def _lock_file(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the lock file now at ``memory.lmdb/lock.mdb`` (None: none)."""
+        try:
+            st = os.stat(self._lock_path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _lock_file_replaced(self) -> bool:
+        """Whether lock.mdb was deleted or replaced since LMDB opened it. A writer opening
+        the store afterwards makes a new lock table that lacks this process's readers, so
+        it reuses pages they still read: what they read is garbage, not corruption."""
+        return self._lock_file_id is not None and self._lock_file() != self._lock_file_id
+
+    def _damaged(self, e: lmdb.Error) -> DamagedDatabaseError:
+        return DamagedDatabaseError(
+            f"store {self.path} is damaged: LMDB reports {e}; run `engram verify "
+            f"--untrusted {self.path}` to see what is affected, and restore the store from "
+            "a copy"
+        )
 
     def _named_dbs(self) -> set[bytes]:
         """The names of the environment's named databases (its main database's keys)."""
@@ -231,7 +282,11 @@ class Env:
         unusable)."""
         if self._lmdb is not None:
             self._lmdb.close()
-        self._open()
+        try:
+            self._open()
+        except BaseException:
+            self._lmdb = None  # closed, not half-open: checked() says so
+            raise
 
     def close(self) -> None:
         if self._lmdb is not None:
@@ -266,16 +321,42 @@ class Env:
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
-        env = self.checked()
+        """A read transaction. LMDB errors in it are :class:`DamagedDatabaseError` (or
+        the ``OSError`` they carry); a lost lock table is :class:`LockTableReplacedError`."""
+        env = self._current_lock_table()
         try:
-            txn = env.begin(buffers=True)
-        except lmdb.MapResizedError:  # another process grew the map: adopt its size
-            env.set_mapsize(0)
-            txn = env.begin(buffers=True)
+            try:
+                txn = env.begin(buffers=True)
+            except lmdb.MapResizedError:  # another process grew the map: adopt its size
+                env.set_mapsize(0)
+                txn = env.begin(buffers=True)
+        except lmdb.Error as e:
+            raise _os_fault(e, self.path) or self._damaged(e) from e
+        self._reading += 1
         try:
             yield txn
+        except (lmdb.Error, CorruptionError) as e:
+            if self._lock_file_replaced():  # the next read reopens the environment
+                raise LockTableReplacedError(
+                    f"store {self.path}: memory.lmdb/{_LOCK_FILE} was deleted or replaced while "
+                    "this read ran, so a writer may have reused the pages it read (not "
+                    "corruption); run it again (the store is reopened first)"
+                ) from None
+            if isinstance(e, lmdb.Error):
+                raise _os_fault(e, self.path) or self._damaged(e) from e
+            raise
         finally:
             txn.abort()
+            self._reading -= 1
+
+    def _current_lock_table(self) -> lmdb.Environment:
+        """The environment, reopened first if its lock file was deleted or replaced
+        (one ``stat``): transactions then register where the writer looks."""
+        env = self.checked()
+        if self._reading == 0 and self._lock_file_replaced():
+            self.reopen()
+            env = self.checked()
+        return env
 
     def write(self, work: Callable[[lmdb.Transaction], Any], reserve: int = 0) -> Any:
         """Run ``work`` in one write transaction, growing the map until it fits.
@@ -283,7 +364,7 @@ class Env:
         ``work`` must be safe to re-run: it is retried from scratch after a MapFullError.
         """
         self.check_writable()
-        env = self.checked()
+        env = self._current_lock_table()
         self.ensure_room(reserve)
         for _ in range(_MAX_GROWTHS):
             try:

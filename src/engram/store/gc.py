@@ -21,6 +21,7 @@ from engram.store.blobs import Blobs, EncodedBlob, FileBlob, IndexEntry
 from engram.store.checkpoint import fsync_dir
 from engram.store.codec import TAG_SAMPLES, iter_array_records
 from engram.store.env import Env
+from engram.store.files import open_dir, unlink
 from engram.store.history import History, manifest_bytes, relinks
 from engram.store.packs import ALIGN, PACK_NAME, BlobLocation, NewPack, pack_name
 from engram.store.values import GcReport, VersionSpec, version_name
@@ -229,18 +230,31 @@ def _rewrite(
 def _remove_files(
     blobs: Blobs, env: Env, referenced_packs: set[int], live_files: set[str]
 ) -> list[str]:
-    """Step (3): remove packs and checkpoint files (and leftovers) nothing references."""
+    """Step (3): remove packs and checkpoint files (and leftovers) nothing references.
+
+    Names are listed and unlinked relative to a descriptor of each directory opened
+    without following a link, so a directory swapped for a link to another one (after
+    the store was opened) never has its files deleted.
+    """
     removed = []
-    blob_dir = env.path / fmt.BLOB_DIR
-    for file in sorted(os.listdir(blob_dir)):
-        m = PACK_NAME.fullmatch(file)
-        if m and int(m.group(1)) not in referenced_packs:
-            blobs.packs.forget(int(m.group(1)))
-            (blob_dir / file).unlink(missing_ok=True)
-            removed.append(f"{fmt.BLOB_DIR}/{file}")
-    for file in sorted(os.listdir(env.path / fmt.CHECKPOINT_DIR)):
-        if _CHECKPOINT_LEFTOVER.fullmatch(file) and file not in live_files:
-            blobs.files.forget(file)
-            (env.path / fmt.CHECKPOINT_DIR / file).unlink(missing_ok=True)
-            removed.append(f"{fmt.CHECKPOINT_DIR}/{file}")
+    for sub in (fmt.BLOB_DIR, fmt.CHECKPOINT_DIR):
+        fd = open_dir(env.path / sub)
+        try:
+            for file in sorted(os.listdir(fd)):
+                if sub == fmt.BLOB_DIR:
+                    m = PACK_NAME.fullmatch(file)
+                    if not m or int(m.group(1)) in referenced_packs:
+                        continue
+                    blobs.packs.forget(int(m.group(1)))
+                else:
+                    if not _CHECKPOINT_LEFTOVER.fullmatch(file) or file in live_files:
+                        continue
+                    blobs.files.forget(file)
+                try:
+                    unlink(file, fd)
+                except OSError as e:  # relative to fd: name the whole path in the error
+                    raise OSError(e.errno, e.strerror, str(env.path / sub / file)) from e
+                removed.append(f"{sub}/{file}")
+        finally:
+            os.close(fd)
     return removed

@@ -142,6 +142,12 @@ class History:
     def set_head(self, txn: lmdb.Transaction, vid: int) -> None:
         self.env.put(txn, fmt.DB_REFS, fmt.HEAD_REF, str(vid).encode())
 
+    def reset_head(self, txn: lmdb.Transaction) -> None:
+        self.env.delete(txn, fmt.DB_REFS, fmt.HEAD_REF)
+
+    def set_tag(self, txn: lmdb.Transaction, name: str, vid: int) -> None:
+        self.env.put(txn, fmt.DB_REFS, fmt.TAG_PREFIX + name.encode(), str(vid).encode())
+
     def tag(self, name: str, version: VersionSpec) -> int:
         """Point tag ``name`` at ``version``; returns its id."""
         if not is_valid_tag_name(name):
@@ -151,8 +157,7 @@ class History:
             )
         with self.env.read() as txn:
             vid = self.resolve(txn, version)
-        key, value = fmt.TAG_PREFIX + name.encode(), str(vid).encode()
-        self.env.write(lambda txn: self.env.put(txn, fmt.DB_REFS, key, value))
+        self.env.write(lambda txn: self.set_tag(txn, name, vid))
         return vid
 
     def untag(self, name: str) -> None:
@@ -163,7 +168,7 @@ class History:
     def rollback(self, version: VersionSpec | None) -> int | None:
         """Move HEAD to ``version`` (its id), or reset it (None)."""
         if version is None:
-            self.env.write(lambda txn: self.env.delete(txn, fmt.DB_REFS, fmt.HEAD_REF))
+            self.env.write(self.reset_head)
             return None
         with self.env.read() as txn:
             vid = self.resolve(txn, version)
@@ -173,8 +178,10 @@ class History:
     # ------------------------------------------------------------- versions
 
     def ids(self, txn: lmdb.Transaction) -> list[int]:
-        """Every version id, oldest first."""
-        return [int.from_bytes(k, "big") for k in self.env.keys(txn, fmt.DB_VERSIONS)]
+        """Every version id, oldest first. A key that is not 8 bytes (damaged pages) names
+        no version and is left out; ``verify --all`` reports its record (its seal fails)."""
+        return [int.from_bytes(k, "big") for k in self.env.keys(txn, fmt.DB_VERSIONS)
+                if len(k) == 8]  # fmt: skip
 
     def has(self, txn: lmdb.Transaction, vid: int) -> bool:
         # The key alone: a damaged manifest (a failed checksum) still names a version.

@@ -161,7 +161,8 @@ def disk_usage(root: Path) -> dict[str, int]:
     bucket = {fmt.BLOB_DIR: "blobs", fmt.CHECKPOINT_DIR: "checkpoints", fmt.LMDB_DIR: "lmdb"}
     for entry in root.iterdir():
         key = bucket.get(entry.name, "run_files" if entry.name in fmt.RUN_DIRS else "other")
-        files = [entry] if not entry.is_dir() else _files_under(entry)
+        # a link is counted as itself, never walked: it may lead anywhere (even /)
+        files = _files_under(entry) if entry.is_dir() and not entry.is_symlink() else [entry]
         for f in files:
             try:
                 st = f.lstat()

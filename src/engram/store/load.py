@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engram.errors import CorruptionError, EngramError
+from engram.errors import CorruptionError, EngramError, LockTableReplacedError
 from engram.store import format as fmt
 from engram.store.artifact import ArtifactInfo, read_artifact
 from engram.store.blobs import Blobs
@@ -42,6 +42,8 @@ def load(
         seen: list[int] = []  # the id of the snapshot the try read
         try:
             return _load(env, history, blobs, version, state, model, verify, seen)
+        except LockTableReplacedError:
+            continue  # the next try reads through a fresh lock table
         except CorruptionError:
             # A concurrent gc may have moved or dropped packs (or a checkpoint file)
             # after the snapshot this try read: another try sees the new index (or no

@@ -16,7 +16,8 @@ import socket
 import time
 from pathlib import Path
 
-from engram.errors import StoreLockedError
+from engram.errors import StoreLockedError, UnsafeStoreError
+from engram.store.files import open_regular
 
 
 class WriterLock:
@@ -32,7 +33,16 @@ class WriterLock:
         Raises:
             StoreLockedError: another live process holds it.
         """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Never through a link (it would truncate whatever it points at), and only a
+        # file of its own: a hard link's other name would be truncated too.
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
+        if os.fstat(fd).st_nlink > 1:
+            os.close(fd)
+            raise UnsafeStoreError(
+                f"{self.path} is a hard link to another file; engram truncates its writer "
+                "lock, so it refuses one shared with another name: delete it (the next "
+                "writer creates it again)"
+            )
         deadline = time.monotonic() + timeout
         while True:
             try:

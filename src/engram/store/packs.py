@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engram.errors import CorruptionError
+from engram.store.files import create_new, open_read
 
 ALIGN = 64
 PACK_NAME = re.compile(r"pack-(\d{8,18})\.bin")
@@ -60,8 +61,9 @@ class PackWriter:
     def __init__(self, directory: Path, pack_id: int) -> None:
         self.pack_id = pack_id
         self.path = directory / pack_name(pack_id)
-        # O_TRUNC: an orphan with this id from an interrupted commit is overwritten.
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # An orphan with this id from an interrupted commit is replaced (never written
+        # through, should the name be a link).
+        self._fd = create_new(self.path)
         self.size = 0
 
     def append(self, data: memoryview | bytes, xxh3: int) -> BlobLocation:
@@ -149,7 +151,7 @@ class MappedFiles:
         """
         data = self._maps.get(name)
         if data is None:
-            with open(self.directory / name, "rb") as f:
+            with open_read(self.directory / name) as f:  # never a link or a FIFO
                 # mmap refuses an empty file
                 empty = os.fstat(f.fileno()).st_size == 0
                 data = b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

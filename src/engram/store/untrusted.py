@@ -42,6 +42,7 @@ from engram.errors import (
     VersionNotFoundError,
 )
 from engram.store import format as fmt
+from engram.store.files import open_read
 from engram.store.values import Problem, VerifyReport, VersionSpec
 
 DATA_FILE = "data.mdb"
@@ -93,7 +94,7 @@ def _truncation(lmdb_dir: Path) -> str | None:
     truncated = f"store {lmdb_dir.parent} is truncated: {DATA_FILE}"
     restore = "restore it from a complete copy"
     try:
-        with open(lmdb_dir / DATA_FILE, "rb") as f:
+        with open_read(lmdb_dir / DATA_FILE) as f:  # a FIFO would block: refused
             size = os.fstat(f.fileno()).st_size
             first = _read_meta(f, 0)
             # LMDB finds meta page 1 with meta page 0's page size; if page 0 is damaged,
@@ -235,7 +236,8 @@ def verify_in_child(
         kind, message = result["error"]["type"], result["error"]["message"]
         if kind in _USER_ERRORS and result["phase"] != "opening":
             raise _USER_ERRORS[kind](message)
-        if kind in ("CorruptionError", "NotAStoreError", "StoreFormatError"):
+        if kind in ("CorruptionError", "DamagedDatabaseError", "UnsafeStoreError",
+                    "NotAStoreError", "StoreFormatError"):  # fmt: skip
             return _fatal(message if message.startswith("store ") else
                           f"store {root} is corrupt: {message}")  # fmt: skip
         if kind == "lmdb.Error":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lmdb
 
-from engram.errors import CorruptionError, StoreFormatError
+from engram.errors import CorruptionError, DamagedDatabaseError, StoreFormatError
 from engram.store import format as fmt
 from engram.store.artifact import ArtifactInfo, read_artifact
 from engram.store.blobs import Blobs, EncodedBlob, chunk_problem, decode_entry
@@ -22,9 +22,10 @@ def verify(
     """:meth:`Store.verify <engram.store.Store.verify>`; never raises for corruption."""
     try:
         return _verify(env, history, blobs, version, all=all)
-    except lmdb.Error as e:  # LMDB's own page checks (MDB_CORRUPTED, MDB_PAGE_NOTFOUND)
+    except (lmdb.Error, DamagedDatabaseError) as e:  # LMDB's page checks (MDB_CORRUPTED, ...)
+        lmdb_error = e.__cause__ if isinstance(e, DamagedDatabaseError) else e
         report = VerifyReport()
-        report.problems.append(Problem(None, "LMDB", f"the database is damaged: {e}"))
+        report.problems.append(Problem(None, "LMDB", f"the database is damaged: {lmdb_error}"))
         return report
 
 
