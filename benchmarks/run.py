@@ -46,6 +46,7 @@ SUITE = [
     "resume_latency.py",
     "distributed.py",
     "sklearn_persistence.py",
+    "remote.py",
 ]
 
 QUICK_NOTE = (

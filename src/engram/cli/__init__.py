@@ -118,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="PATH", help="the file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    # the remote (engram.cli.remote): object storage, s3://BUCKET/PREFIX (gs://, az://)
+    p = command("push", "Upload the versions the remote lacks; move its HEAD.", "remote")
+    p.add_argument("remote", metavar="REMOTE", nargs="?", default=None,
+                   help="s3://BUCKET/PREFIX (default: the store's remote, from its last push "
+                   "or pull)")  # fmt: skip
+    p = sub.add_parser("pull", help="Clone a remote into a store, or update the clone.",
+                       description="Clone a remote into a store, or update the clone.")  # fmt: skip
+    p.add_argument("remote", metavar="REMOTE", help="s3://BUCKET/PREFIX (gs://, az://)")
+    p.add_argument("store", metavar="STORE", nargs="?", default="",
+                   help="the store directory (default: the prefix's last name)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(module="remote")
     return parser
 
 

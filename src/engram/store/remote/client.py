@@ -1,0 +1,260 @@
+"""The object-store client of a remote: the few operations the protocol needs.
+
+Library choice: `obstore <https://developmentseed.org/obstore>`_, the Python binding of
+Rust's ``object_store`` (Apache Arrow). It signs requests itself (SigV4, no
+hand-written signing here), speaks S3, GCS and Azure behind one API, and its
+``put(mode="create")`` / ``put(mode={"e_tag": ...})`` are the S3 conditional writes
+this protocol rests on (``If-None-Match: *`` and ``If-Match``, 412 → ``AlreadyExists`` /
+``Precondition``), also for multipart uploads. s3fs (fsspec) was the alternative: it
+has create-only writes but no If-Match compare-and-swap, which HEAD needs. Credentials
+and the endpoint come from the standard environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``,
+``AWS_ENDPOINT_URL``, web identity, ECS and instance metadata), read by object_store;
+engram never reads, stores or prints one.
+
+obstore is imported inside :class:`ObjectStore` only: ``import engram`` and the
+``engram`` command stay light, and the library is an optional extra
+(``pip install 'engram[remote]'``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+from engram.errors import RemoteError
+
+# Remote URL schemes engram takes; file:// is refused until HEAD has a compare-and-swap
+# there (object_store's LocalFileSystem has no PutMode::Update).
+SCHEMES = ("s3", "gs", "az")
+# A down or slow remote fails a push within about this long (object_store's own default
+# retries for 180 s): the local commit is safe either way, and `engram push` resumes.
+MAX_RETRIES = 3
+RETRY_TIMEOUT_S = 30.0
+_STATUS = re.compile(r"status code: (\d{3})")
+_URL_QUERY = re.compile(r"(https?://[^\s?]+)\?\S*")  # signed query strings never printed
+
+
+class AlreadyExists(Exception):
+    """A create-only write found the key taken (S3: 412 on ``If-None-Match: *``)."""
+
+
+class Stale(Exception):
+    """A compare-and-swap found another ETag (S3: 412 on ``If-Match``)."""
+
+
+@dataclass(frozen=True)
+class Got:
+    """An object read whole: its bytes and the ETag a compare-and-swap names."""
+
+    data: bytes
+    etag: str | None
+
+
+def check_url(url: str) -> str:
+    """``url`` if engram can use it as a remote (``s3://bucket/prefix``, ``gs://``, ``az://``),
+    without a trailing slash; a URL with user info or a query (a place credentials could
+    leak into manifests, logs or ``remote.json``) is refused."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES or not parts.netloc:
+        shown = parts.scheme + "://" if parts.scheme else repr(url[:40])
+        raise RemoteError(
+            f"remote {shown}... is not an object-store URL engram takes: use "
+            "s3://BUCKET/PREFIX (gs://, az:// likewise); file:// remotes are not supported yet"
+        )
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        raise RemoteError(
+            f"remote {parts.scheme}://{parts.hostname}/...: a remote URL carries no user info "
+            "or query; give credentials through the environment (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY or an instance role)"
+        )
+    return url.rstrip("/")
+
+
+@dataclass
+class Traffic:
+    """Bytes moved by one client, for reports and the tests' proportionality checks."""
+
+    up: int = 0
+    down: int = 0
+    puts: list[tuple[str, int]] = field(default_factory=list)  # (key, bytes) per upload
+
+
+class ObjectStore:
+    """One remote prefix: reads, create-only writes, compare-and-swap, listing.
+
+    Keys are relative to the URL's prefix. Errors are :class:`RemoteError` in one line
+    naming the remote and the key, never a credential.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = check_url(url)
+        self.traffic = Traffic()
+        try:
+            from obstore.store import from_url  # lazy: see the module docstring
+        except ImportError:
+            raise RemoteError(
+                "a remote needs the obstore library: pip install 'engram[remote]'"
+            ) from None
+
+        options: dict[str, Any] = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+        if self.url.startswith("s3://") and endpoint.startswith("http://"):
+            # an S3-compatible server the user named over plain HTTP (a local MinIO, an
+            # emulator): object_store refuses HTTP unless told; naming it is telling it
+            options["allow_http"] = True
+        timeout = _dt.timedelta(seconds=RETRY_TIMEOUT_S)
+        retry = {"max_retries": MAX_RETRIES, "retry_timeout": timeout}
+        try:
+            self._store = from_url(self.url, client_options=options, retry_config=retry)
+        except Exception as e:
+            raise self._error("open", "", e) from None
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: str) -> Got | None:
+        """The whole object, or None if there is none."""
+        import obstore
+
+        try:
+            result = obstore.get(self._store, key)
+            data = bytes(result.bytes())
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise self._error("reading", key, e) from None
+        self.traffic.down += len(data)
+        return Got(data, result.meta.get("e_tag"))
+
+    def get_into(self, key: str, out: BinaryIO, consume: Callable[[bytes], None]) -> int | None:
+        """Stream the object into ``out``, each chunk also to ``consume`` (a hash);
+        returns its size, or None if there is none."""
+        import obstore
+
+        n = 0
+        try:
+            for chunk in obstore.get(self._store, key).stream():
+                view = memoryview(chunk)
+                out.write(view)
+                consume(view)
+                n += len(view)
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise self._error("reading", key, e) from None
+        self.traffic.down += n
+        return n
+
+    def exists(self, key: str) -> bool:
+        import obstore
+
+        try:
+            obstore.head(self._store, key)
+        except FileNotFoundError:
+            return False
+        except Exception as e:
+            raise self._error("checking", key, e) from None
+        return True
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """The keys under ``prefix``."""
+        import obstore
+
+        try:
+            for batch in obstore.list(self._store, prefix):
+                for meta in batch:
+                    yield meta["path"]
+        except Exception as e:
+            raise self._error("listing", prefix, e) from None
+
+    # ------------------------------------------------------------------ writes
+
+    def create(self, key: str, data: bytes | Path) -> str | None:
+        """Write ``key`` only if it does not exist (``If-None-Match: *``); its ETag.
+
+        Raises:
+            AlreadyExists: the key is taken (nothing was written).
+        """
+        return self._put(key, data, "create")
+
+    def swap(self, key: str, data: bytes, etag: str | None) -> str | None:
+        """Replace ``key`` only if its ETag is still ``etag`` (``If-Match``); with
+        ``etag=None``, create it only if it does not exist. Its new ETag.
+
+        Raises:
+            Stale: the object changed (or was created) meanwhile; nothing was written.
+        """
+        if etag is None:
+            try:
+                return self._put(key, data, "create")
+            except AlreadyExists:
+                raise Stale(key) from None
+        return self._put(key, data, {"e_tag": etag})
+
+    def delete(self, key: str) -> None:
+        import obstore
+
+        try:
+            obstore.delete(self._store, key)
+        except FileNotFoundError:
+            return
+        except Exception as e:
+            raise self._error("deleting", key, e) from None
+
+    def _put(self, key: str, data: bytes | Path, mode: Any) -> str | None:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        size = len(data) if isinstance(data, bytes) else data.stat().st_size
+        try:
+            result = obstore.put(self._store, key, data, mode=mode)
+        except AlreadyExistsError:
+            raise AlreadyExists(key) from None
+        except PreconditionError:
+            raise Stale(key) from None
+        except FileNotFoundError as e:
+            if isinstance(mode, dict):  # If-Match on an object deleted meanwhile
+                raise Stale(key) from None
+            raise self._error("writing", key, e) from None
+        except Exception as e:
+            raise self._error("writing", key, e) from None
+        self.traffic.up += size
+        self.traffic.puts.append((key, size))
+        return result.get("e_tag")
+
+    # ------------------------------------------------------------------ errors
+
+    def _error(self, doing: str, key: str, e: Exception) -> RemoteError:
+        """One line: the remote, the key, what went wrong and what to do. The library's
+        message is cut to its first line with signed query strings removed."""
+        where = f"remote {self.url}" + (f": {doing} {key}" if key else "")
+        text = str(e)
+        kind = type(e).__name__
+        status = _STATUS.search(text)
+        code = status.group(1) if status else None
+        if kind in ("UnauthenticatedError", "PermissionDeniedError") or code in ("401", "403"):
+            why = (
+                "access denied or no credentials; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or run with an instance role) with access to it"
+            )
+        elif "credential" in text.lower() or "/latest/" in text:  # instance metadata asked
+            why = (
+                "no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or run with an instance role)"
+            )
+        elif code == "404" or "NoSuchBucket" in text or isinstance(e, FileNotFoundError):
+            why = "the bucket does not exist; create it or fix the URL"
+        elif "error sending request" in text or "connect" in text.lower():
+            why = "the endpoint cannot be reached (down, or AWS_ENDPOINT_URL is wrong)"
+        else:
+            first = _URL_QUERY.sub(r"\1", text.strip().splitlines()[0] if text.strip() else kind)
+            why = f"{kind}: {first[:200]}"
+        return RemoteError(
+            f"{where}: {why}; local versions are intact: fix it, then run the command again"
+        )

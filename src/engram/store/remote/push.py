@@ -1,0 +1,438 @@
+"""``push``: make the remote hold every version of the local HEAD's lineage.
+
+For each local version the remote lacks, oldest first (docs/remote.md, "Protocol"):
+
+1. :func:`_upload_files`: the files its new records need that the remote lacks (new
+   pack files, its checkpoint or artifact file), each create-only under its SHA-256;
+2. :func:`_upload_segment`: its new LMDB records as one immutable segment object;
+3. :func:`_create_marker`: its marker, create-only (immutable, named by its own hash);
+4. :func:`_move_head`: HEAD, by compare-and-swap from the ETag read at the start.
+
+Until (4) succeeds nothing a reader follows names what (1)–(3) wrote, so a push killed
+anywhere leaves the remote at the previous version; a re-run writes the same bytes
+under the same names (create-only finds them there) and completes it. A second writer
+is refused at (4), or at (3) for the same version; nothing is overwritten.
+
+What the remote has is known without listing it: every version on the remote lineage
+has, in its segment or an earlier one, every record and file it needs (its closure), so
+a version's new records are those its closure has beyond its parent's (computed from
+the local store, which holds the parent too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from engram.errors import CorruptionError, RemoteConflictError, RemoteError, StoreNotFoundError
+from engram.store import Store
+from engram.store import format as fmt
+from engram.store.blobs import Blobs, EncodedBlob, FileBlob, decode_entry
+from engram.store.codec import TAG_SAMPLES
+from engram.store.history import version_arrays
+from engram.store.packs import pack_name
+from engram.store.remote.client import AlreadyExists, ObjectStore, Stale
+from engram.store.remote.layout import (
+    HEAD_KEY,
+    STORE_KEY,
+    Marker,
+    Ref,
+    Segment,
+    canonical,
+    local_dir,
+    object_key,
+    sha256,
+)
+from engram.store.remote.lineage import Entry, read_head, read_marker, remember, remembered, walk
+from engram.store.samples import sample_key
+from engram.store.values import version_name
+
+_HASH_BLOCK = 8 << 20
+
+
+@dataclass
+class PushReport:
+    """What a push did (``--json`` prints it)."""
+
+    remote: str
+    pushed: list[int]  # version ids, oldest first
+    head: int | None  # the remote's HEAD afterwards
+    uploaded_bytes: int
+    objects: int  # objects written
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Known:
+    """What the remote holds: blob digests, replay-sample ids, files (name, sha256)."""
+
+    digests: set[bytes] = field(default_factory=set)
+    samples: set[int] = field(default_factory=set)
+    files: set[tuple[str, str]] = field(default_factory=set)
+
+
+def push(store_path: str | Path | Store, url: str | None = None) -> PushReport:
+    """Push the local HEAD's lineage to ``url`` (default: the remote the store remembers).
+
+    ``store_path``: a store directory, opened read-only (a training job may go on
+    committing to it), or a :class:`Store` this process has open.
+
+    Raises:
+        RemoteError: no remote given or remembered, the remote cannot be used.
+        RemoteConflictError: the remote's HEAD is not in the local history (another
+            writer pushed), or it holds another store.
+    """
+    path = store_path.path if isinstance(store_path, Store) else Path(store_path).expanduser()
+    memory = remembered(path)
+    if url is None:
+        if not path.is_dir():
+            raise StoreNotFoundError(f"no store at {path}: the path does not exist")
+        if memory is None:
+            raise RemoteError(f"store {path} has no remote yet: run `engram push {path} REMOTE`")
+        url = memory.url
+    client = ObjectStore(url)
+    cached = memory.lineage if memory is not None and memory.url == client.url else []
+    if isinstance(store_path, Store):  # a store this process has open (LMDB: one handle)
+        return _push_open(store_path, client, cached)
+    with Store.open(path) as store:
+        return _push_open(store, client, cached)
+
+
+def unpushed(store: Store) -> list[int] | None:
+    """The versions of the local HEAD's lineage the remote lacks, as far as the store
+    remembers (``remote.json``; no network): what ``engram ls`` would show as "remote N
+    versions behind". None if the store has no remote, or its HEAD is off the history it
+    remembers (a push would be refused or a pull is due)."""
+    memory = remembered(store.path)
+    if memory is None:
+        return None
+    head = store.head
+    return _since(
+        store, None if head is None else head.id, memory.lineage[-1] if memory.lineage else None
+    )
+
+
+def _push_open(store: Store, client: ObjectStore, cached: list[Entry]) -> PushReport:
+    blobs = Blobs(store.env)  # our own readers over the store's environment
+    try:
+        return _push(store, blobs, client, cached)
+    finally:
+        blobs.close()
+
+
+def _push(store: Store, blobs: Blobs, client: ObjectStore, cached: list[Entry]) -> PushReport:
+    if store.head is None:  # before anything is written to the remote
+        raise RemoteError(f"store {store.path} has no HEAD: nothing to push")
+    _claim_remote(client, store.store_id)
+    head, etag = read_head(client)
+    lineage, _ = walk(client, head, cached)
+    todo = _versions_to_push(store, client, head, lineage)
+    pushed = []
+    for vid in todo:
+        with store.env.read() as txn:
+            # what the parent (the remote's HEAD) references is there: only the rest is sent
+            known = _known(store, blobs, txn, client, lineage[-1] if lineage else None)
+            ref, marker = _push_version(store, blobs, txn, client, known, vid, head)
+        etag = _move_head(client, ref, etag, head, store.path)
+        lineage.append(Entry(ref, marker.created_at, marker.manifest_sha256))
+        remember(store.path, client.url, lineage)
+        head = ref
+        pushed.append(vid)
+    if not todo:  # a first push of an empty remote still remembers the URL
+        remember(store.path, client.url, lineage)
+    traffic = client.traffic
+    return PushReport(client.url, pushed, None if head is None else head.version,
+                      traffic.up, len(traffic.puts))  # fmt: skip
+
+
+def _claim_remote(client: ObjectStore, store_id: str) -> None:
+    """The remote holds this store (``store.json``), claiming an empty remote for it."""
+    got = client.get(STORE_KEY)
+    if got is None:
+        try:
+            client.create(STORE_KEY, canonical({"format": 1, "store_id": store_id}))
+            return
+        except AlreadyExists:
+            got = client.get(STORE_KEY)  # claimed meanwhile: check whose
+    try:
+        theirs = json.loads(got.data)["store_id"] if got is not None else None
+    except (ValueError, KeyError, TypeError):
+        theirs = None
+    if theirs != store_id:
+        raise RemoteConflictError(
+            f"remote {client.url} holds store {str(theirs)[:32]}, not this store {store_id}; "
+            "push to another prefix, or `engram pull` that remote into a new directory"
+        )
+
+
+def _versions_to_push(
+    store: Store, client: ObjectStore, head: Ref | None, lineage: list[Entry]
+) -> list[int]:
+    """The local HEAD's ancestors (and HEAD) newer than the remote's HEAD, oldest first.
+
+    Raises:
+        RemoteConflictError: the remote's HEAD is not one of them.
+    """
+    local = store.head
+    if local is None:  # reset since _push looked (a failed gate)
+        raise RemoteError(f"store {store.path} has no HEAD: nothing to push")
+    remote = lineage[-1] if lineage else None
+    chain = _since(store, local.id, remote)
+    if chain is not None:
+        return chain
+    raise RemoteConflictError(
+        f"remote {client.url} HEAD is {version_name(remote.ref.version)}, which is not in the "
+        f"history of this store's HEAD {version_name(local.id)} (another writer pushed, or "
+        "this store rolled back); "
+        f"nothing was pushed: run `engram pull {client.url} NEW_DIR` to continue from the "
+        "remote, or push this store to another prefix (a branch)"
+    )
+
+
+def _since(store: Store, vid: int | None, remote: Entry | None) -> list[int] | None:
+    """``vid`` and its ancestors newer than ``remote``, oldest first; None if ``remote``
+    is not one of its ancestors (the same id with another ``created_at`` is another
+    version: a clone that committed on its own)."""
+    chain: list[int] = []
+    seen: set[int] = set()
+    while vid is not None and vid not in seen:
+        manifest = store.manifest(vid)
+        if remote is not None and vid == remote.ref.version:
+            return chain[::-1] if manifest["created_at"] == remote.created_at else None
+        seen.add(vid)
+        chain.append(vid)
+        vid = manifest["parent"]
+    return chain[::-1] if remote is None else None
+
+
+# ------------------------------------------------------------------ closures
+
+
+@dataclass
+class _Needs:
+    """What one version's manifest references directly."""
+
+    digests: set[bytes] = field(default_factory=set)
+    samples: set[int] = field(default_factory=set)
+    files: dict[str, str | None] = field(default_factory=dict)  # name -> sha256 if recorded
+
+
+def _needs(blobs: Blobs, txn: lmdb.Transaction, vid: int, manifest: dict[str, Any]) -> _Needs:
+    needs = _Needs()
+    for path, record in version_arrays(manifest):
+        needs.digests.update(bytes.fromhex(digest) for digest, _, _ in record.chunks)
+        if record.kind == TAG_SAMPLES:
+            needs.samples.update(blobs.sample_ids(txn, record, vid, path))
+    for key in ("checkpoint", "artifact"):
+        entry = manifest.get(key)
+        if entry is not None:
+            needs.files[entry["file"]] = entry["sha256"]
+    return needs
+
+
+def _known(
+    store: Store, blobs: Blobs, txn: lmdb.Transaction, client: ObjectStore, parent: Entry | None
+) -> _Known:
+    """What the remote holds for certain: the closure of the version on the remote that
+    the next one descends from, read from the local copy of its manifest (or the
+    remote's, if it was rewritten here since, e.g. by ``compact``). Only the parent, not
+    the lineage: O(1) versions a push, and the next segment depends on its version and
+    parent alone, so a re-run writes the same bytes. What an older version has and the
+    parent lacks (a tensor back to an older value) is sent again: a few index entries,
+    never a file the remote has (each is looked up by its hash before it is uploaded)."""
+    known = _Known()
+    if parent is None:
+        return known
+    vid = parent.ref.version
+    payload = store.env.get(txn, fmt.DB_VERSIONS, vid.to_bytes(8, "big"))
+    if payload is None or sha256(payload) != parent.manifest_sha256:
+        payload = _pushed_manifest(client, parent)
+    manifest = json.loads(bytes(payload))
+    try:
+        needs = _needs(blobs, txn, vid, manifest)
+    except CorruptionError:  # its sample table is not here: those samples are sent again
+        needs = _Needs()
+    known.digests |= needs.digests
+    known.samples |= needs.samples
+    known.files |= {(name, digest) for name, digest in needs.files.items() if digest}
+    return known
+
+
+def _pushed_manifest(client: ObjectStore, entry: Entry) -> bytes:
+    marker = read_marker(client, entry.ref)
+    key = object_key(marker.segment_sha256)
+    got = client.get(key)
+    if got is None:
+        raise RemoteError(f"remote {client.url}: segment {key} of {entry.ref.marker} is missing")
+    payload = Segment.decode(got.data, marker, key).manifest_payload()
+    if payload is None or sha256(payload) != entry.manifest_sha256:
+        raise RemoteError(f"remote {client.url}: segment {key} lacks its version's manifest")
+    return payload
+
+
+# ------------------------------------------------------------------ one version
+
+
+def _push_version(
+    store: Store,
+    blobs: Blobs,
+    txn: lmdb.Transaction,
+    client: ObjectStore,
+    known: _Known,
+    vid: int,
+    parent: Ref | None,
+) -> tuple[Ref, Marker]:
+    """Steps (1)–(3) for version ``vid``; its marker's ref and the marker."""
+    env = store.env
+    payload = bytes(env.get(txn, fmt.DB_VERSIONS, vid.to_bytes(8, "big")))
+    manifest = json.loads(payload)
+    needs = _needs(blobs, txn, vid, manifest)
+    records: list[tuple[str, bytes, bytes]] = [("versions", vid.to_bytes(8, "big"), payload)]
+    files = dict(needs.files)
+    for digest, entry in _new_entries(env, txn, needs.digests, known.digests, vid):
+        records.append(("blobs", digest, entry))
+        decoded = decode_entry(entry, digest.hex())
+        name = decoded.file if isinstance(decoded, FileBlob) else pack_name(decoded.pack)
+        files.setdefault(name, None)
+    for sample_id in sorted(needs.samples - known.samples):
+        record = env.get(txn, fmt.DB_SAMPLES, sample_key(sample_id))
+        if record is None:
+            raise CorruptionError(
+                f"store {store.path} {version_name(vid)}: replay sample {sample_id} is "
+                f"missing; run `engram verify {store.path}`"
+            )
+        records.append(("samples", sample_key(sample_id), bytes(record)))
+    shipped = _upload_files(store.path, client, files, known)
+    segment = Segment(store.store_id, vid, tuple(shipped), tuple(records)).encode()
+    _upload_segment(client, segment)
+    marker = Marker(
+        store_id=store.store_id,
+        version=vid,
+        created_at=manifest["created_at"],
+        manifest_sha256=sha256(payload),
+        parent=parent,
+        segment_sha256=sha256(segment),
+        segment_nbytes=len(segment),
+    )
+    return _create_marker(client, marker), marker
+
+
+def _new_entries(
+    env: Any, txn: lmdb.Transaction, digests: set[bytes], known: set[bytes], vid: int
+) -> list[tuple[bytes, bytes]]:
+    """The index entries of ``digests`` the remote lacks, with the delta bases they need."""
+    todo = sorted(digests - known)
+    out: dict[bytes, bytes] = {}
+    while todo:
+        digest = todo.pop()
+        if digest in out:
+            continue
+        raw = env.get(txn, fmt.DB_BLOBS, digest)
+        if raw is None:
+            raise CorruptionError(
+                f"store {env.path} {version_name(vid)}: blob {digest.hex()[:12]} is not "
+                f"indexed; run `engram verify {env.path}`"
+            )
+        out[digest] = bytes(raw)
+        entry = decode_entry(raw, digest.hex())
+        if isinstance(entry, EncodedBlob) and entry.base is not None and entry.base not in known:
+            todo.append(entry.base)
+    return sorted(out.items())
+
+
+def _file_sha256(path: Path) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+            n += len(block)
+    return h.hexdigest(), n
+
+
+def _upload_files(
+    store: Path, client: ObjectStore, files: dict[str, str | None], known: _Known
+) -> list[tuple[str, str, int]]:
+    """Step (1): each file the remote lacks, create-only under its SHA-256; returns
+    ``(name, sha256, nbytes)`` of those the segment must name (new to the lineage)."""
+    shipped = []
+    for name in sorted(files):
+        path = store / local_dir(name) / name
+        try:
+            digest, nbytes = _file_sha256(path)
+        except FileNotFoundError:
+            raise CorruptionError(
+                f"store {store}: {name} is missing; run `engram verify {store}`"
+            ) from None
+        recorded = files[name]
+        if recorded is not None and recorded != digest:
+            raise CorruptionError(
+                f"store {store}: {name} fails its SHA-256; nothing of it was pushed: run "
+                f"`engram verify {store}` and roll back to a good version"
+            )
+        if (name, digest) in known.files:
+            continue
+        shipped.append((name, digest, nbytes))
+        key = object_key(digest)
+        if not client.exists(key):
+            _create_immutable(client, key, path)
+    return shipped
+
+
+def _upload_segment(client: ObjectStore, segment: bytes) -> None:
+    """Step (2)."""
+    _create_immutable(client, object_key(sha256(segment)), segment)
+
+
+def _create_marker(client: ObjectStore, marker: Marker) -> Ref:
+    """Step (3): the marker, create-only. Found there already: the same bytes (a re-run)
+    are fine; other bytes under a name that is their hash mean a damaged remote."""
+    ref = marker.ref()
+    data = marker.encode()
+    try:
+        client.create(ref.marker, data)
+    except AlreadyExists:
+        got = client.get(ref.marker)
+        if got is None or got.data != data:
+            raise RemoteConflictError(
+                f"remote {client.url}: {ref.marker} exists with other bytes than this push "
+                "writes (412 on a create-only write); nothing was overwritten: the remote is "
+                f"damaged or another writer is not engram; run `engram verify {client.url}`"
+            ) from None
+    return ref
+
+
+def _create_immutable(client: ObjectStore, key: str, data: bytes | Path) -> None:
+    # content-addressed: found there, an earlier (or concurrent) push wrote these bytes
+    with contextlib.suppress(AlreadyExists):
+        client.create(key, data)
+
+
+def _move_head(
+    client: ObjectStore, ref: Ref, etag: str | None, expected: Ref | None, store: Path
+) -> str | None:
+    """Step (4): HEAD moves from ``expected`` (ETag ``etag``) to ``ref``; the new ETag.
+
+    Raises:
+        RemoteConflictError: HEAD moved meanwhile (412) to something else.
+    """
+    try:
+        return client.swap(HEAD_KEY, canonical(ref.to_json()), etag)
+    except Stale:
+        now, now_etag = read_head(client)
+        if now == ref:  # a concurrent push of this same store did it
+            return now_etag
+        shown = "(none)" if now is None else version_name(now.version)
+        raise RemoteConflictError(
+            f"remote {client.url} HEAD moved to {shown} while pushing "
+            f"{version_name(ref.version)} (another writer; 412 on the compare-and-swap); "
+            f"nothing was overwritten: run `engram pull {client.url} NEW_DIR` to continue from "
+            f"the remote, or push {store} to another prefix (a branch)"
+        ) from None
