@@ -141,6 +141,7 @@ def template(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
         meta=meta,
         gate=gate(cfg),
         nonfinite=cfg.training.nonfinite,
+        max_abs_weight=cfg.training.max_abs_weight,
         device=cfg.training.device,
         precision=cfg.training.precision,
     )
@@ -165,6 +166,7 @@ def sklearn_learner(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: An
         meta={"experience_ids": bench.experience_ids} if bench.experience_ids else None,
         gate=gate(cfg),
         branch=cfg.branch,
+        max_abs_weight=cfg.training.max_abs_weight,
     )
 
 

@@ -74,6 +74,9 @@ class TrainingConfig:
     threads: int | None = 1
     # a non-finite loss or gradient: stop (nothing more committed) or skip the minibatch
     nonfinite: str = "stop"
+    # a version with a larger |weight| is a finite blow-up and is not committed
+    # (engram.training.guard says why 1e6); null: no bound
+    max_abs_weight: float | None = 1e6
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N, mps
     precision: str = "32"  # 32, bf16-mixed, 16-mixed (fp16 with a persisted GradScaler)
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) for the run
@@ -89,6 +92,9 @@ class StoreConfig:
     path: str = MISSING  # re-running with the same store resumes it
     lock_timeout: float = 0.0  # seconds to wait for another run holding the store
     keep_mid_experience: bool = False  # keep mid-experience versions of finished experiences
+    # s3://bucket/prefix (gs://, az://): pulled before the run if it is ahead, pushed in the
+    # background after each experience, so the run resumes on any machine (docs/remote.md)
+    remote: str | None = None
 
 
 @dataclass

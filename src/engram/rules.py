@@ -89,3 +89,10 @@ def hp(default: Any, rule: Rule, doc: str = "") -> Any:
 
 SEED = integer(0, 2**32 - 1)  # numpy's seed range
 FRACTION = number(0, 1, null=True)
+# The smallest normal float32: a hyperparameter that is used in float32 arithmetic and
+# must stay > 0 (SI's eps, a distillation temperature) is 0 or subnormal below it, and
+# 1e-50, accepted as "> 0", made SI's importances 0/0 = NaN.
+FLOAT32_TINY = 1.1754943508222875e-38
+POSITIVE_FLOAT32 = Rule(
+    f"a number >= {FLOAT32_TINY:.2g} (smaller ones are 0 in float32)", number(FLOAT32_TINY).ok
+)

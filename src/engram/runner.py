@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engram import build, distributed
 from engram.build import model_spec
-from engram.errors import NotAStoreError, StoreNotFoundError
+from engram.errors import GateFailed, NotAStoreError, StoreNotFoundError
 from engram.sklearn.estimators import is_sklearn
 
 
@@ -50,6 +51,8 @@ def run(cfg: DictConfig) -> list[list[float]]:
 
     def open_store() -> dict[str, Any]:
         nonlocal store
+        if cfg.store.remote is not None:
+            _catch_up(cfg)
         store = _open_existing(cfg)
         head = store.head if store is not None else None
         return (head.meta.get("model_spec") if head is not None else None) or {}
@@ -81,7 +84,18 @@ def run(cfg: DictConfig) -> list[list[float]]:
             def shadow(temp_store: Any) -> Any:  # the run's objects, fresh, on another store
                 return build.template(cfg, spec, temp_store, bench, signature, quiet=True)
 
-        matrix, comparison = _fit(cfg, strategy, bench, shadow)
+        # rank 0 owns the store, so it alone pushes
+        remote = cfg.store.remote and world.is_main and store is not None
+        pusher = _pusher(cfg, store) if remote else None
+        try:
+            matrix, comparison = _fit(cfg, strategy, bench, shadow, pusher)
+        except BaseException as e:
+            if pusher is not None:  # waits after the gate's stop: the versions it kept are good
+                with contextlib.suppress(Exception):  # the run's own error is what is raised
+                    pusher.finish(wait=isinstance(e, GateFailed))
+            raise
+        if pusher is not None and pusher.finish() == [] and not quiet:
+            print(f"pushed {cfg.store.path} to {pusher.url} (HEAD {store.head.name})")
     if not quiet and matrix:
         _summary(matrix, strategy.initial_accuracy)
         if comparison is not None:
@@ -96,9 +110,11 @@ def run(cfg: DictConfig) -> list[list[float]]:
 
 
 def _fit(
-    cfg: DictConfig, strategy: Any, bench: Any, shadow: Any = None
+    cfg: DictConfig, strategy: Any, bench: Any, shadow: Any = None, pusher: Any = None
 ) -> tuple[list[list[float]], tuple[list[list[float]], int, str] | None]:
-    """Restore, fit the stream, and keep TensorBoard (when on) in step with the store.
+    """Restore, fit the stream, and keep TensorBoard (when on) in step with the store;
+    ``pusher`` (:class:`~engram.store.remote.background.BackgroundPusher`) is asked to
+    push after each experience's commit.
 
     ``shadow``: ``shadow(store) -> template`` to measure, for a resumed run, what the
     experiences it trained would have given with only the model file
@@ -131,14 +147,20 @@ def _fit(
         weights = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
         resumed = (weights, store.head.name)
 
+    started = [time.perf_counter()]  # the experience's start: its line gives its seconds
+
     def report(index: int, row: list[float]) -> None:
+        seconds, started[0] = time.perf_counter() - started[0], time.perf_counter()
+        if pusher is not None:  # before the rest: the upload overlaps it
+            pusher.request()
         if board is not None:
             board.initial = strategy.initial_accuracy  # measured by fit() before training
             iteration = len(curves.losses) if curves is not None else None
             board.experience(strategy.accuracy_matrix, strategy.last_commit_seconds,
                              strategy.last_commit_bytes, iteration)  # fmt: skip
         if not quiet:
-            print(f"experience {index}: accuracy " + " ".join(f"{a:.2f}" for a in row), flush=True)
+            accuracy = " ".join(f"{a:.2f}" for a in row)
+            print(f"experience {index}: accuracy {accuracy} ({seconds:.1f} s)", flush=True)
 
     try:
         matrix = strategy.fit(train_list, test_list, max_experiences=cfg.run.max_experiences,
@@ -160,6 +182,23 @@ def _fit(
         rows = memory_lost_rows(shadow, resumed[0], train_list, test_list, already, len(matrix))
         comparison = (rows, already, resumed[1])
     return matrix, comparison
+
+
+def _catch_up(cfg: DictConfig) -> None:
+    """Resume anywhere: before the store opens, pull the remote's versions it lacks (a
+    clone into a new store, a fast-forward of one that is behind); diverged: one line."""
+    from engram.store import version_name
+    from engram.store.remote.background import catch_up
+
+    report = catch_up(cfg.store.remote, cfg.store.path)
+    if report is not None and report.pulled and not cfg.run.quiet:
+        print(f"pulled {version_name(report.head)} from {report.remote}")
+
+
+def _pusher(cfg: DictConfig, store: Any) -> Any:
+    from engram.store.remote.background import BackgroundPusher
+
+    return BackgroundPusher(store, cfg.store.remote)
 
 
 def _summary(matrix: list[list[float]], initial: list[float] | None) -> None:

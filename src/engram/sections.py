@@ -86,6 +86,19 @@ def _section_schema(section: str) -> type:
 # ------------------------------------------------------------ the command line
 
 
+def _refuse_repeated(parsed: Sequence[Any]) -> None:
+    """An option given twice (``seed=1 seed=2``): Hydra keeps the last, silently."""
+    seen: dict[str, str] = {}
+    for o in parsed:
+        key = o.key_or_group
+        if key in seen:
+            raise ConfigError(
+                f"{key} is given twice ({seen[key]}, {o.input_line}): give it once "
+                "(a sweep takes a list: -m KEY=A,B)"
+            )
+        seen[key] = o.input_line
+
+
 def check_overrides(argv: Sequence[str]) -> None:
     """Refuse command-line overrides into a plugin section the chosen strategy lacks.
 
@@ -102,6 +115,7 @@ def check_overrides(argv: Sequence[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
     except Exception:  # Hydra reports its own parse errors
         return
+    _refuse_repeated(parsed)
     into = [
         o for o in parsed
         if not o.is_delete() and o.key_or_group.split(".")[0] == "strategy"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,7 @@ from engram import distributed, runner
 from engram.build import build_optimizer, build_plugins, model_spec
 from engram.config import register
 from engram.errors import EngramError, GateFailed
+from engram.store.format import LMDB_DIR
 
 __all__ = ["GateFailed", "build_optimizer", "build_plugins", "main", "model_spec", "train"]
 
@@ -87,23 +89,54 @@ def _hydra_main() -> None:
         warnings.filterwarnings("ignore")  # libraries' noise; engram's own warnings:
         warnings.filterwarnings("always", module="engram")
         warnings.showwarning = _one_line_warning
+        store = Path(_store_path(cfg))
+        created = not (store / LMDB_DIR).exists()  # Hydra has made STORE/hydra/ by now
         try:
             train(cfg)
+            return
         except GateFailed as e:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"engram-train: {e}", file=sys.stderr)
-            sys.exit(3)
+            code, line = 3, f"engram-train: {e}"
         except distributed.PeerFailed:  # rank 0 said why
-            sys.exit(1)
+            code, line = 1, None
         except EngramError as e:  # (or an OS fault behind it, e.g. a store "not readable")
-            _error_exit(describe(e, _store_path(cfg), _RETRY) or str(e))
+            code, line = 2, _error_line(describe(e, str(store), _RETRY) or str(e))
         except Exception as e:  # an OS fault (a full disk, a read-only file system, ...)
-            message = describe(e, _store_path(cfg), _RETRY)
+            message = describe(e, str(store), _RETRY)
             if message is None:
                 raise  # a bug: its traceback
-            _error_exit(message)
+            code, line = 2, _error_line(message)
+        if created and int(os.environ.get("RANK", "0")) == 0:
+            discard_if_empty(store)
+        _job_failed(code, line, store)
 
     _run_hydra_app(run)
+    if _FAILED:  # a sweep whose jobs ran, some failing: each said why in its line
+        stores = ", ".join(f"{store} (exit {code})" for code, store in _FAILED)
+        print(f"engram-train: {len(_FAILED)} job(s) of the sweep failed: {stores}",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(max(code for code, _ in _FAILED))
+
+
+# (exit code, store) of each failed job of this process's sweep (the basic launcher's)
+_FAILED: list[tuple[int, Path]] = []
+
+
+class JobFailed(Exception):
+    """A sweep's job failed; its line is printed. An Exception, not SystemExit: Hydra's
+    launchers then record it and run the other jobs (a SystemExit would end the sweep)."""
+
+
+def _job_failed(code: int, line: str | None, store: Path) -> None:
+    """End the job: exit with ``code``, or, in a sweep, record it and let the rest run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if line is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        _FAILED.append((code, store))
+        raise JobFailed(f"exit {code}: {store}")
+    sys.exit(code)
 
 
 def _run_hydra_app(run: Any) -> None:
@@ -119,6 +152,10 @@ def _run_hydra_app(run: Any) -> None:
     try:
         run()
         return
+    except JobFailed:  # a sweep's launcher re-raises its first failed job's, after all ran
+        if _FAILED:
+            return
+        raise
     except Exception as e:
         error = e
     finally:
@@ -126,6 +163,9 @@ def _run_hydra_app(run: Any) -> None:
             del os.environ["HYDRA_FULL_ERROR"]
         else:
             os.environ["HYDRA_FULL_ERROR"] = asked
+    mistake = _composition_error(error)
+    if mistake is not None:
+        _error_exit(mistake)
     # a write to an open file names none, and Hydra's config no longer says where it was
     run_dir = "Hydra's run directory (hydra.run.dir, by default STORE/hydra/)"
     message = describe(error, run_dir, _RETRY)
@@ -140,6 +180,30 @@ def _run_hydra_app(run: Any) -> None:
     raise error
 
 
+def _composition_error(error: BaseException) -> str | None:
+    """One line for a user's mistake that Hydra reports while composing the config (an
+    unknown config group option, a value of the wrong type), else None.
+
+    Hydra's own report is a multi-line message with exit 1, and its missing-option error
+    is an ``IOError`` without an errno, which would read as an OS fault.
+    """
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, MissingConfigException):
+        lines = str(error).split("Config search path")[0].split("\n")
+        # the options, less the structured schemas engram registers under each group
+        options = [o.strip() for o in lines[1:] if o.startswith("\t")]
+        shown = ", ".join(o for o in options if not o.endswith("_schema"))
+        missing = lines[0].removeprefix("In 'train': ")
+        return f"{missing}; options: {shown}" if shown else missing
+    if isinstance(error, ConfigCompositionException):
+        cause = error.__cause__
+        msg = getattr(cause, "msg", None) if isinstance(cause, OmegaConfBaseException) else None
+        return f"{error}: {msg.splitlines()[0]}" if msg else str(error).splitlines()[0]
+    return None
+
+
 def _store_path(cfg: DictConfig) -> str:
     try:
         return str(cfg.store.path)
@@ -147,11 +211,39 @@ def _store_path(cfg: DictConfig) -> str:
         return "the store"
 
 
-def _error_exit(message: str) -> None:
+def _error_line(message: str) -> str:
     rank = int(os.environ.get("RANK", "0"))
     who = f"engram-train (rank {rank})" if rank else "engram-train"
-    print(f"{who}: error: {' '.join(message.split())}", file=sys.stderr)
+    return f"{who}: error: {' '.join(message.split())}"
+
+
+def _error_exit(message: str) -> None:
+    print(_error_line(message), file=sys.stderr)
     sys.exit(2)
+
+
+def discard_if_empty(store: Path) -> None:
+    """Remove what a failed run created at ``store`` when it committed nothing there:
+    the empty store's files and Hydra's run directory (``STORE/hydra/``), then the
+    directory itself if nothing else is in it. A store with any version is kept."""
+    import shutil
+
+    from engram.store import Store
+    from engram.store import format as fmt
+
+    try:
+        if (store / fmt.LMDB_DIR).is_dir():
+            with Store.open(store) as opened:
+                if opened.versions() or opened.tags() or opened.damaged():
+                    return
+        for name in (fmt.LMDB_DIR, fmt.BLOB_DIR, fmt.CHECKPOINT_DIR, *fmt.RUN_DIRS):
+            path = store / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+        (store / fmt.LOCK_FILE).unlink(missing_ok=True)
+        store.rmdir()  # only if empty: never what the run did not create
+    except (OSError, EngramError):
+        pass  # housekeeping: the run's own error is what the user needs
 
 
 #: Warnings no user can act on, shown despite the filters: Avalanche's ReplayPlugin calls

@@ -43,6 +43,7 @@ from engram.sections import shipped_strategies as shipped_strategies
 from engram.sklearn.estimators import MODELS as SKLEARN_MODELS
 from engram.sklearn.estimators import is_sklearn
 from engram.strategies import registry
+from engram.streams.files import MAX_CLASSES
 from engram.training.execution import PRECISIONS
 
 #: The optimizers ``engram.train.build_optimizer`` builds.
@@ -83,7 +84,8 @@ def rules() -> dict[str, Rule]:
         "benchmark.n_experiences": integer(1),
         "benchmark.seed": SEED,
         "benchmark.max_angle": number(),
-        "benchmark.n_classes": integer(1, null=True),
+        # bounded as benchmark=files bounds labels: a larger head is a typo, not a model
+        "benchmark.n_classes": integer(1, MAX_CLASSES, null=True),
         "benchmark.test_fraction": number(0, 1, low_open=True, high_open=True),
         "benchmark.max_bytes": integer(1, null=True),
         "model.hidden": integers(1),
@@ -94,19 +96,22 @@ def rules() -> dict[str, Rule]:
         "optimizer.weight_decay": number(0),
         "strategy.name": name,
         **registry.rules(),
-        "training.epochs": integer(1),
+        # a typo guard: 10^6 epochs of a single minibatch take over a day here
+        "training.epochs": integer(1, 10**6),
         "training.batch_size": integer(1),
         "training.eval_batch_size": integer(1),
         "training.commit_every_iterations": integer(1, null=True),
         "training.commit_every_seconds": number(0, low_open=True, null=True),
         "training.threads": integer(1, null=True),
         "training.nonfinite": choice(("stop", "skip")),  # DurableTemplate's nonfinite
+        "training.max_abs_weight": number(0, low_open=True, null=True),
         "training.device": Rule(
             "auto, cpu, cuda, cuda:N or mps",
             lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None,
         ),
         "training.precision": choice(PRECISIONS),
         "store.lock_timeout": number(0, infinite=True),
+        "store.remote": Rule("a URL s3://BUCKET/PREFIX (or gs://, az://)", _remote_url, null=True),
         "gate.max_forgetting": FRACTION,
         "gate.min_average_accuracy": FRACTION,
         "gate.promote": tag,
@@ -142,7 +147,8 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"{key} must be {rule.what}{' or null' if rule.null else ''}, "
                             f"not {_show(values[key])}")  # fmt: skip
     if not problems:  # the rules that tie options together assume each one is valid
-        problems += _model(values) + _combinations(values) + check_sections(raw["strategy"])
+        problems += _model(values) + _device(values) + _combinations(values)
+        problems += check_sections(raw["strategy"])
         problems += _store(values, raw)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -171,13 +177,15 @@ def overrides_suffix() -> str:
     """``-<overrides>`` of the running Hydra job (``hydra.job.override_dirname``), else ''.
 
     The overrides are those that change what is trained (``train.yaml`` excludes the
-    others); outside a Hydra app (the compose API) there are none.
+    others), ``benchmark.path`` included, so a sweep over data directories gives each its
+    own store; a ``/`` in a value becomes ``_`` (one directory, not a nest of them).
+    Outside a Hydra app (the compose API) there are none.
     """
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return ""
-    dirname = HydraConfig.get().job.override_dirname
+    dirname = HydraConfig.get().job.override_dirname.replace("/", "_")
     return f"-{dirname}" if dirname else ""
 
 
@@ -298,6 +306,22 @@ def _sklearn(values: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _device(values: dict[str, Any]) -> list[str]:
+    """A device this machine has (else the run would fail after creating its store)."""
+    import torch
+
+    from engram.training.execution import unavailable
+
+    device = values["training.device"]
+    if device == "auto" or is_sklearn(values["model.name"]):  # scikit-learn: _sklearn's
+        return []
+    missing = unavailable(torch.device(device))
+    if missing is None:
+        return []
+    return [f"training.device={device} asks for a GPU, but {missing}; "
+            "use training.device=auto or cpu"]  # fmt: skip
+
+
 def _combinations(values: dict[str, Any]) -> list[str]:
     problems = []
     if values["optimizer.name"] == "adam" and values["optimizer.momentum"] != 0:
@@ -344,19 +368,17 @@ def _store(values: dict[str, Any], raw: dict[str, Any]) -> list[str]:
     if not isinstance(path, str) or not path.strip():
         return [f"store.path must be a directory path, not {_show(path)}"]
     root = Path(path).expanduser()
-    for p in (root, *root.parents):
-        if p.exists() and not p.is_dir():
-            what = "names an existing file" if p == root else f"is inside {p}, a file"
-            return [f"store.path {path} {what}; a store is a directory: give another store.path"]
+    # before any stat: the file system refuses a longer name (ENAMETOOLONG) in each one
     long = [c for c in root.parts if len(c.encode()) > _MAX_NAME_BYTES]
     default = SUFFIX_RESOLVER in str(raw["store"].get("path"))
     if long:
         how = " (the default path names the overrides)" if default else ""
         return [f"store.path {path} has a name longer than {_MAX_NAME_BYTES} bytes{how}; "
                 "give a shorter store.path"]  # fmt: skip
-    if default and "/" in overrides_suffix():
-        return [f"the default store path {path} would nest directories (an override's "
-                "value holds '/'); give store.path"]  # fmt: skip
+    for p in (root, *root.parents):
+        if p.exists() and not p.is_dir():
+            what = "names an existing file" if p == root else f"is inside {p}, a file"
+            return [f"store.path {path} {what}; a store is a directory: give another store.path"]
     from engram.store import format as fmt
 
     problems = []
@@ -376,3 +398,24 @@ def _store(values: dict[str, Any], raw: dict[str, Any]) -> list[str]:
             "branch: store.path=<its path> branch=true"
         )
     return problems
+
+
+def _remote_url(value: Any) -> bool:
+    """``store.remote`` is a URL the remote takes (:func:`engram.store.remote.client.
+    check_url`). One carrying credentials (user info, a query) is refused here, with a
+    message that does not echo it: the rule's own message would print the value."""
+    from urllib.parse import urlsplit
+
+    from engram.errors import RemoteError
+    from engram.store.remote.client import check_url  # light: obstore loads on first use
+
+    if not isinstance(value, str):
+        return False
+    try:
+        check_url(value)
+    except RemoteError as e:
+        parts = urlsplit(value)
+        if "@" in parts.netloc or parts.query or parts.fragment:
+            raise ConfigError(f"store.remote: {e}") from None
+        return False
+    return True

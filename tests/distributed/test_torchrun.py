@@ -35,10 +35,16 @@ JOB = ["strategy=ewc_replay", "benchmark.n_experiences=2", "training.epochs=2",
        "logger=none", "run.quiet=true", "training.threads=1"]  # fmt: skip
 
 
+def job(*extra: str) -> list[str]:
+    """JOB with ``extra``'s options in place of its own (an option given twice is refused)."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [o for o in JOB if o.split("=", 1)[0] not in keys] + list(extra)
+
+
 def torchrun(store: Path, *extra: str, ranks: int = 2, check: bool = True,
              wait: bool = True) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:  # fmt: skip
     argv = [TORCHRUN, "--standalone", f"--nproc-per-node={ranks}", "-m", "engram.train",
-            f"store.path={store}", *JOB, *extra]  # fmt: skip
+            f"store.path={store}", *job(*extra)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -50,7 +56,7 @@ def torchrun(store: Path, *extra: str, ranks: int = 2, check: bool = True,
 
 
 def plain(store: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([ENGRAM_TRAIN, f"store.path={store}", *JOB, *extra],
+    proc = subprocess.run([ENGRAM_TRAIN, f"store.path={store}", *job(*extra)],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -177,7 +183,7 @@ def test_two_nodes_through_a_c10d_rendezvous_equal_one_standalone_node(
     path = tmp_path / "nodes"
     argv = [TORCHRUN, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=engram-test", "-m", "engram.train",
-            f"store.path={path}", *JOB, "logger=tensorboard"]  # fmt: skip
+            f"store.path={path}", *job("logger=tensorboard")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     agents = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True) for _ in range(2)]  # fmt: skip

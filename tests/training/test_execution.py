@@ -15,6 +15,7 @@ from torch import nn
 
 from engram.store import Store
 from engram.strategies import EWCPlugin
+from engram.training import execution
 from engram.training.execution import ExecutionChangedWarning, deterministic_algorithms
 from engram.training.template import DurableTemplate
 
@@ -97,6 +98,7 @@ def test_every_version_records_its_execution_settings(tmp_path: Path) -> None:
             assert settings["threads"] == torch.get_num_threads()
             assert settings["torch"] == torch.__version__
             assert settings["deterministic"] is False
+            assert settings["device_count"] == 0  # CUDA devices, when it trains on CUDA
 
 
 def test_a_resume_with_another_thread_count_warns_and_names_it(tmp_path: Path) -> None:
@@ -117,6 +119,42 @@ def test_a_resume_with_another_thread_count_warns_and_names_it(tmp_path: Path) -
         assert t.execution_changes == ["threads: store 1 vs now 2"]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_resume_with_another_device_count_warns_and_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA RNG is one stream per device: a store written with two GPUs cannot restore
+    them on one (here: a run recorded as on two devices resumes on this CPU's none)."""
+    train, test = streams()
+    with monkeypatch.context() as m:
+        m.setattr(execution, "device_count", lambda device: 2)
+        with build(tmp_path / "s", "dropout") as t:
+            t.fit(train, test, max_experiences=1)
+    with (
+        build(tmp_path / "s", "dropout") as t,
+        pytest.warns(ExecutionChangedWarning, match=r"device_count: store 2 vs now 0"),
+    ):
+        t.fit(train, test)
+    assert t.execution_changes == ["device_count: store 2 vs now 0"]
+
+
+def test_a_store_that_never_recorded_the_device_count_resumes_without_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train, test = streams()
+    recorded = execution.settings
+    with monkeypatch.context() as m:  # what versions written before it was recorded hold
+        m.setattr(execution, "settings", lambda *a: {
+            k: v for k, v in recorded(*a).items() if k != "device_count"
+        })  # fmt: skip
+        with build(tmp_path / "s", "dropout") as t:
+            t.fit(train, test, max_experiences=1)
+    with Store.open(tmp_path / "s") as s:
+        assert "device_count" not in s.head.meta["execution"]
+    with build(tmp_path / "s", "dropout") as t, warnings.catch_warnings():
+        warnings.simplefilter("error", ExecutionChangedWarning)  # absent: unknown, not a change
+        t.fit(train, test)
 
 
 def test_the_same_settings_resume_without_a_warning(tmp_path: Path) -> None:

@@ -74,8 +74,18 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def backend_for(device: str) -> str:
+    """The process group's backend for ``training.device``: NCCL where the run trains on
+    CUDA (``cuda``, ``cuda:N``, or ``auto`` with a GPU present, as the template resolves
+    it), else gloo."""
+    import torch
+
+    on_cuda = device == "auto" or device.startswith("cuda")
+    return "nccl" if on_cuda and torch.cuda.is_available() else "gloo"
+
+
 def init_from_env(device: str, timeout_s: float = 1800.0) -> World:
-    """Join the process group the launcher described (gloo on CPU, NCCL on CUDA).
+    """Join the process group the launcher described (:func:`backend_for` the device).
 
     Raises:
         DistributedError: the rendezvous failed (a rank cannot reach the others).
@@ -84,7 +94,7 @@ def init_from_env(device: str, timeout_s: float = 1800.0) -> World:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        backend = backend_for(device)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         try:
@@ -119,6 +129,7 @@ __all__ = [
     "DistributedError",
     "PeerFailed",
     "World",
+    "backend_for",
     "init_from_env",
     "launched",
     "shutdown",

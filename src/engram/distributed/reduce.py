@@ -47,6 +47,15 @@ def average(t: torch.Tensor, world: World) -> torch.Tensor:
     return out / world.size
 
 
+def all_true(flag: bool, world: World) -> bool:
+    """Whether ``flag`` holds on every rank: a decision every rank then takes alike."""
+    if world.size == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=world.group)  # a CPU flag: the gloo group
+    return bool(t.item())
+
+
 def sum_counts(counts: list[int], world: World) -> list[int]:
     """Integer counts summed over the ranks (exact)."""
     if world.size == 1:
@@ -66,7 +75,10 @@ def sum_tensors(tensors: dict[str, torch.Tensor], world: World) -> dict[str, tor
 
 
 def broadcast_module(module: torch.nn.Module, world: World) -> None:
-    """Rank 0's parameters and buffers on every rank (as DDP does at construction)."""
+    """Rank 0's parameters and buffers on every rank (as DDP does at construction).
+
+    On the default group, so the module must be on the device it trains on already:
+    NCCL moves CUDA tensors only."""
     if world.size == 1:
         return
     with torch.no_grad():

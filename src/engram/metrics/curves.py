@@ -7,7 +7,10 @@ rate. Its state is committed with every version like any plugin's (a float32 ten
 losses, 4 bytes per iteration, and one row per epoch), so after a restart
 :class:`~engram.metrics.tensorboard.ForgettingWriter` rewrites the curves of the whole
 lineage, and a run killed mid-epoch shows the minibatches it trained again once, not
-twice. Losses are read from the device once per epoch, not per minibatch.
+twice. Losses are read from the device once per epoch, not per minibatch. A minibatch
+whose loss was not finite (skipped by ``training.nonfinite=skip``; counted in the
+version's ``meta["skipped_updates"]``) is left out of the curve: a committed curve is
+finite, as every committed tensor is (engram.training.guard).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class TrainingCurves(SupervisedPlugin):
     def _flush(self) -> torch.Tensor:
         """This epoch's losses so far, appended to :attr:`losses` (one device read)."""
         new = torch.stack(self._pending).cpu() if self._pending else self.losses[:0]
+        new = new[torch.isfinite(new)]  # skipped minibatches (see the module docstring)
         self.losses = torch.cat([self.losses, new])
         self._pending = []
         return new

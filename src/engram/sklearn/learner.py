@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 
 from engram import metrics
-from engram.errors import EngramError
+from engram.errors import EngramError, NonFiniteError
 from engram.signature import check_labels
 from engram.sklearn import persist
 from engram.sklearn.estimators import build_estimator, partial_fit
-from engram.store import Artifact, Store
+from engram.store import Artifact, RefMoves, Store, VersionInfo
 from engram.training.experiences import train_experiences
-from engram.training.gate import gate_verdict, settle_gate
+from engram.training.gate import gate_refs, gate_verdict, settle_gate
+from engram.training.guard import MAX_ABS_WEIGHT, estimator_problems
 from engram.training.lineage import check_lineage
 from engram.training.sampler import epoch_seed
 from engram.training.state import Cursor
@@ -55,6 +56,8 @@ class SklearnLearner:
         meta: more JSON recorded in every version (e.g. the stream's experience ids).
         gate: a :class:`~engram.training.gate.RegressionGate`, or None.
         branch: continue HEAD even if the hyperparameters differ (recorded).
+        max_abs_weight: the bound on ``|coef_|`` and the like beyond which a fit has
+            blown up and is not committed (engram.training.guard); None: no bound.
     """
 
     def __init__(
@@ -72,8 +75,10 @@ class SklearnLearner:
         meta: Mapping[str, Any] | None = None,
         gate: Any = None,
         branch: bool = False,
+        max_abs_weight: float | None = MAX_ABS_WEIGHT,
     ) -> None:
         self.spec = dict(spec)
+        self.max_abs_weight = max_abs_weight
         self.estimator = build_estimator(spec)
         self.store = store
         self.signature = dict(signature)
@@ -228,8 +233,20 @@ class SklearnLearner:
 
     # ------------------------------------------------------------------ commit
 
-    def commit(self, index: int, gate: Mapping[str, Any] | None = None) -> None:
-        """Commit the state after experience ``index``: estimator, buffer, history."""
+    def commit(
+        self, index: int, gate: Mapping[str, Any] | None = None, refs: RefMoves | None = None
+    ) -> VersionInfo:
+        """Commit the state after experience ``index``: estimator, buffer, history
+        (``refs``: the refs the commit moves, see :meth:`engram.store.Store.commit`).
+        A diverged estimator (engram.training.guard) raises NonFiniteError instead."""
+        problem = estimator_problems(self.estimator, self.max_abs_weight)
+        if problem is not None:
+            head = self.store.head
+            raise NonFiniteError(
+                f"experience {index}: {problem}; the model diverged and nothing was committed "
+                f"from it (HEAD stays {'on ' + head.name if head else 'where it was'}). Lower "
+                "the learning rate (eta0, learning_rate_init) or check the estimator's settings"
+            )
         versions = persist.library_versions()
         meta = {
             "experience": index,
@@ -256,13 +273,14 @@ class SklearnLearner:
             state["replay"] = self.buffer.state_dict()
         start = time.perf_counter()
         artifact = Artifact(persist.FORMAT, persist.dumps(self.estimator))
-        version = self.store.commit(state, artifact=artifact, meta=meta,
+        version = self.store.commit(state, artifact=artifact, meta=meta, refs=refs,
                                     message=f"after experience {index}")  # fmt: skip
         self.last_commit_seconds = time.perf_counter() - start
         self.last_commit_bytes = version.new_bytes
+        return version
 
     def finish_experience(self, index: int) -> str | None:
         """Commit experience ``index``'s version, then the gate (see engram.training.gate)."""
         failures, verdict = gate_verdict(self.gate, self.accuracy_matrix)
-        self.commit(index, gate=verdict)
-        return settle_gate(self.gate, self.store, index, failures)
+        version = self.commit(index, gate=verdict, refs=gate_refs(self.gate, self.store, failures))
+        return settle_gate(self.store, version, index, failures)

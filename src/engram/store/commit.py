@@ -30,7 +30,7 @@ import lmdb
 import torch
 
 from engram import __version__
-from engram.errors import CommitError, EncodingError, EngramError
+from engram.errors import CommitError, EncodingError, EngramError, VersionNotFoundError
 from engram.faults import remedy
 from engram.store import format as fmt
 from engram.store.artifact import Artifact, ArtifactInfo, model_file_name, write_artifact
@@ -44,9 +44,9 @@ from engram.store.checkpoint import (
 )
 from engram.store.codec import TAG_MAP, Later, PendingArray, SharedArrays, encode_tree
 from engram.store.env import Env, now
-from engram.store.history import History, manifest_bytes, version_info
+from engram.store.history import History, is_valid_tag_name, manifest_bytes, version_info
 from engram.store.samples import SampleTable
-from engram.store.values import VersionInfo, version_name
+from engram.store.values import NEW_VERSION, RefMoves, VersionInfo, version_name
 
 _INLINE_HASH_BYTES = 4 << 20  # a state up to this size is hashed in the committing thread
 
@@ -62,10 +62,12 @@ def commit(
     message: str,
     meta: Mapping[str, Any] | None,
     artifact: Artifact | None = None,
+    refs: RefMoves | None = None,
 ) -> VersionInfo:
     """:meth:`Store.commit <engram.store.Store.commit>`; ``samples``: ``store.samples``
     (a :class:`SampleTable`, or a background committer's wrapper of one)."""
     env.check_writable()
+    refs = _checked_refs(refs)
     if state is not None and not isinstance(state, Mapping):
         raise EncodingError(f"state must be a mapping, not {type(state).__qualname__}")
     state = dict(state or {})
@@ -92,7 +94,9 @@ def commit(
         weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
         weights = prepare_weights(weights)
     try:
-        return _commit(env, history, blobs, samples, state, (weights, artifact), message, meta)
+        return _commit(
+            env, history, blobs, samples, state, (weights, artifact), message, meta, refs
+        )
     except (OSError, lmdb.Error) as e:
         head = _reopen_after_failure(env, history)
         raise CommitError(
@@ -122,8 +126,13 @@ def _commit(
     model: tuple[dict[str, torch.Tensor] | None, Artifact | None],
     message: str,
     meta: dict[str, Any],
+    refs: RefMoves,
 ) -> VersionInfo:
     with env.read() as txn:
+        if isinstance(refs.head, int) and not history.has(txn, refs.head):
+            raise VersionNotFoundError(
+                f"store {env.path} has no version {version_name(refs.head)} to leave HEAD on"
+            )
         new = _NewVersion(
             id=env.counter(txn, b"next_version"),
             parent=history.head(txn),
@@ -167,8 +176,11 @@ def _commit(
     if art is not None:
         manifest["artifact"] = art.to_json()
         manifest["nbytes"] += art.nbytes
-    _publish(env, history, blobs, (table, sample_items), manifest, index, new.pack_id)  # (3)
-    return version_info(manifest, {})  # a new id: no tag names it yet
+    tags = refs.tag_names(new.id)
+    _publish(
+        env, history, blobs, (table, sample_items), manifest, index, new.pack_id, (refs.head, tags)
+    )  # (3)
+    return version_info(manifest, dict.fromkeys(tags, new.id))
 
 
 def _encode(state: dict[Any, Any]) -> tuple[Any, list[PendingArray], int]:
@@ -292,9 +304,11 @@ def _publish(
     manifest: dict[str, Any],
     index: list[tuple[bytes, bytes]],
     pack_id: int,
+    refs: tuple[int | str | None, tuple[str, ...]],
 ) -> None:
     """Step (3): one transaction makes the version visible: pending replay samples
-    (``samples``: the table and its items), index, manifest, HEAD, counters."""
+    (``samples``: the table and its items), index, manifest, HEAD and tags (``refs``:
+    where HEAD goes and the tags naming the version), counters."""
     vid = manifest["id"]
     payload = manifest_bytes(manifest)
     table, sample_items = samples
@@ -305,7 +319,15 @@ def _publish(
         for digest, entry in index:
             blobs.put(txn, digest, entry)
         history.put_manifest(txn, vid, payload)
-        history.set_head(txn, vid)
+        head, tags = refs
+        for name in tags:
+            history.set_tag(txn, name, vid)
+        if head == NEW_VERSION:
+            history.set_head(txn, vid)
+        elif head is None:
+            history.reset_head(txn)
+        else:
+            history.set_head(txn, head)
         if "artifact" in manifest:  # an older engram then refuses the store, cleanly
             env.raise_format(txn, fmt.ARTIFACT_FORMAT_VERSION)
         env.set_counter(txn, b"next_version", vid + 1)
@@ -316,6 +338,21 @@ def _publish(
     env.write(publish, reserve=len(payload) + 64 * len(index) + sample_bytes)
     if sample_items:
         table.forget(sample_items)
+
+
+def _checked_refs(refs: RefMoves | None) -> RefMoves:
+    """``refs`` (default: HEAD to the new version), refused before anything is written."""
+    if refs is None:
+        return RefMoves()
+    if not isinstance(refs, RefMoves):
+        raise EncodingError(f"refs must be a RefMoves, not {type(refs).__name__}")
+    head = refs.head
+    if not (head is None or head == NEW_VERSION or (isinstance(head, int) and head >= 0)):
+        raise ValueError(f"RefMoves.head must be a version id, None or 'new', not {head!r}")
+    for name in refs.tag_names(0):
+        if not is_valid_tag_name(name):
+            raise ValueError(f"invalid tag name {name!r} in RefMoves.tags")
+    return refs
 
 
 def _write_artifact_durably(directory: Path, new: _NewVersion, artifact: Artifact) -> ArtifactInfo:

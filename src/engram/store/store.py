@@ -46,6 +46,7 @@ from engram.store.values import (
     GcReport,
     Mode,
     Problem,
+    RefMoves,
     Snapshot,
     VerifyReport,
     VersionInfo,
@@ -60,6 +61,7 @@ __all__ = [
     "GcReport",
     "Mode",
     "Problem",
+    "RefMoves",
     "Snapshot",
     "Store",
     "VerifyReport",
@@ -287,6 +289,7 @@ class Store:
         message: str = "",
         meta: Mapping[str, Any] | None = None,
         artifact: Artifact | None = None,
+        refs: RefMoves | None = None,
     ) -> VersionInfo:
         """Commit a new version and move HEAD to it, all or nothing.
 
@@ -307,6 +310,8 @@ class Store:
                 ``checkpoints/model-vNNNN[-expN].<format>``, hashed into the manifest,
                 verified and collected like a checkpoint, never parsed by the store.
                 Not with ``model``.
+            refs: tags to point at the new version and where HEAD goes (default: to
+                the new version), moved in the transaction that publishes it.
 
         Returns:
             The new version's summary (its ``id`` is the new version id).
@@ -325,6 +330,7 @@ class Store:
             message=message,
             meta=meta,
             artifact=artifact,
+            refs=refs,
         )
 
     def tag(self, name: str, version: VersionSpec = "HEAD") -> VersionInfo:

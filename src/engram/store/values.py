@@ -36,6 +36,29 @@ class VersionInfo:
         return version_name(self.id)
 
 
+NEW_VERSION = "new"  # RefMoves.head: the version being committed
+
+
+@dataclass(frozen=True)
+class RefMoves:
+    """The refs a commit moves in the one transaction that publishes its version, so
+    no crash leaves the version visible and its refs unmoved (the regression gate's
+    verdict is atomic with the version it judges).
+
+    Args:
+        tags: tags pointed at the new version; ``{version}`` in a name stands for the
+            new version's name (``gate-failed-{version}`` -> ``gate-failed-v0007``).
+        head: where HEAD goes: the new version (the default), an existing version's
+            id (the new version stays off HEAD), or None (HEAD is reset).
+    """
+
+    tags: tuple[str, ...] = ()
+    head: int | Literal["new"] | None = NEW_VERSION
+
+    def tag_names(self, version_id: int) -> tuple[str, ...]:
+        return tuple(t.replace("{version}", version_name(version_id)) for t in self.tags)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A loaded version: its summary, the committed state, and the model weights (or,

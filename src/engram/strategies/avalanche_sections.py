@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engram.rules import boolean, choice, hp, integer, number, text
+from engram.rules import POSITIVE_FLOAT32, boolean, choice, hp, integer, number, text
 from engram.strategies.entry import Entry
 
 #: ``strategy.avalanche_replay.storage_policy`` -> Avalanche's storage policy class.
@@ -42,13 +42,13 @@ class EWCSection:
 @dataclass
 class SISection:
     si_lambda: float = hp(1.0, number(0), "no plugin default; baselines: 1 (split MNIST)")
-    eps: float = hp(1e-7, number(0, low_open=True))
+    eps: float = hp(1e-7, POSITIVE_FLOAT32)
 
 
 @dataclass
 class LwFSection:
     alpha: float = hp(1.0, number(0))
-    temperature: float = hp(2.0, number(0, low_open=True))
+    temperature: float = hp(2.0, POSITIVE_FLOAT32)
 
 
 @dataclass

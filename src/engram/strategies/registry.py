@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from engram.errors import EngramError
-from engram.rules import Rule, choice, hp, integer, number
+from engram.rules import POSITIVE_FLOAT32, Rule, choice, hp, integer, number
 from engram.strategies import avalanche_sections
 from engram.strategies.entry import Entry
 
@@ -43,7 +43,7 @@ class EWCConfig:
 @dataclass
 class SIConfig:
     si_lambda: float = hp(1.0, number(0))
-    eps: float = hp(0.1, number(0, low_open=True))
+    eps: float = hp(0.1, POSITIVE_FLOAT32)
 
 
 @dataclass
@@ -56,7 +56,7 @@ class MASConfig:
 @dataclass
 class LwFConfig:
     alpha: float = hp(1.0, number(0))
-    temperature: float = hp(2.0, number(0, low_open=True))
+    temperature: float = hp(2.0, POSITIVE_FLOAT32)
 
 
 @dataclass

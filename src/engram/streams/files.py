@@ -25,6 +25,7 @@ ratio); then the arrays are read, without pickle.
 from __future__ import annotations
 
 import math
+import os
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -178,6 +179,24 @@ def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, fail: Any) -> _Member:
 
     if info.flag_bits & 0x1:
         raise fail(f"{info.filename} is encrypted")
+    key = info.filename.removesuffix(".npy")
+    # zipfile decompresses a bzip2 or LZMA block whole, however little is read (only
+    # deflate is read with a bound): a 1 KiB block of zeros is 200 MiB in memory at the
+    # first read of the header. numpy writes stored and deflated members only.
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise fail(
+            f"{info.filename} is compressed with method {info.compress_type}, not stored or "
+            "deflated: write it with numpy.savez or numpy.savez_compressed"
+        )
+    # Checked before anything is read. The directory's compressed size may lie: a
+    # member's compressed bytes are at most the archive's, which the disk does not lie about.
+    compressed = min(info.compress_size, os.path.getsize(zf.filename))
+    if info.file_size > _RATIO_MIN_BYTES and info.file_size > _MAX_RATIO * compressed:
+        raise fail(
+            f"{key} would expand from {_size(compressed)} to {_size(info.file_size)} "
+            f"(over {_MAX_RATIO}x) when decompressed: refused as a possible zip bomb. If the "
+            "data really is this redundant, save it uncompressed (numpy.savez)"
+        )
     with zf.open(info) as fp:
         try:
             version = npy.read_magic(fp)
@@ -190,7 +209,8 @@ def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, fail: Any) -> _Member:
         except ValueError as e:
             raise fail(f"{info.filename} is not a readable .npy array ({e})") from None
         offset = fp.tell()
-    key = info.filename.removesuffix(".npy")
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise fail(f"{info.filename} declares an impossible shape {list(shape)}")
     if dtype.hasobject:
         raise fail(f"cannot be read without pickle ({key} holds Python objects, {dtype})")
     member = _Member(key, info.filename, tuple(shape), fortran, dtype, offset, info.file_size)
@@ -200,12 +220,6 @@ def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, fail: Any) -> _Member:
             f"{key} declares shape {list(shape)} {dtype} ({_size(data)} of data) but the "
             f"archive holds {_size(max(info.file_size - offset, 0))}: the file is truncated "
             "or corrupt; write it again with numpy.savez"
-        )
-    if info.file_size > _RATIO_MIN_BYTES and info.file_size > _MAX_RATIO * info.compress_size:
-        raise fail(
-            f"{key} would expand from {_size(info.compress_size)} to {_size(info.file_size)} "
-            f"(over {_MAX_RATIO}x) when decompressed: refused as a possible zip bomb. If the "
-            "data really is this redundant, save it uncompressed (numpy.savez)"
         )
     return member
 
@@ -308,6 +322,8 @@ def _experience(
 def _inputs(x: np.ndarray, key: str, fail: Any) -> np.ndarray:
     if x.ndim < 2:
         raise fail(f"{key} must be (samples, ...), got shape {list(x.shape)}")
+    if 0 in x.shape[1:]:
+        raise fail(f"{key}'s samples hold no features (shape {list(x.shape)})")
     if x.dtype == np.uint8:
         return (x.astype(np.float32) / 255.0).astype(np.float32)
     if x.dtype.kind not in "fiub":

@@ -34,12 +34,31 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    missing = unavailable(resolved)
+    if missing is not None:
         from engram.errors import EngramError
 
-        raise EngramError(f"device {device} was asked for, but CUDA is not available here; "
+        raise EngramError(f"device {device} was asked for, but {missing}; "
                           "use device=cpu or auto")  # fmt: skip
     return resolved
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why this machine cannot train on ``device`` (None: it can). Checked by config
+    validation too, so a run that asks for a missing GPU stops before its store exists."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            return f"torch sees {have} here (torch {torch.__version__})"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"torch cannot use Apple's MPS here (torch {torch.__version__})"
+    return None
+
+
+def device_count(device: torch.device) -> int:
+    """CUDA devices this process sees when it trains on CUDA; 0 on any other device."""
+    return torch.cuda.device_count() if device.type == "cuda" else 0
 
 
 def settings(device: torch.device, precision: str) -> dict[str, Any]:
@@ -51,6 +70,9 @@ def settings(device: torch.device, precision: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "device": device.type,
         "device_name": name,
+        # the CUDA RNG is committed as one stream per visible device: another count
+        # cannot restore it (absent in stores written before it was recorded: unknown)
+        "device_count": device_count(device),
         "threads": torch.get_num_threads(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),

@@ -5,7 +5,9 @@
 importances stay float32) or ``"16-mixed"`` (float16 autocast with a
 ``torch.amp.GradScaler``, whose state is part of the committed state so a resumed run
 scales exactly as the uninterrupted one). Gradients are unscaled right after the
-backward pass, so plugins that read or project them (A-GEM, SI) see true gradients.
+backward pass, so plugins that read or project them (A-GEM, SI) see true gradients;
+data-parallel, after the gradient all-reduce, so every rank's scaler finds the same
+overflow and the ranks skip a step together.
 """
 
 from __future__ import annotations
@@ -37,13 +39,19 @@ class Precision:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                 retain_graph: bool = False) -> None:  # fmt: skip
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """The backward pass; with a scaler, of the scaled loss: the gradients stay
+        scaled until :meth:`unscale`."""
         if self.scaler is None:
             loss.backward(retain_graph=retain_graph)
-            return
-        self.scaler.scale(loss).backward(retain_graph=retain_graph)
-        self.scaler.unscale_(optimizer)  # plugins after backward see true gradients
+        else:
+            self.scaler.scale(loss).backward(retain_graph=retain_graph)
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """True gradients; the scaler records whether any is inf/NaN (so data-parallel
+        this comes after the all-reduce: every rank then finds the same)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is None:
@@ -51,6 +59,13 @@ class Precision:
             return
         self.scaler.step(optimizer)  # skips the step itself on inf/NaN gradients
         self.scaler.update()
+
+    def skip(self) -> None:
+        """End a step that was not taken: the scaler still updates (lowering its scale
+        if the gradients overflowed), else the next :meth:`unscale` finds this step's
+        still open and raises."""
+        if self.scaler is not None:
+            self.scaler.update()
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.scaler is None else dict(self.scaler.state_dict())

@@ -1,4 +1,6 @@
-"""A progress bar per experience (minibatches across its epochs), on stderr."""
+"""A progress bar per experience (minibatches across its epochs), on stderr when it is a
+terminal. Off a terminal (Hydra's job log, CI, ``nohup``) no bar is drawn: carriage-return
+frames would fill the file, and the runner's line per experience says what happened."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class ProgressBar(SupervisedPlugin):
                 desc=f"experience {strategy.cursor.experience}",
                 unit="batch",
                 leave=False,
+                disable=None,  # tqdm's auto: drawn only when stderr is a terminal
             )
         self.bar.set_postfix(epoch=strategy.cursor.epoch)
 

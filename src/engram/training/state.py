@@ -62,8 +62,11 @@ class RngStreams:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Another device or device count: the streams cannot be restored; the resume warns
+        # about it (execution settings "device" and "device_count", ExecutionChangedWarning;
+        # a store from before "device_count" was recorded cannot tell, and does not warn).
         if self.cuda and len(state.get("cuda") or []) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])  # else: a device change, warned about
+            torch.cuda.set_rng_state_all(state["cuda"])
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         version, internal, gauss = state["python"]  # JSON gave lists back, not tuples

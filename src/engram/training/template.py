@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader
 
 from engram import distributed
 from engram.distributed import sync, wire
-from engram.distributed.reduce import average_gradients, broadcast_module, sum_counts
+from engram.distributed.reduce import all_true, average_gradients, broadcast_module, sum_counts
 from engram.distributed.state import LocalSamples
 from engram.errors import EngramError, GateFailed, NonFiniteError
 from engram.stateful import Stateful
@@ -60,7 +60,8 @@ from engram.strategies import avalanche_state
 from engram.training import execution
 from engram.training.commit import Commit
 from engram.training.experiences import train_experiences
-from engram.training.gate import RegressionGate, gate_verdict, settle_gate
+from engram.training.gate import RegressionGate, gate_refs, gate_verdict, settle_gate
+from engram.training.guard import MAX_ABS_WEIGHT
 from engram.training.numerics import Precision, finite_step, nonfinite_weights
 from engram.training.policy import CommitPolicy
 from engram.training.restore import Restore
@@ -134,7 +135,11 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
             :class:`~engram.errors.NonFiniteError` before anything more is committed, so
             HEAD stays on the last finite version; ``"skip"`` skips that minibatch's
             update (as mixed-precision scalers do) and counts it. Weights are checked
-            before every commit and evaluation either way.
+            before every commit and evaluation either way, and every tensor of the
+            state before every commit (engram.training.guard).
+        max_abs_weight: a version whose largest ``|weight|`` exceeds this is a finite
+            blow-up and is not committed (NonFiniteError); None: no bound. The default's
+            reason: :data:`engram.training.guard.MAX_ABS_WEIGHT`.
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         gate: RegressionGate | None = None,
         nonfinite: str = "stop",
         precision: str = "32",
+        max_abs_weight: float | None = MAX_ABS_WEIGHT,
     ) -> None:
         """Arguments: see the class. Long because it sets every attribute that the hooks and
         the restore and commit mixins share, each with its comment."""
@@ -201,7 +207,10 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
             self.store = Store.open(store, mode="c") if self._owns_store else store
         self._local_samples = None if main else LocalSamples()
         self._committer = BackgroundCommitter(self.store) if async_commit and main else None
-        broadcast_module(self.model, self.world)  # every rank starts from rank 0's model
+        # Every rank starts from rank 0's model, broadcast on the device it trains on
+        # (NCCL moves CUDA tensors only; Avalanche would move it there in train() anyway).
+        self.model.to(self.device)
+        broadcast_module(self.model, self.world)
         self.seed = seed
         self.branch = branch
         self.name = name
@@ -210,6 +219,7 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         self.extra_meta = _jsonable(dict(meta)) if meta is not None else {}
         self.gate = gate
         self.nonfinite = nonfinite
+        self.max_abs_weight = max_abs_weight
         self.numerics = Precision(precision, self.device)
         self.execution_changes: list[str] = []  # recorded settings a resume differs in
         self.skipped_updates = 0  # minibatches whose update nonfinite="skip" dropped
@@ -422,8 +432,11 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
             return super().criterion()
 
     def backward(self) -> None:
-        self.numerics.backward(self.loss, self.optimizer, retain_graph=self.retain_graph)
-        average_gradients(self.model.parameters(), self.world)  # data-parallel
+        self.numerics.backward(self.loss, retain_graph=self.retain_graph)
+        # Data-parallel: the (fp16: still scaled) gradients are averaged before they are
+        # unscaled, so every rank's scaler finds the same overflow in the same gradients.
+        average_gradients(self.model.parameters(), self.world)
+        self.numerics.unscale(self.optimizer)  # plugins after backward see true gradients
 
     def optimizer_step(self) -> None:
         loss_finite = bool(torch.isfinite(self.loss.detach()).all())
@@ -433,14 +446,17 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
             finite = loss_finite
         else:
             finite = finite_step(self.loss, self.model.parameters())
+        # The loss is this rank's own: every rank steps, skips or stops if any one must.
+        local, finite = finite, all_true(finite, self.world)
         if finite:
             self.numerics.step(self.optimizer)
             return
         if self.nonfinite == "skip":
             self.optimizer.zero_grad()
+            self.numerics.skip()
             self.skipped_updates += 1
             return
-        what = "loss" if not loss_finite else "gradient norm"
+        what = "loss of another rank" if local else "gradient norm" if loss_finite else "loss"
         raise NonFiniteError(
             f"{self._where()}: the {what} is not finite ({float(self.loss.detach()):.4g} loss); "
             f"{self._advice()}"
@@ -530,10 +546,12 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         main = self.store is not None
         before = {v.id for v in self.store.versions()} if main else set()
         failures, verdict = gate_verdict(self.gate, self.accuracy_matrix)
-        self.commit(f"after experience {index}", gate=verdict)
+        # the verdict's refs move in the version's own transaction (rank 0's store)
+        refs = gate_refs(self.gate, self.store, failures) if main else None
+        version = self.commit(f"after experience {index}", gate=verdict, refs=refs)
 
         def settle() -> str | None:  # the store's part: rank 0's (the matrix is every rank's)
-            rejected = settle_gate(self.gate, self.store, index, failures)
+            rejected = settle_gate(self.store, version, index, failures)
             self.policy.prune(self.store, before, index)
             return rejected
 

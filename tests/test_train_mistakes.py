@@ -1,0 +1,122 @@
+"""A user's mistakes on the ``engram-train`` command line: one line, exit 2, nothing left
+behind; and a sweep runs every job even when some fail, then says which did."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+
+from engram.errors import ConfigError
+from engram.store import Store
+from engram.train import train  # noqa: F401 - registers the config schemas
+from engram.validation import validate
+
+TINY = ["training.epochs=1", "run.quiet=true", "logger=none", "benchmark.n_experiences=2"]
+
+
+def engram_train(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engram.train", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["training.epochs=abc"], "Error merging override training.epochs=abc: Value 'abc' of "
+                              "type 'str' could not be converted to Integer"),
+    (["seed=1.0"], "Error merging override seed=1.0: Value '1.0' of type 'float' could not "
+                   "be converted to Integer"),
+    (["seed=1", "seed=2"], "seed is given twice (seed=1, seed=2): give it once"),
+    (["strategy=ewcc"], "Could not find 'strategy/ewcc'; options: agem, avalanche.agem,"),
+])  # fmt: skip
+def test_a_mistake_is_one_line_exit_2_and_creates_nothing(
+    tmp_path: Path, overrides: list[str], says: str
+) -> None:
+    store = tmp_path / "s"
+    out = engram_train(f"store.path={store}", *overrides)  # refused before any training
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("engram-train: error: "), out.stderr
+    assert says in lines[0] and "Hydra's run directory" not in lines[0]
+    assert "_schema" not in lines[0]  # engram's structured schemas are not options
+    assert not store.exists()
+
+
+def test_an_over_long_path_component_is_one_line(tmp_path: Path) -> None:
+    out = engram_train(f"store.path={tmp_path / ('a' * 300)}", *TINY)
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "has a name longer than 255 bytes" in line
+
+
+def config(store: Path, *overrides: str):
+    with initialize_config_module(version_base="1.3", config_module="engram.configs"):
+        return compose("train", overrides=[f"store.path={store}", *TINY, *overrides])
+
+
+@pytest.mark.parametrize("override, says", [
+    ("benchmark.n_classes=10000000000", "benchmark.n_classes must be an integer in [1, 100000]"),
+    ("training.epochs=100000000000", "training.epochs must be an integer in [1, 1000000]"),
+])  # fmt: skip
+def test_absurd_sizes_are_refused_at_composition(tmp_path: Path, override: str, says: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        validate(config(tmp_path / "s", override))
+    assert says in str(error.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["benchmark=files", "benchmark.path=DATA"],  # no .npz files: a data check fails
+    ["+model.args.no_such_argument=1"],  # the model builder refuses it
+])  # fmt: skip
+def test_a_run_that_fails_before_its_first_commit_leaves_nothing_behind(
+    tmp_path: Path, overrides: list[str]
+) -> None:
+    (tmp_path / "data").mkdir()
+    overrides = [o.replace("DATA", str(tmp_path / "data")) for o in overrides]
+    store = tmp_path / "s"
+    out = engram_train(f"store.path={store}", *TINY, *overrides)
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not store.exists(), sorted(p.name for p in store.iterdir())
+
+
+def test_a_failing_run_keeps_a_store_that_has_versions(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    assert engram_train(f"store.path={store}", *TINY).returncode == 0
+    out = engram_train(f"store.path={store}", *TINY, "optimizer.lr=1e30", "branch=true",
+                       "benchmark.n_experiences=5")  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    with Store.open(store) as s:
+        assert s.head.meta["experience"] == 1
+
+
+def test_a_sweep_runs_every_job_and_reports_the_failed_ones(tmp_path: Path) -> None:
+    # naive forgets at once: with this gate both jobs fail, each exit 3
+    out = engram_train("-m", "seed=0,1", "gate.min_average_accuracy=0.9", *TINY, cwd=tmp_path)
+    assert out.returncode == 3, out.stderr
+    stores = sorted(p for p in (tmp_path / "runs").iterdir() if p.name != "multirun")
+    assert len(stores) == 2, stores
+    for store in stores:  # both jobs ran, and were refused by the gate
+        with Store.open(store) as s:
+            assert any(t.startswith("gate-failed-") for t in s.tags())
+    failed = [line for line in out.stderr.splitlines() if "regression gate failed" in line]
+    assert len(failed) == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("engram-train: 2 job(s) of the sweep "
+                                                          "failed: ")  # fmt: skip
+
+
+def test_a_sweep_over_data_directories_gives_each_its_own_store(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        for i in range(2):
+            (tmp_path / name).mkdir(exist_ok=True)
+            y = np.arange(40) % 2 + 2 * i
+            np.savez(tmp_path / name / f"{i:03d}.npz", x=rng.normal(size=(40, 8)) + y[:, None], y=y)
+    out = engram_train("-m", "benchmark=files", f"benchmark.path={tmp_path / 'a'},{tmp_path / 'b'}",
+                       "training.epochs=1", "run.quiet=true", "logger=none", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    stores = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "multirun")
+    assert len(stores) == 2 and all("benchmark.path=" in s and "/" not in s for s in stores)
