@@ -95,6 +95,12 @@ class StoreConfig:
     # s3://bucket/prefix (gs://, az://): pulled before the run if it is ahead, pushed in the
     # background after each experience, so the run resumes on any machine (docs/remote.md)
     remote: str | None = None
+    # write a store on a network or FUSE file system anyway: LMDB's locks and memory map
+    # are not safe there (engram.store.mounts); refused unless true
+    allow_network_fs: bool = False
+    # an ed25519 private key file (`engram keygen KEYFILE`): every commit is signed with
+    # it (docs/store.md, "Signed versions"); only this path is in the config, never the key
+    signing_key: str | None = None
 
 
 @dataclass

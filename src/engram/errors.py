@@ -102,3 +102,12 @@ class RemoteError(EngramError):
 class RemoteConflictError(RemoteError):
     """The remote's HEAD moved (another writer pushed) or names another history:
     nothing was overwritten; the message says how to resolve it."""
+
+
+class NetworkFilesystemError(EngramError):
+    """A store would be written on a network or FUSE file system, where LMDB is unsafe."""
+
+
+class UntrustedVersionError(EngramError):
+    """A version is not signed by the trusted key: unsigned, signed by another key, or
+    edited after signing (:mod:`engram.store.signing`)."""

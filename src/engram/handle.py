@@ -11,8 +11,8 @@ At most every ``check_every`` seconds a call re-resolves the ref (one LMDB read
 transaction, a few microseconds); when it names another version, that version is loaded
 by its id and swapped in whole, so a tag moved mid-load cannot mix two versions, and
 only published versions are ever seen. A version that fails to load (deleted by ``gc``,
-corrupted) or a ref that no longer resolves leaves the cached model serving, with one
-warning; the next check tries again.
+corrupted, or — with ``trust`` — not signed by the trusted key) or a ref that no longer
+resolves leaves the cached model serving, with one warning; the next check tries again.
 """
 
 from __future__ import annotations
@@ -54,9 +54,14 @@ class ModelHandle:
         load: ``load(store, version_id, device=device) -> model``; by default
             :func:`engram.inference.load_model`.
         clock: the monotonic clock ``check_every`` is measured on.
+        trust: a public key file (``KEYFILE.pub`` of ``engram keygen``): only versions
+            whose manifest carries a valid signature by that key are loaded (checked
+            before ``load`` is called); a ref moving to any other keeps the previous
+            version serving.
 
     Raises:
         StoreNotFoundError, NotAStoreError, StoreFormatError: opening ``store`` failed.
+        EngramError: ``trust`` is not a readable ed25519 public key.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class ModelHandle:
         check_every: float = 1.0,
         load: Loader | None = None,
         clock: Callable[[], float] = time.monotonic,
+        trust: str | os.PathLike[str] | None = None,
     ) -> None:
         from engram.store import Store
         from engram.store.store import is_valid_tag_name
@@ -76,6 +82,11 @@ class ModelHandle:
             raise ValueError(f"check_every must be >= 0 seconds, not {check_every!r}")
         if load is None:
             from engram.inference import load_model as load
+        self._trusted = None
+        if trust is not None:  # read once, here: a bad key file fails at construction
+            from engram.store.signing import load_trusted
+
+            self._trusted = load_trusted(trust)
         self._owned = not isinstance(store, Store)
         self.store: Store = Store.open(store, mode="r") if self._owned else store  # type: ignore[arg-type]
         self.ref, self.device, self.check_every = ref, device, float(check_every)
@@ -190,6 +201,10 @@ class ModelHandle:
             return False
         try:  # by id from here on: a tag moving meanwhile cannot mix two versions
             info = info if info is not None else self.store.info(vid)
+            if self._trusted is not None:
+                from engram.store.signing import require_signed
+
+                require_signed(self.store, vid, self._trusted)
             model = self._load(self.store, vid, device=self.device)
         except Exception as e:
             if current is None:

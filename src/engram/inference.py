@@ -31,6 +31,7 @@ def load_model(
     *,
     device: Any = "cpu",
     allow_version_mismatch: bool = False,
+    trust: str | os.PathLike[str] | None = None,
 ) -> nn.Module | Any:
     """Rebuild a stored version's model, load its weights, and return it in eval mode.
 
@@ -46,6 +47,9 @@ def load_model(
             available); checkpoints themselves are device-neutral.
         allow_version_mismatch: load a scikit-learn estimator written by another
             scikit-learn version (refused by default: attributes change between releases).
+        trust: a public key file (``KEYFILE.pub`` of ``engram keygen``): load the
+            version only if its manifest carries a valid signature by that key
+            (docs/store.md, "Signed versions").
 
     Raises:
         VersionNotFoundError: no such version or tag.
@@ -55,17 +59,26 @@ def load_model(
         CorruptionError: the checkpoint does not match its recorded hash.
         UnsafeModelError: a scikit-learn model file names a type outside the allowlist.
         VersionMismatchError: written by another scikit-learn (and not allowed).
+        UntrustedVersionError: ``trust`` given, and the version is unsigned, signed by
+            another key, or edited after signing.
     """
     from engram.store import Store
 
     if isinstance(store, Store):
-        return _load(store, version, device, allow_version_mismatch)
+        return _load(store, version, device, allow_version_mismatch, trust)
     with Store.open(store, mode="r") as opened:
-        return _load(opened, version, device, allow_version_mismatch)
+        return _load(opened, version, device, allow_version_mismatch, trust)
 
 
-def _load(store: Store, version: int | str, device: Any, allow_version_mismatch: bool) -> Any:
+def _load(
+    store: Store, version: int | str, device: Any, allow_version_mismatch: bool, trust: Any
+) -> Any:
     from engram.training.execution import resolve_device
+
+    if trust is not None:  # by id from here on: what was checked is what is loaded
+        from engram.store.signing import require_signed
+
+        version = require_signed(store, version, trust)
 
     # One load: the version named is resolved once, so a concurrent gc or a moving tag
     # cannot give the spec of one version and the weights of another.

@@ -26,7 +26,8 @@ def _open_existing(cfg: DictConfig) -> Any:
     from engram.store import Store
 
     try:
-        return Store.open(cfg.store.path, mode="w", lock_timeout=cfg.store.lock_timeout)
+        return Store.open(cfg.store.path, mode="w", lock_timeout=cfg.store.lock_timeout,
+                          allow_network_fs=cfg.store.allow_network_fs)  # fmt: skip
     except (StoreNotFoundError, NotAStoreError):  # validate() refused foreign directories
         return None
 
@@ -60,7 +61,8 @@ def run(cfg: DictConfig) -> list[list[float]]:
     def create_store() -> None:
         nonlocal store
         if store is None:
-            store = Store.open(cfg.store.path, mode="c", lock_timeout=cfg.store.lock_timeout)
+            store = Store.open(cfg.store.path, mode="c", lock_timeout=cfg.store.lock_timeout,
+                               allow_network_fs=cfg.store.allow_network_fs)  # fmt: skip
 
     try:
         stored = agree(world, "open the store", open_store) if world.size > 1 else open_store()
@@ -69,6 +71,8 @@ def run(cfg: DictConfig) -> list[list[float]]:
         )
         spec = model_spec(cfg, bench.input_shape, bench.n_classes, bench.task_labels)
         agree(world, "create the store", create_store) if world.size > 1 else create_store()
+        if store is not None and cfg.store.signing_key is not None:  # rank 0's commits
+            store.sign_with(cfg.store.signing_key)
     except BaseException:
         if store is not None:
             store.close()

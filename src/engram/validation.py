@@ -59,7 +59,7 @@ _MAX_NAME_BYTES = 255  # one path component, on every common file system
 # ---------------------------------------------------------------------------- rules
 
 
-from engram.rules import FRACTION, SEED, Rule, choice, integer, integers, number  # noqa: E402
+from engram.rules import FRACTION, SEED, Rule, boolean, choice, integer, integers, number  # noqa: E402
 
 
 @cache
@@ -111,6 +111,12 @@ def rules() -> dict[str, Rule]:
         ),
         "training.precision": choice(PRECISIONS),
         "store.lock_timeout": number(0, infinite=True),
+        "store.allow_network_fs": boolean(),
+        "store.signing_key": Rule(
+            "a path to an ed25519 private key file (engram keygen)",
+            lambda v: isinstance(v, str) and v != "",
+            null=True,
+        ),
         "store.remote": Rule("a URL s3://BUCKET/PREFIX (or gs://, az://)", _remote_url, null=True),
         "gate.max_forgetting": FRACTION,
         "gate.min_average_accuracy": FRACTION,

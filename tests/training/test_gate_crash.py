@@ -36,7 +36,17 @@ def heads_and_failures(path: Path) -> tuple[dict | None, list[dict]]:
         return (None if head is None else head.meta), [f.meta for f in failed]
 
 
-@pytest.mark.parametrize("point", ["verdict", "publish", "published", "pruned"])
+# the old crash window (a published failing version) and the step before: in the default
+# run; the two points beside them, inside the commit and after the prune: -m slow
+@pytest.mark.parametrize(
+    "point",
+    [
+        "verdict",
+        pytest.param("publish", marks=pytest.mark.slow),
+        "published",
+        pytest.param("pruned", marks=pytest.mark.slow),
+    ],
+)
 def test_a_kill_anywhere_in_the_gate_never_leaves_the_failing_version_on_head(
     tmp_path: Path, point: str
 ) -> None:

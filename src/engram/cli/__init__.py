@@ -5,6 +5,7 @@
     engram diff runs/ewc HEAD~1 HEAD         # tensors changed, replay samples in/out
     engram export runs/ewc prod --out model.safetensors
     engram compact runs/ewc                  # old versions delta-coded, restorable bit-exactly
+    engram verify runs/ewc --all --trust key.pub   # every version signed by that key
 
 Every command takes ``--json`` (stable keys, for scripts). Exit codes: 0 success,
 1 ``verify`` found a problem, 2 a user error (unknown version, not a store, corrupted
@@ -87,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every version and every stored blob")
     p.add_argument("--untrusted", action="store_true", help="open and verify in a child "
                    "process: an LMDB crash is reported, exit 1")  # fmt: skip
+    p.add_argument("--trust", metavar="PUBKEY", help="the public key file (KEYFILE.pub of "
+                   "`engram keygen`) every version checked must be signed by")  # fmt: skip
     p = command("rollback", "Move HEAD to a version (later ones stay until gc).", "refs")
     p.add_argument("version", metavar="VERSION", help="the version HEAD moves to")
     p = command("tag", "Point a tag at a version, or delete it.", "refs")
@@ -118,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="PATH", help="the file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    p = sub.add_parser("keygen", help="Write an ed25519 key for signing versions.",
+                       description="Write an ed25519 private key (mode 0600) to KEYFILE and "
+                       "its public key to KEYFILE.pub, for signed versions.")  # fmt: skip
+    # as `out`: the file an I/O error names is the key file (see main)
+    p.add_argument("out", metavar="KEYFILE", help="the private key file (must not exist)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(module="integrity", store="")
     # the remote (engram.cli.remote): object storage, s3://BUCKET/PREFIX (gs://, az://)
     p = command("push", "Upload the versions the remote lacks; move its HEAD.", "remote")
     p.add_argument("remote", metavar="REMOTE", nargs="?", default=None,

@@ -1,5 +1,6 @@
-"""``engram verify`` and ``upgrade``: re-hashing what versions reference, and sealing
-an older store's LMDB records with checksums."""
+"""``engram verify``, ``upgrade`` and ``keygen``: re-hashing what versions reference
+(and, with ``--trust``, checking their signatures), sealing an older store's LMDB records
+with checksums, and making a signing key."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from engram.store import Store, VerifyReport, version_name
 
 def verify(args: argparse.Namespace) -> int:
     result, fatal = verify_store(
-        args.store, args.version, all_versions=args.all, untrusted=args.untrusted
+        args.store, args.version, all_versions=args.all, untrusted=args.untrusted, trust=args.trust
     )
     if args.json:
         emit_json(result)
@@ -26,24 +27,30 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def verify_store(
-    path: str, version: str, *, all_versions: bool, untrusted: bool
+    path: str, version: str, *, all_versions: bool, untrusted: bool, trust: str | None = None
 ) -> tuple[dict[str, Any], str | None]:
     """The verify report as ``--json`` prints it (with ``error`` and ``exit`` when it
     fails), and, with ``untrusted``, the one line saying why the store could not be read
-    through (None if it could)."""
+    through (None if it could). ``trust``: a public key file every version checked must
+    be signed by."""
     report: VerifyReport
     fatal = None
+    key_id = None
+    if trust is not None:  # a bad key file is the user's error (exit 2), not a problem
+        from engram.store.signing import load_trusted
+
+        key_id = load_trusted(trust).key_id
     if untrusted:  # a child process opens and verifies: an LMDB crash is a problem
         from engram.store.untrusted import verify_in_child
 
         try:
-            child = verify_in_child(path, version, all=all_versions)
+            child = verify_in_child(path, version, all=all_versions, trust=trust)
         except StoreNotFoundError:
             raise UsageError(f"no store at {path}: the path does not exist") from None
         report, fatal = child, child.fatal
     else:
         with open_store(path) as store:
-            report = store.verify(version, all=all_versions)
+            report = store.verify(version, all=all_versions, trust=trust)
     result: dict[str, Any] = {
         "ok": report.ok,
         "versions": [version_name(v) for v in report.versions],
@@ -58,6 +65,7 @@ def verify_store(
             for p in report.problems
         ],
         "notes": list(report.notes),
+        "trusted_key": key_id,
     }
     if not report.ok:  # what every failing command prints with --json
         first = " ".join(str(report.problems[0]).split())
@@ -81,6 +89,8 @@ def print_verify(result: dict[str, Any], *, all_versions: bool, fatal: str | Non
         print(f"  {p['version'] or 'store'} {p['where']}: {p['message']}")
     for note in result["notes"]:
         print(f"note: {note}")
+    if result.get("trusted_key"):
+        print(f"signatures checked against key {result['trusted_key']}")
     if not result["ok"]:
         print("roll back to a version that verifies (`engram rollback`), or restore the files")
 
@@ -111,3 +121,21 @@ def print_upgrade(result: dict[str, Any], path: str, *, head: str) -> None:
               f"{result['format_version']} (HEAD {head}, every version kept)")  # fmt: skip
     else:
         print(f"{path}: already format {result['format_version']} (every record sealed)")
+
+
+# ------------------------------------------------------------------ keygen
+
+
+def keygen(args: argparse.Namespace) -> int:
+    """Write an ed25519 signing key (mode 0600) and its public key beside it."""
+    from engram.store.signing import generate_key
+
+    public, key_id = generate_key(args.out)
+    result = {"private_key": args.out, "public_key": str(public), "key_id": key_id}
+    if args.json:
+        emit_json(result)
+    else:
+        print(f"wrote {args.out} (private, mode 0600: keep it off the store) and {public}")
+        print(f"key id {key_id}; sign with store.signing_key={args.out} or "
+              f"Store.sign_with(); check with `engram verify STORE --trust {public}`")  # fmt: skip
+    return EXIT_OK

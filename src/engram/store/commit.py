@@ -46,6 +46,7 @@ from engram.store.codec import TAG_MAP, Later, PendingArray, SharedArrays, encod
 from engram.store.env import Env, now
 from engram.store.history import History, is_valid_tag_name, manifest_bytes, version_info
 from engram.store.samples import SampleTable
+from engram.store.signing import Signer, signature_key
 from engram.store.values import NEW_VERSION, RefMoves, VersionInfo, version_name
 
 _INLINE_HASH_BYTES = 4 << 20  # a state up to this size is hashed in the committing thread
@@ -63,9 +64,11 @@ def commit(
     meta: Mapping[str, Any] | None,
     artifact: Artifact | None = None,
     refs: RefMoves | None = None,
+    signer: Signer | None = None,
 ) -> VersionInfo:
     """:meth:`Store.commit <engram.store.Store.commit>`; ``samples``: ``store.samples``
-    (a :class:`SampleTable`, or a background committer's wrapper of one)."""
+    (a :class:`SampleTable`, or a background committer's wrapper of one); ``signer``:
+    signs the manifest (:mod:`engram.store.signing`)."""
     env.check_writable()
     refs = _checked_refs(refs)
     if state is not None and not isinstance(state, Mapping):
@@ -95,7 +98,7 @@ def commit(
         weights = prepare_weights(weights)
     try:
         return _commit(
-            env, history, blobs, samples, state, (weights, artifact), message, meta, refs
+            env, history, blobs, samples, state, (weights, artifact), message, meta, refs, signer
         )
     except (OSError, lmdb.Error) as e:
         head = _reopen_after_failure(env, history)
@@ -127,6 +130,7 @@ def _commit(
     message: str,
     meta: dict[str, Any],
     refs: RefMoves,
+    signer: Signer | None,
 ) -> VersionInfo:
     with env.read() as txn:
         if isinstance(refs.head, int) and not history.has(txn, refs.head):
@@ -177,8 +181,16 @@ def _commit(
         manifest["artifact"] = art.to_json()
         manifest["nbytes"] += art.nbytes
     tags = refs.tag_names(new.id)
+    signature = signer.sign(manifest) if signer is not None else None
     _publish(
-        env, history, blobs, (table, sample_items), manifest, index, new.pack_id, (refs.head, tags)
+        env,
+        history,
+        blobs,
+        (table, sample_items),
+        (manifest, signature),
+        index,
+        new.pack_id,
+        (refs.head, tags),
     )  # (3)
     return version_info(manifest, dict.fromkeys(tags, new.id))
 
@@ -301,14 +313,17 @@ def _publish(
     history: History,
     blobs: Blobs,
     samples: tuple[SampleTable | None, list[tuple[int, bytes]]],
-    manifest: dict[str, Any],
+    signed: tuple[dict[str, Any], bytes | None],
     index: list[tuple[bytes, bytes]],
     pack_id: int,
     refs: tuple[int | str | None, tuple[str, ...]],
 ) -> None:
     """Step (3): one transaction makes the version visible: pending replay samples
-    (``samples``: the table and its items), index, manifest, HEAD and tags (``refs``:
-    where HEAD goes and the tags naming the version), counters."""
+    (``samples``: the table and its items), index, manifest and its signature record
+    (``signed``; None: unsigned), HEAD and tags (``refs``: where HEAD goes and the tags
+    naming the version), counters. The signature goes in with the manifest: a signed
+    store never shows a signed version unsigned, even for an instant."""
+    manifest, signature = signed
     vid = manifest["id"]
     payload = manifest_bytes(manifest)
     table, sample_items = samples
@@ -319,6 +334,8 @@ def _publish(
         for digest, entry in index:
             blobs.put(txn, digest, entry)
         history.put_manifest(txn, vid, payload)
+        if signature is not None:
+            env.put(txn, fmt.DB_META, signature_key(vid), signature)
         head, tags = refs
         for name in tags:
             history.set_tag(txn, name, vid)

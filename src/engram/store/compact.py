@@ -41,6 +41,7 @@ from engram.store.env import Env
 from engram.store.gc import collect
 from engram.store.history import History, manifest_bytes, version_arrays
 from engram.store.packs import NewPack
+from engram.store.signing import signed_ids
 from engram.store.values import CompactReport, version_name
 
 
@@ -118,6 +119,9 @@ class Compaction:
             ) from e
         tags = self.history.tags(txn)
         self.plain = {head} if self.tagged else {head, *tags.values()}
+        # A signature covers the manifest compaction would rewrite, and compaction has
+        # no key: signed versions stay as they are (docs/store.md, "Signed versions").
+        self.plain |= signed_ids(self.env, txn) & set(self.manifests)
         self.order = compaction_order(
             {v: m["parent"] for v, m in self.manifests.items()}, [head, *sorted(self.plain)]
         )

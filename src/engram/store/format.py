@@ -25,7 +25,11 @@ The databases:
     format 2 has, until it is upgraded), ``records`` (format 3: ``sealed-xxh3-64``),
     ``store_id`` (32 hex chars), ``created_at``
     (ISO-8601 UTC), ``next_version`` and ``next_pack`` (ASCII ints; ids of
-    published versions and packs are never reused).
+    published versions and packs are never reused); ``signature/<id>`` (ASCII id) for
+    each signed version: JSON ``{"algorithm": "ed25519", "key": <key id>, "signature":
+    <base64>}`` over the manifest without ``parent`` (:mod:`engram.store.signing`),
+    written in the transaction that publishes it. Readers that do not check signatures
+    ignore these keys.
 ``blobs``
     the content-addressed index. key: the 32-byte SHA-256 digest of a blob (of its
     plain bytes, however it is stored). A blob is at most :data:`CHUNK_BYTES`: a

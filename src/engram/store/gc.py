@@ -24,6 +24,7 @@ from engram.store.env import Env
 from engram.store.files import open_dir, unlink
 from engram.store.history import History, manifest_bytes, relinks
 from engram.store.packs import ALIGN, PACK_NAME, BlobLocation, NewPack, pack_name
+from engram.store.signing import signature_key
 from engram.store.values import GcReport, VersionSpec, version_name
 
 # What an interrupted checkpoint (or artifact) write leaves: our temp name, or safetensors' own temp
@@ -114,6 +115,7 @@ def collect(
             history.put_manifest(txn, vid, manifest_bytes(manifest))
         for vid in dropped:
             history.delete(txn, vid)
+            env.delete(txn, fmt.DB_META, signature_key(vid))  # if it was signed
         for key in dead:
             blobs.delete(txn, key)
         for key, entry in moved:

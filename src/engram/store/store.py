@@ -26,7 +26,7 @@ from typing import Any
 import lmdb
 import torch
 
-from engram.errors import CommitError
+from engram.errors import CommitError, NetworkFilesystemError
 from engram.faults import remedy
 from engram.store import format as fmt
 from engram.store import load as _reading
@@ -40,7 +40,9 @@ from engram.store.gc import gc as _gc
 from engram.store.history import History, is_valid_tag_name
 from engram.store.inspect import Inspector
 from engram.store.lock import WriterLock
+from engram.store.mounts import network_filesystem
 from engram.store.samples import SampleTable
+from engram.store.signing import Signer, TrustedKey, load_signer
 from engram.store.values import (
     CompactReport,
     GcReport,
@@ -72,6 +74,18 @@ __all__ = [
 ]
 
 
+def _refuse_network_fs(root: Path) -> None:
+    found = network_filesystem(root)
+    if found is not None:
+        kind, point = found
+        raise NetworkFilesystemError(
+            f"{root} is on a network file system ({kind} at {point}), where LMDB's locks and "
+            "memory map are not safe and a store can be corrupted silently: keep the store on "
+            "a local disk and share it with store.remote= (docs/remote.md), or pass "
+            "allow_network_fs=True (store.allow_network_fs=true) to take that risk"
+        )
+
+
 class Store:
     """A versioned store of continual-learning state and model checkpoints.
 
@@ -98,6 +112,8 @@ class Store:
         self._blobs = Blobs(self.env)
         self.samples: Any = SampleTable(self.env)
         self.inspect = Inspector(self.env, self._history, self._blobs)
+        # Signs every commit once set (:meth:`sign_with`); held in memory only.
+        self.signer: Signer | None = None
 
     @classmethod
     def open(
@@ -107,6 +123,7 @@ class Store:
         *,
         lock_timeout: float = 0.0,
         map_size: int = INITIAL_MAP_SIZE,
+        allow_network_fs: bool = False,
     ) -> Store:
         """Open a store.
 
@@ -116,13 +133,18 @@ class Store:
                 ``"c"`` read-write, creating the store if the path is missing or empty.
             lock_timeout: seconds to wait for another writer to finish.
             map_size: initial LMDB map size; it grows by itself as needed.
+            allow_network_fs: open for writing on a network or FUSE file system anyway
+                (refused by default: :mod:`engram.store.mounts` says why).
 
         Raises:
-            StoreNotFoundError, NotAStoreError, StoreLockedError, StoreFormatError.
+            StoreNotFoundError, NotAStoreError, StoreLockedError, StoreFormatError,
+            NetworkFilesystemError.
         """
         if mode not in ("r", "w", "c"):
             raise ValueError(f"mode must be 'r', 'w' or 'c', not {mode!r}")
         root = Path(path).expanduser()
+        if mode != "r" and not allow_network_fs:
+            _refuse_network_fs(root)
         lock = prepare_directory(root, mode, lock_timeout)
         try:
             return cls(root, mode, lock, map_size)
@@ -331,7 +353,19 @@ class Store:
             meta=meta,
             artifact=artifact,
             refs=refs,
+            signer=self.signer,
         )
+
+    def sign_with(self, key: str | os.PathLike[str] | None) -> None:
+        """Sign every later commit with the ed25519 private key in PEM file ``key``
+        (``engram keygen KEYFILE``; None: stop signing). The key stays in this process:
+        nothing of it is written to the store. See docs/store.md, "Signed versions".
+
+        Raises:
+            EngramError: the file is not an ed25519 private key, or ``cryptography`` is
+                not installed (``pip install 'engram[sign]'``).
+        """
+        self.signer = None if key is None else load_signer(key)
 
     def tag(self, name: str, version: VersionSpec = "HEAD") -> VersionInfo:
         """Point tag ``name`` at a version (moving it if it exists)."""
@@ -353,7 +387,13 @@ class Store:
 
     # -------------------------------------------------------------- integrity
 
-    def verify(self, version: VersionSpec = "HEAD", *, all: bool = False) -> VerifyReport:
+    def verify(
+        self,
+        version: VersionSpec = "HEAD",
+        *,
+        all: bool = False,
+        trust: str | os.PathLike[str] | TrustedKey | None = None,
+    ) -> VerifyReport:
         """Re-hash what a version (or, with ``all=True``, the whole store) references.
 
         Checks every manifest's structure, every referenced chunk's presence, size,
@@ -366,8 +406,13 @@ class Store:
         missing parent, no cycle).
         Never raises for corruption: it is reported in :attr:`VerifyReport.problems`;
         :attr:`VerifyReport.notes` says when the store's records predate checksums.
+
+        ``trust``: a public key file (``KEYFILE.pub`` of ``engram keygen``); each version
+        checked must then carry a valid signature by that key: an unsigned version, one
+        signed by another key and one whose manifest was edited after signing (even
+        with its record seal recomputed) are each a problem.
         """
-        return _verify(self.env, self._history, self._blobs, version, all=all)
+        return _verify(self.env, self._history, self._blobs, version, all=all, trust=trust)
 
     def upgrade(self) -> int:
         """Seal every LMDB record of a store made by an older engram (formats 1 and 2)

@@ -182,6 +182,7 @@ def verify_in_child(
     *,
     all: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
+    trust: str | os.PathLike[str] | None = None,
 ) -> UntrustedReport:
     """:meth:`Store.verify <engram.store.Store.verify>` of a store that may be damaged,
     in a fresh interpreter: this process never maps the store's LMDB file.
@@ -190,7 +191,8 @@ def verify_in_child(
     crosses a fork) checks the directory, checks that ``data.mdb`` is not truncated,
     opens the store read-only and verifies it; its report comes back as JSON. If LMDB
     crashes it, or it runs past ``timeout`` seconds (it is killed), or the store cannot
-    be opened, the report has ``fatal`` set to one line saying so. Long because each
+    be opened, the report has ``fatal`` set to one line saying so. ``trust``: a public
+    key file, passed to the child's verify (signed versions). Long because each
     way the child can end (crash, timeout, refusal, a report) is answered here.
 
     Raises:
@@ -203,9 +205,12 @@ def verify_in_child(
     # The child imports this very engram, whatever the current directory.
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
+    argv = [str(root), spec, "all" if all else "one"]
+    if trust is not None:
+        argv.append(os.path.abspath(trust))
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(root), spec, "all" if all else "one"],
+            [sys.executable, "-c", _CHILD, *argv],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,
@@ -296,6 +301,7 @@ def _child_main(argv: list[str]) -> None:
     from engram.store.env import prepare_directory
 
     root, version, all = Path(argv[0]), json.loads(argv[1]), argv[2] == "all"
+    trust = argv[3] if len(argv) > 3 else None
 
     def send(message: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(message) + "\n")
@@ -310,7 +316,7 @@ def _child_main(argv: list[str]) -> None:
         with Store.open(root, mode="r") as store:
             phase = "verifying"
             send({"phase": phase})
-            report = store.verify(version, all=all)
+            report = store.verify(version, all=all, trust=trust)
     except Exception as e:
         kind = "lmdb.Error" if isinstance(e, lmdb.Error) else type(e).__name__
         send({"phase": phase, "error": {"type": kind, "message": str(e)}})

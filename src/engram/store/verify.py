@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lmdb
 
 from engram.errors import CorruptionError, DamagedDatabaseError, StoreFormatError
@@ -13,15 +15,24 @@ from engram.store.codec import TAG_SAMPLES
 from engram.store.env import Env
 from engram.store.history import History, version_arrays
 from engram.store.samples import sample_key
+from engram.store.signing import TrustedKey, load_trusted, signature_problem
 from engram.store.values import Problem, VerifyReport, VersionSpec, version_name
 
 
 def verify(
-    env: Env, history: History, blobs: Blobs, version: VersionSpec, *, all: bool
+    env: Env,
+    history: History,
+    blobs: Blobs,
+    version: VersionSpec,
+    *,
+    all: bool,
+    trust: str | os.PathLike[str] | TrustedKey | None = None,
 ) -> VerifyReport:
-    """:meth:`Store.verify <engram.store.Store.verify>`; never raises for corruption."""
+    """:meth:`Store.verify <engram.store.Store.verify>`; never raises for corruption
+    (a ``trust`` key that cannot be read raises, before anything is checked)."""
+    trusted = None if trust is None else load_trusted(trust)
     try:
-        return _verify(env, history, blobs, version, all=all)
+        return _verify(env, history, blobs, version, all=all, trusted=trusted)
     except (lmdb.Error, DamagedDatabaseError) as e:  # LMDB's page checks (MDB_CORRUPTED, ...)
         lmdb_error = e.__cause__ if isinstance(e, DamagedDatabaseError) else e
         report = VerifyReport()
@@ -30,7 +41,13 @@ def verify(
 
 
 def _verify(
-    env: Env, history: History, blobs: Blobs, version: VersionSpec, *, all: bool
+    env: Env,
+    history: History,
+    blobs: Blobs,
+    version: VersionSpec,
+    *,
+    all: bool,
+    trusted: TrustedKey | None,
 ) -> VerifyReport:
     report = VerifyReport()
     checked: set[str] = set()  # digests and checkpoint files found intact
@@ -40,6 +57,8 @@ def _verify(
         for vid in ids:
             report.versions.append(vid)
             _verify_version(env, history, blobs, txn, vid, report, checked)
+            if trusted is not None:
+                _verify_signature(env, history, txn, vid, trusted, report)
             problem = history.ancestry_problem(txn, vid, rooted)
             if problem is not None:
                 report.problems.append(problem)
@@ -119,6 +138,23 @@ def _verify_version(
             checked.add(ckpt.file)  # shared by versions whose weights did not change
         except CorruptionError as e:
             report.problems.append(Problem(vid, ckpt.file, str(e)))
+
+
+def _verify_signature(
+    env: Env,
+    history: History,
+    txn: lmdb.Transaction,
+    vid: int,
+    trusted: TrustedKey,
+    report: VerifyReport,
+) -> None:
+    try:
+        manifest = history.manifest(txn, vid)
+    except (CorruptionError, StoreFormatError):
+        return  # reported as the manifest's problem already
+    problem = signature_problem(env, txn, manifest, trusted)
+    if problem is not None:
+        report.problems.append(Problem(vid, "signature", problem))
 
 
 def _verify_index(
