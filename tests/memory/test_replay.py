@@ -83,6 +83,21 @@ def test_samples_keep_dtype_and_logits_round_trip(tmp_path: Path) -> None:
     assert got["logits"].dtype == torch.float16 and torch.equal(got["logits"], logits)
 
 
+def test_samples_with_non_finite_logits_or_inputs_are_not_admitted(tmp_path: Path) -> None:
+    # the outputs of a minibatch that training.nonfinite=skip skipped
+    x, y = stream(20)
+    x = x.float()
+    logits = torch.randn(20, 10)
+    logits[3, 1], logits[7, 0], x[11, 2, 2] = float("nan"), float("inf"), float("nan")
+    with Store.open(tmp_path / "s", mode="c") as store:
+        buffer = ReplayBuffer(store, 100, seed=0)
+        assert buffer.add(x, y, experience=0, logits=logits) == 17
+        got = buffer.contents()
+    assert bool(torch.isfinite(got["logits"]).all()) and bool(torch.isfinite(got["x"]).all())
+    kept = [i for i in range(20) if i not in (3, 7, 11)]
+    assert torch.equal(got["y"].sort().values, y[kept].sort().values)
+
+
 @pytest.mark.parametrize("policy", ["reservoir", "class_balanced", "experience_balanced"])
 def test_resumed_buffer_continues_the_same_random_streams(tmp_path: Path, policy: str) -> None:
     x, y = stream(400)

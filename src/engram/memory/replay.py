@@ -44,6 +44,13 @@ _HEADER = 24  # target, task, experience: three little-endian int64
 _MIRROR_BYTES = 64 << 20  # a buffer whose records fit is also kept in memory, for sampling
 
 
+def _finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B,) whether each row of ``t`` is finite (integer tensors always are)."""
+    if not t.is_floating_point():
+        return torch.ones(len(t), dtype=torch.bool)
+    return torch.isfinite(t.reshape(len(t), -1)).all(dim=1)
+
+
 class ReplayBufferError(EngramError, ValueError):
     """A sample does not fit the buffer (shape or dtype), or a bad argument."""
 
@@ -113,14 +120,22 @@ class ReplayBuffer:
     ) -> int:
         """Offer a minibatch; returns how many of its items entered the buffer.
 
+        Items whose inputs or logits are not finite (the outputs of a minibatch that
+        ``training.nonfinite=skip`` skipped) are not offered: nothing diverged enters
+        the memory a later version commits (engram.training.guard).
+
         Raises:
             ReplayBufferError: shapes or dtypes differ from the buffer's (nothing changes).
         """
         x, y = x.detach().cpu(), y.detach().cpu()
-        n = len(x)
-        task = torch.zeros(n, dtype=torch.int64) if task is None else task.detach().cpu()
+        task = torch.zeros(len(x), dtype=torch.int64) if task is None else task.detach().cpu()
         logits = None if logits is None else logits.detach().cpu()
         schema = self._check(x, y, task, logits)
+        finite = _finite_rows(x) & (_finite_rows(logits) if logits is not None else True)
+        if not bool(finite.all()):
+            x, y, task = x[finite], y[finite], task[finite]
+            logits = None if logits is None else logits[finite]
+        n = len(x)
         keys = (y if self.policy == "class_balanced" else torch.full((n,), experience)).tolist()
         draws = torch.rand(n, dtype=torch.float64, generator=self.admit_rng).tolist()
         # 1. decide every item's slot on local copies (a later item of the batch may take
