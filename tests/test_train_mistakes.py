@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_module
 
 from engram.errors import ConfigError
 from engram.store import Store
-from engram.train import train  # noqa: F401 - registers the config schemas
+from engram.train import train  # (importing it registers the config schemas)
 from engram.validation import validate
 
 TINY = ["training.epochs=1", "run.quiet=true", "logger=none", "benchmark.n_experiences=2"]
@@ -140,3 +140,10 @@ def test_a_sweep_over_data_directories_gives_each_its_own_store(tmp_path: Path) 
     assert out.returncode == 0, out.stderr
     stores = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "multirun")
     assert len(stores) == 2 and all("benchmark.path=" in s and "/" not in s for s in stores)
+
+
+def test_a_bad_scikit_learn_parameter_names_model_args(tmp_path: Path) -> None:
+    from engram.errors import EngramError
+
+    with pytest.raises(EngramError, match=r"^model.args: The 'alpha' parameter of SGDClassifier"):
+        train(config(tmp_path / "s", "model=sgd_classifier", "+model.args.alpha=-1"))

@@ -203,9 +203,14 @@ class SklearnLearner:
         try:
             partial_fit(self.estimator, x, y, self.classes)
         except ValueError as e:  # scikit-learn's own check of the data, e.g. MultinomialNB's
+            why = " ".join(str(e).split())
+            # its parameter check raises InvalidParameterError (a ValueError) at the first
+            # fit: the user's model.args, not the data
+            if type(e).__name__ == "InvalidParameterError":
+                raise EngramError(f"model.args: {why} (fix +model.args.*)") from None
             raise EngramError(
                 f"experience {index}: {type(self.estimator).__name__}.partial_fit refused the "
-                f"data: {' '.join(str(e).split())}"
+                f"data: {why}"
             ) from None
 
     def evaluate(self, test_stream: Sequence[Any]) -> list[float]:
