@@ -9,9 +9,7 @@ Both cases share one pair of processes (each imports torch and Avalanche: second
 from __future__ import annotations
 
 import os
-import queue
 import sys
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +20,8 @@ import torch
 import torch.distributed as dist
 from avalanche.core import SupervisedPlugin
 from torch import nn
+
+from helpers import two_ranks
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
 
@@ -129,31 +129,7 @@ def _stop_case(rank: int, store: Path, bench: Any) -> tuple[str, str] | None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     root = tmp_path_factory.mktemp("ranks")
-    ctx = torch.multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, str(root), results), daemon=True)
-             for r in range(2)]  # fmt: skip
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + DEADLINE_S
-    got: dict[int, dict[str, Any]] = {}
-    try:
-        while len(got) < 2:
-            rank, out = results.get(timeout=max(0.1, deadline - time.monotonic()))
-            got[rank] = out
-    except queue.Empty:
-        pytest.fail(f"ranks {sorted({0, 1} - set(got))} reported nothing in {DEADLINE_S:.0f} s")
-    finally:
-        for p in procs:
-            p.join(timeout=max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
-        results.close()
-        results.join_thread()
-    for r in range(2):
-        assert "crash" not in got[r], f"rank {r} crashed:\n{got[r]['crash']}"
-    return [got[0], got[1]]
+    return [outcome for outcome, _ in two_ranks(_rank_main, str(root), DEADLINE_S)]
 
 
 def test_the_model_is_broadcast_once_on_the_device_it_trains_on(ranks: list[dict]) -> None:

@@ -12,11 +12,9 @@ import contextlib
 import json
 import math
 import os
-import queue
 import re
 import struct
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -42,6 +40,7 @@ from engram.distributed.state import (
 from engram.errors import CommitError, CorruptionError, EncodingError, StoreLockedError
 from engram.store.codec import SampleIds
 from engram.store.format import CHUNK_BYTES
+from helpers import two_ranks
 
 # A rank blocks at most this long in a collective (gloo's timeout); the parent waits at
 # most RANKS_DEADLINE_S for both ranks, so a broken step fails the tests, never hangs.
@@ -1001,34 +1000,10 @@ def _rank_main(rank: int, rendezvous: str, results: Any) -> None:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Both ranks' outcomes of SCENARIO, from one 2-process gloo group."""
     rendezvous = Path(tmp_path_factory.mktemp("gloo")) / "rendezvous"
-    ctx = torch.multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, str(rendezvous), results), daemon=True)
-             for r in range(2)]  # fmt: skip
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + RANKS_DEADLINE_S
-    got: dict[int, dict[str, Any]] = {}
-    try:
-        while len(got) < 2:
-            rank, outcomes = results.get(timeout=max(0.1, deadline - time.monotonic()))
-            got[rank] = outcomes
-        for p in procs:
-            p.join(timeout=max(0.1, deadline - time.monotonic()))
-    except queue.Empty:
-        pytest.fail(f"ranks {sorted(set(range(2)) - set(got))} reported nothing in "
-                    f"{RANKS_DEADLINE_S:.0f} s")  # fmt: skip
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
-        results.close()
-        results.join_thread()
-    for r in range(2):
-        assert "crash" not in got[r], f"rank {r} crashed:\n{got[r]['crash']}"
-        assert procs[r].exitcode == 0, f"rank {r} exited with {procs[r].exitcode}"
-    return [got[0], got[1]]
+    outcomes = two_ranks(_rank_main, str(rendezvous), RANKS_DEADLINE_S)
+    for r, (_, exitcode) in enumerate(outcomes):
+        assert exitcode == 0, f"rank {r} exited with {exitcode}"
+    return [outcome for outcome, _ in outcomes]
 
 
 def ok(outcome: tuple) -> Any:
