@@ -39,6 +39,10 @@ MEM, EPOCHS, BATCH = 200, 4, 32
 class InMemoryER(SupervisedPlugin):
     """The same reservoir replay as ERPlugin, with samples in a RAM tensor."""
 
+    # RAM only on purpose (what the durable buffer costs is the measurement): declared,
+    # or the template refuses a plugin whose state it would not keep
+    engram_transient = ("mem_size", "seen", "x", "y", "admit_rng", "sample_rng", "current")
+
     def __init__(self, mem_size: int, seed: int = 0) -> None:
         super().__init__()
         self.mem_size, self.seen, self.x, self.y = mem_size, 0, None, None

@@ -47,6 +47,8 @@ SUITE = [
     "distributed.py",
     "sklearn_persistence.py",
     "remote.py",
+    "scaling.py",
+    "cli_latency.py",
 ]
 
 QUICK_NOTE = (

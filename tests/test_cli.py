@@ -449,7 +449,7 @@ def test_export_onnx_without_onnx_installed_says_what_to_install(demo, tmp_path)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "pip install 'engram[onnx]'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "pip install 'engram-cl[onnx]'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ------------------------------------------------------------------ bad input

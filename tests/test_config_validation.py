@@ -15,11 +15,11 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from engram import validation
-from engram.config import TrainConfig
+from engram.run import validation
+from engram.run.config import TrainConfig
+from engram.run.validation import ConfigError, check_overrides, validate
 from engram.store import Store
 from engram.train import build_optimizer, train
-from engram.validation import ConfigError, check_overrides, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "engram" / "configs"
 

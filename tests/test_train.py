@@ -243,7 +243,9 @@ def test_cli_resumes_and_reports_completion(tmp_path: Path) -> None:
     assert "resuming" in second.stdout and "experience 1: accuracy" in second.stdout
     third = run_cli(*args)
     assert "already trained" in third.stdout
-    assert (store / "hydra").is_dir()  # the resolved config is kept beside the store
+    # the resolved config and job log are kept beside the store, not in it
+    assert len(list((tmp_path / "hydra" / "s").glob("*/train.log"))) == 3
+    assert not (store / "hydra").exists()
 
 
 def test_cli_multirun_gives_each_job_its_own_store(tmp_path: Path) -> None:

@@ -12,9 +12,9 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from engram.errors import ConfigError
+from engram.run.validation import validate
 from engram.store import Store
 from engram.train import train  # (importing it registers the config schemas)
-from engram.validation import validate
 
 TINY = ["training.epochs=1", "run.quiet=true", "logger=none", "benchmark.n_experiences=2"]
 
@@ -51,7 +51,7 @@ def test_a_mistake_is_one_line_exit_2_and_creates_nothing(
 def test_what_hydra_refuses_composing_is_said_in_one_line(override: str, says: str) -> None:
     from hydra.errors import HydraException
 
-    from engram.train import _composition_error
+    from engram.run.entry import _composition_error
 
     with pytest.raises(HydraException) as error:
         config(Path("unused"), override)
@@ -100,7 +100,7 @@ def test_a_run_that_fails_before_its_first_commit_leaves_nothing_behind(
 def test_a_failed_run_keeps_a_store_that_has_a_version(tmp_path: Path) -> None:
     import torch
 
-    from engram.train import discard_if_empty
+    from engram.run.entry import discard_if_empty
 
     with Store.open(tmp_path / "s", mode="c") as store:
         store.commit({"x": torch.ones(2)})

@@ -6,13 +6,21 @@
     model = handle.model                               # loaded on first use, then cached
     model, version = handle.get()                      # the model and the version it is
     handle.refresh()                                   # check now; True if it reloaded
+    print(handle.card)                                 # what it is (engram.card)
+
+    handle = engram.ModelHandle("s3://bucket/runs/ewc@prod")  # a remote: follows its prod
 
 At most every ``check_every`` seconds a call re-resolves the ref (one LMDB read
 transaction, a few microseconds); when it names another version, that version is loaded
 by its id and swapped in whole, so a tag moved mid-load cannot mix two versions, and
-only published versions are ever seen. A version that fails to load (deleted by ``gc``,
-corrupted, or — with ``trust`` — not signed by the trusted key) or a ref that no longer
-resolves leaves the cached model serving, with one warning; the next check tries again.
+only published versions are ever seen. On a remote (``s3://BUCKET/PREFIX[@REF]``,
+``file:///ABS/PATH[@REF]``), a check is one read of the remote's HEAD or tag (no more
+often than ``check_every``); when it moved, the handle's local copy is brought up to date
+(:mod:`engram.store.remote.cache`) and the new version's files fetched before it is
+swapped in; a remote that cannot be read is a failed check. A version that fails to load
+(deleted by ``gc``, corrupted, or — with ``trust`` — not signed by the trusted key) or a
+ref that no longer resolves leaves the cached model serving, with one warning; the next
+check tries again.
 """
 
 from __future__ import annotations
@@ -44,9 +52,12 @@ class ModelHandle:
 
     Args:
         store: a store path, opened read-only (no lock: a trainer may commit meanwhile)
-            for the handle's life, or an open :class:`~engram.store.Store`, used as it
-            is and left open. The handle serialises its own calls on it; a ``Store`` is
-            not thread-safe, so do not use that one from other threads meanwhile.
+            for the handle's life; a remote URL (``@REF``: the remote seen with its HEAD
+            there, so ``ModelHandle("s3://b/p@prod")`` follows the remote's tag prod),
+            read through a local copy for the handle's life; or an open
+            :class:`~engram.store.Store`, used as it is and left open. The handle
+            serialises its own calls on it; a ``Store`` is not thread-safe, so do not
+            use that one from other threads meanwhile.
         ref: ``"HEAD"``, a tag, an id (``7``), ``"v0007"`` or ``"HEAD~1"``.
         device: where models go (passed to ``load``).
         check_every: seconds between two checks of the ref (0: every call;
@@ -61,6 +72,8 @@ class ModelHandle:
 
     Raises:
         StoreNotFoundError, NotAStoreError, StoreFormatError: opening ``store`` failed.
+        RemoteError, VersionNotFoundError: the remote cannot be read, or has no such
+            ``@REF``.
         EngramError: ``trust`` is not a readable ed25519 public key.
     """
 
@@ -88,7 +101,13 @@ class ModelHandle:
 
             self._trusted = load_trusted(trust)
         self._owned = not isinstance(store, Store)
-        self.store: Store = Store.open(store, mode="r") if self._owned else store  # type: ignore[arg-type]
+        self._remote = isinstance(store, str) and "://" in store
+        if self._remote:
+            from engram.store.remote.cache import RemoteStore
+
+            self.store: Store = RemoteStore.open_url(store)  # type: ignore[arg-type]
+        else:
+            self.store = Store.open(store, mode="r") if self._owned else store  # type: ignore[arg-type]
         self.ref, self.device, self.check_every = ref, device, float(check_every)
         self._load, self._clock = load, clock
         # A tag's current id is one read of the refs (~4 us); resolving any other ref
@@ -110,6 +129,16 @@ class ModelHandle:
         """The version the cached model came from; None before the first load."""
         current = self._current
         return None if current is None else current[1]
+
+    @property
+    def card(self) -> str:
+        """The model card (Markdown with YAML front matter, :mod:`engram.card`) of the
+        version served: loads or reloads first, as :meth:`get` does."""
+        from engram.card import card_text
+
+        info = self.get()[1]
+        with self._lock:  # the handle serialises its own calls on the store
+            return card_text(self.store, info.id)
 
     def get(self) -> tuple[Any, VersionInfo]:
         """The current model and the version it came from, loading or reloading first
@@ -178,7 +207,11 @@ class ModelHandle:
         self.close()
 
     def __repr__(self) -> str:
-        return f"ModelHandle({str(self.store.path)!r}, {self.ref!r})"
+        where = str(self.store.path)
+        if self._remote:  # what was asked for, not the local copy's directory
+            url, at = self.store.url, self.store.at  # type: ignore[attr-defined]
+            where = url + (f"@{at}" if at else "")
+        return f"ModelHandle({where!r}, {self.ref!r})"
 
     # ---------------------------------------------------------------- internals
 
@@ -217,6 +250,8 @@ class ModelHandle:
         return True
 
     def _resolve(self) -> tuple[int, VersionInfo | None]:
+        if self._remote:  # one read of the remote; its copy is brought up to date if it moved
+            self.store.refresh(self.ref)  # type: ignore[attr-defined]
         if self._is_tag:
             vid = self.store.tags().get(self.ref)  # type: ignore[arg-type]
             if vid is None:

@@ -3,6 +3,7 @@
     import engram
 
     model = engram.load_model("runs/ewc", "prod")      # HEAD, a tag, 7, "v0007", "HEAD~1"
+    model = engram.load_model("s3://bucket/runs/ewc@prod")   # a remote, read-only
     logits = model(x)
 
 The architecture is rebuilt from the version's ``meta["model_spec"]`` through
@@ -40,8 +41,11 @@ def load_model(
     (:mod:`engram.sklearn.persist`); ``device`` does not apply to it.
 
     Args:
-        store: a store path (opened read-only, so it works while a trainer writes) or
-            an open :class:`~engram.store.Store`.
+        store: a store path (opened read-only, so it works while a trainer writes), an
+            open :class:`~engram.store.Store`, or a remote ``s3://BUCKET/PREFIX[@REF]``
+            (``file:///ABS/PATH[@REF]``; ``@REF``: the remote seen with its HEAD there),
+            read through a local copy that fetches only that version's files
+            (:mod:`engram.store.remote.cache`, docs/remote.md).
         version: ``"HEAD"``, a tag, an id (``7``), ``"v0007"`` or ``"HEAD~1"``.
         device: where the model goes (``"cpu"``, ``"cuda"``, ``"auto"``: CUDA when
             available); checkpoints themselves are device-neutral.
@@ -53,6 +57,7 @@ def load_model(
 
     Raises:
         VersionNotFoundError: no such version or tag.
+        RemoteError: a remote that cannot be read (no credentials, down, no store).
         EngramError: the version records no model spec or no checkpoint, or the spec
             names a builder outside :func:`engram.models.available_models`.
         ArchitectureMismatchError: the rebuilt model does not fit the stored weights.
@@ -66,6 +71,11 @@ def load_model(
 
     if isinstance(store, Store):
         return _load(store, version, device, allow_version_mismatch, trust)
+    if isinstance(store, str) and "://" in store:
+        from engram.store.remote.cache import RemoteStore
+
+        with RemoteStore.open_url(store) as remote:
+            return _load(remote, version, device, allow_version_mismatch, trust)
     with Store.open(store, mode="r") as opened:
         return _load(opened, version, device, allow_version_mismatch, trust)
 

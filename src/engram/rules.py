@@ -1,7 +1,7 @@
 """Value rules for options: what a value must be, checked and described in one place.
 
 Light (no torch, no Avalanche): the strategy registry declares its hyperparameters'
-rules with these, and :mod:`engram.validation` checks every option against them.
+rules with these, and :mod:`engram.run.validation` checks every option against them.
 """
 
 from __future__ import annotations

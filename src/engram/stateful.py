@@ -15,6 +15,12 @@ For the common case — a plugin whose memory is a few attributes — derive fro
 
     class MyPlugin(PersistentFields, SupervisedPlugin):
         persistent_fields = ("importance", "anchors", "seen")
+
+A plugin whose attributes are settings or scratch a restart may lose says so, or the
+template refuses it (an allowlist: :mod:`engram.training.app_state`)::
+
+    class Logger(SupervisedPlugin):
+        engram_transient = ("writer",)
 """
 
 from __future__ import annotations

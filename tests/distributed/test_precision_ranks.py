@@ -36,6 +36,8 @@ class Inject(SupervisedPlugin):
     ``1e38`` overflows the scaled gradients with a finite loss, ``nan`` makes the loss
     non-finite; records whether each of them left the weights unchanged."""
 
+    engram_transient = ("_before", "factors", "unchanged")  # a test's hook, not memory
+
     def __init__(self, factors: dict[int, float]) -> None:
         super().__init__()
         self.factors = factors

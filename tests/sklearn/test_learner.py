@@ -14,12 +14,12 @@ from hydra import compose, initialize_config_module
 
 import engram
 from engram.errors import EngramError, GateFailed
+from engram.run.validation import ConfigError
 from engram.signature import SignatureError
 from engram.sklearn import persist
 from engram.sklearn.estimators import MODELS
 from engram.store import Store
 from engram.train import train
-from engram.validation import ConfigError
 
 
 def config(store: Path, *overrides: str):

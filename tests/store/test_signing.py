@@ -177,7 +177,7 @@ def test_a_bad_key_file_or_no_library_is_one_line(tmp_path: Path, keys, monkeypa
     ):
         store.sign_with(bad)
     monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives", None)  # not installed
-    with pytest.raises(EngramError, match=r"pip install 'engram\[sign\]'"):
+    with pytest.raises(EngramError, match=r"pip install 'engram-cl\[sign\]'"):
         engram.load_model(tmp_path / "s", trust=keys["a.pub"])
 
 

@@ -200,6 +200,8 @@ def test_a_fresh_plugin_restores_the_committed_state(tmp_path: Path, streams, ca
 class Crash(SupervisedPlugin):
     """Raise after training iteration N (a crash: the store keeps its last commit)."""
 
+    engram_transient = ("iteration",)  # a test's hook, not memory
+
     def __init__(self, iteration: int) -> None:
         super().__init__()
         self.iteration = iteration
@@ -237,6 +239,7 @@ REFUSED_PLUGINS = {
     "RARPlugin": lambda: P.RARPlugin(batch_size_mem=8, mem_size=20),
     "CoPEPlugin": lambda: P.CoPEPlugin(mem_size=20),
     "FeatureDistillationPlugin": lambda: P.FeatureDistillationPlugin(),
+    "EarlyStoppingPlugin": lambda: P.EarlyStoppingPlugin(patience=1, val_stream_name="test"),
 }
 
 
@@ -261,8 +264,8 @@ def test_plugins_without_memory_are_accepted(tmp_path: Path) -> None:
     class Logger(SupervisedPlugin):  # a user's own plugin: no state, as before
         pass
 
-    early = P.EarlyStoppingPlugin(patience=1, val_stream_name="test")
-    with template_with(tmp_path / "s", early, Logger()) as template:
+    evaluation = P.EvaluationPlugin(loggers=[])
+    with template_with(tmp_path / "s", evaluation, Logger()) as template:
         assert template._stateful_plugins() == {}
 
 

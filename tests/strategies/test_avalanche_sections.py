@@ -20,12 +20,12 @@ from torch import nn
 
 from engram.errors import EngramError
 from engram.models import build_model
+from engram.run.validation import ConfigError, validate
 from engram.store import Store
 from engram.strategies import avalanche_sections, registry
 from engram.strategies.avalanche_state import ADAPTERS
 from engram.train import train
 from engram.training.template import DurableTemplate
-from engram.validation import ConfigError, validate
 
 CONFIGS = Path(__file__).resolve().parents[2] / "src" / "engram" / "configs" / "strategy"
 SECTIONS = sorted(avalanche_sections.SECTIONS)
@@ -163,10 +163,10 @@ def test_a_changed_setting_on_resume_is_refused_naming_it(tmp_path: Path) -> Non
 
 
 def test_gem_without_its_solver_is_one_line(tmp_path: Path, monkeypatch) -> None:
-    from engram import validation
+    from engram.run import validation
 
     monkeypatch.setattr(validation, "_has", lambda module: module != "quadprog")
-    with pytest.raises(ConfigError, match=r"needs the quadprog solver.*engram\[gem\]"):
+    with pytest.raises(ConfigError, match=r"needs the quadprog solver.*engram-cl\[gem\]"):
         validate(config(tmp_path / "s", "strategy=avalanche.gem"))
 
 

@@ -72,6 +72,8 @@ def test_it_equals_avalanches_ace_criterion() -> None:
 class Recorder(SupervisedPlugin):
     """Notes the loss the template is about to back-propagate, with its outputs."""
 
+    engram_transient = ("steps",)  # a test's hook, not memory
+
     def __init__(self) -> None:
         super().__init__()
         self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []

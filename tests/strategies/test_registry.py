@@ -77,8 +77,6 @@ def test_every_hyperparameter_has_a_rule_that_accepts_its_default() -> None:
 
 
 def test_the_registry_and_the_config_schema_import_no_avalanche() -> None:
-    code = (
-        "import sys, engram.config, engram.strategies.registry; print('avalanche' in sys.modules)"
-    )
+    code = "import sys, engram.run.config, engram.strategies.registry; print('avalanche' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr

@@ -75,6 +75,8 @@ class MultiHeadMLP(MultiTaskModule):
 class KillAt(SupervisedPlugin):
     """SIGKILL this process right after training iteration N (a crash, not an exit)."""
 
+    engram_transient = ("iteration",)  # a test's hook, not memory
+
     def __init__(self, iteration: int) -> None:
         super().__init__()
         self.iteration = iteration

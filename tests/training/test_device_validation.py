@@ -32,9 +32,8 @@ def test_training_device_cuda_without_a_gpu_exits_2_before_the_store_exists(
 def test_a_cuda_index_beyond_the_visible_devices_is_refused(tmp_path: Path) -> None:
     from hydra import compose, initialize_config_module
 
-    from engram.config import register
     from engram.errors import ConfigError
-    from engram.validation import validate
+    from engram.run.validation import register, validate
 
     register()  # the schemas the configs extend (engram.train does this on import)
 

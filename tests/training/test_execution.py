@@ -32,6 +32,8 @@ class Interrupt(Exception):
 
 
 class StopAt(SupervisedPlugin):
+    engram_transient = ("iteration",)  # a test's hook, not memory
+
     def __init__(self, iteration: int) -> None:
         super().__init__()
         self.iteration = iteration

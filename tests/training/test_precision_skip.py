@@ -20,6 +20,8 @@ class Inject(SupervisedPlugin):
     factor: ``1e38`` overflows the scaled gradients with a finite loss, ``nan`` makes the
     loss itself non-finite. Records which iterations left the weights unchanged."""
 
+    engram_transient = ("_before", "factors", "unchanged")  # a test's hook, not memory
+
     def __init__(self, factors: dict[int, float]) -> None:
         super().__init__()
         self.factors = factors

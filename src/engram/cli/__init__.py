@@ -2,6 +2,7 @@
 
     engram ls runs/ewc                       # versions, HEAD marked
     engram show runs/ewc prod                # one version: meta, state, metrics
+    engram show runs/ewc prod --card         # its model card (Markdown + YAML front matter)
     engram diff runs/ewc HEAD~1 HEAD         # tensors changed, replay samples in/out
     engram export runs/ewc prod --out model.safetensors
     engram compact runs/ewc                  # old versions delta-coded, restorable bit-exactly
@@ -10,7 +11,7 @@
 Every command takes ``--json`` (stable keys, for scripts). Exit codes: 0 success,
 1 ``verify`` found a problem, 2 a user error (unknown version, not a store, corrupted
 data, bad arguments, a file that cannot be written) or an OS fault (a full disk, a
-read-only file system, a permission: :mod:`engram.cli.faults`), reported in one line
+read-only file system, a permission: :mod:`engram.faults`), reported in one line
 without a traceback. With ``--json`` a failure also prints one JSON document on stdout,
 ``{"error": "<the message>", "exit": <the exit code>}`` (``verify`` adds the two keys to
 its report), so a script reads stdout whatever happened; the one line still goes to stderr.
@@ -24,8 +25,10 @@ shared store helpers are in :mod:`~engram.cli.common`, exit codes and printing i
 :mod:`~engram.cli.output`.
 
 This module imports nothing heavy: ``engram --help`` stays fast, and only the module of
-the subcommand run is imported (the store needs torch; nothing imports Avalanche except
-exporting or loading a model whose spec needs it).
+the subcommand run is imported. The inspection commands (ls, show, verify, du, tag,
+rollback, export --format safetensors) import neither torch nor Avalanche
+(``tests/test_cli_imports.py``): torch comes in only to load tensors (diff, export
+--format onnx), Avalanche only to load a model whose spec needs it.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from engram.cli.faults import describe
 from engram.cli.output import EXIT_OK, EXIT_USAGE, UsageError, emit_json
 from engram.errors import EngramError
+from engram.faults import describe
 
 _RETRY = "run the command again"
 
@@ -82,8 +85,13 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(module=module)
         return p
 
-    command("ls", "List the versions (HEAD marked with *).", "history")
-    command("show", "Summarise one version: meta, model, state, metrics.", "history", "the version")
+    p = command("ls", "List the versions (HEAD marked with *).", "history")
+    p.add_argument("--all", action="store_true", help="every version (default: the newest "
+                   "50; the listing says how many there are)")  # fmt: skip
+    p = command("show", "Summarise one version: meta, model, state, metrics.", "history",
+                "the version")  # fmt: skip
+    p.add_argument("--card", action="store_true", help="print the version's model card "
+                   "(Markdown with YAML front matter) instead")  # fmt: skip
     p = command("verify", "Re-hash what a version references.", "integrity", "the version")
     p.add_argument("--all", action="store_true", help="every version and every stored blob")
     p.add_argument("--untrusted", action="store_true", help="open and verify in a child "

@@ -1,7 +1,8 @@
 """Store helpers shared by the ``engram`` subcommands: opening a store, state paths and
 their components, and the versions whose manifests cannot be read.
 
-Imports the store (and so torch): only the subcommand modules import this.
+Imports the store (not torch: the store imports it only to load or commit tensors); only
+the subcommand modules import this.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from engram.cli.output import EXIT_OK, UsageError, emit_json
-from engram.errors import StoreNotFoundError
+from engram.errors import EngramError, StoreNotFoundError
 from engram.store import Store, version_name
 
 # Top-level keys of a DurableTemplate state that are bookkeeping, not learned memory.
@@ -22,12 +23,37 @@ _BOOKKEEPING = ("rng", "clock", "cursor", "adaptations", "metrics")
 
 @contextmanager
 def open_store(path: str, mode: str = "r") -> Iterator[Store]:
+    """The store at ``path``, or, for a remote (``s3://BUCKET/PREFIX[@REF]``,
+    ``file:///ABS/PATH``), its local read-only copy brought up to date
+    (:mod:`engram.store.remote.cache`); errors then name the remote, not the copy."""
+    if "://" in path:
+        with _open_remote(path, mode) as store:
+            yield store
+        return
     try:
         store = Store.open(path, mode=mode)  # type: ignore[arg-type]
     except StoreNotFoundError:
         raise UsageError(f"no store at {path}: the path does not exist") from None
     with store:
         yield store
+
+
+@contextmanager
+def _open_remote(target: str, mode: str) -> Iterator[Store]:
+    from engram.store.remote.cache import RemoteStore, rename_errors, split_ref
+
+    if mode != "r":
+        url = split_ref(target)[0]
+        raise UsageError(
+            f"{url} is a remote: engram reads it but changes it only by `engram push`; run "
+            f"this command on a local store (`engram pull {url} DIR`), then push it"
+        )
+    store = RemoteStore.open_url(target)
+    with store:
+        try:
+            yield store
+        except EngramError as e:
+            raise rename_errors(e, store) from None
 
 
 def report(
@@ -39,6 +65,11 @@ def report(
 ) -> int:
     """A subcommand over one store: open ``args.store``, compute the result (a JSON-able
     dict), print it with ``show`` or as JSON (``--json``); returns the exit status."""
+    if "://" in args.store and getattr(args, "command", None) == "du":
+        raise UsageError(  # it would read every version's slot tables: every pack
+            f"du measures a store on disk, not a remote: run it on a clone (`engram pull "
+            f"{args.store} DIR`)"
+        )
     with open_store(args.store, mode=mode) as store:
         result = compute(store)
     if args.json:
@@ -93,15 +124,16 @@ def flatten(tree: Any, path: str = "") -> dict[str, Any]:
 # ------------------------------------------------------------------ damaged versions
 
 
-def damaged_versions(store: Store, path: str) -> list[dict[str, Any]]:
+def damaged_versions(store: Store, path: str, *, last: int | None = None) -> list[dict[str, Any]]:
     """The versions whose manifests cannot be read, each with the command that drops
     it (``gc --keep-last``: the CLI's only way to drop one version; HEAD and tagged
-    versions must be moved off first). ``path`` is the store as the user typed it."""
-    damaged = dict(store.damaged())
+    versions must be moved off first). ``path`` is the store as the user typed it;
+    ``last``: among the newest ``last`` versions."""
+    damaged = dict(store.damaged(last=last))
     if not damaged:
         return []
     head, tags = store.inspect.head_id(), store.tags()
-    ids = sorted({v.id for v in store.versions()} | set(damaged))
+    ids = store.version_ids()
     good = [v for v in ids if v not in damaged]
     shown = shlex.quote(path)
     out = []

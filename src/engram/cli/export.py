@@ -5,7 +5,7 @@
   ``engram.models.build_model(json.loads(metadata["model_spec"]))``.
 * ``onnx``: the model rebuilt by :func:`engram.load_model`, traced by ``torch.onnx``
   with a dynamic batch axis, weights embedded, the same metadata as model properties.
-  Needs the optional ``onnx`` extra (``pip install 'engram[onnx]'``). A scikit-learn
+  Needs the optional ``onnx`` extra (``pip install 'engram-cl[onnx]'``). A scikit-learn
   version is converted by skl2onnx (inference only; same extra).
 * ``skops`` (scikit-learn versions): the version's own ``.skops`` file, checked against
   its recorded hash; load it with ``skops.io.load`` or :func:`engram.load_model`.
@@ -13,26 +13,33 @@
   written with ``joblib.dump`` for existing ``joblib.load`` code. That format is
   pickle: loading it runs code, so only ever load it from a source you trust.
 
-The file is written to a temporary name beside ``--out`` and renamed into place, so a
-failed export leaves any earlier file at ``--out`` as it was. An existing ``--out`` is
-overwritten only with ``--force``; nothing is ever written inside the store's directory
-(its checkpoints are the store's data), ``--force`` or not.
+Every format gets a model card beside it, ``<out>.card.md`` (:mod:`engram.card`: Markdown
+with YAML front matter — what the version is, its data files and lineage with their
+hashes, accuracy matrix and forgetting, signature, library versions, the exported file's
+sha256, and how to load it safely), written after the model file.
+
+Each file is written to a temporary name beside ``--out`` and renamed into place, so a
+failed export leaves any earlier file at ``--out`` (or its card) as it was. An existing
+``--out`` or card is overwritten only with ``--force``; nothing is ever written inside the
+store's directory (its checkpoints are the store's data), ``--force`` or not.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from engram import __version__
+from engram.card import card_path, card_text
 from engram.cli.common import open_store
-from engram.cli.faults import fault_errno
 from engram.cli.output import EXIT_OK, UsageError, emit_json, finite, human_bytes
 from engram.errors import EngramError
+from engram.faults import fault_errno
 
 _SUFFIXES = {".onnx": "onnx", ".skops": "skops", ".joblib": "joblib", ".pkl": "joblib"}
 
@@ -54,7 +61,7 @@ def export_version(
     allow_version_mismatch: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Write ``version`` of the store at ``path`` to ``out`` as ``fmt`` (default: from
-    the suffix of ``out``); what was written, and its size."""
+    the suffix of ``out``), and its model card beside it; what was written, and its size."""
     fmt_name = fmt or _SUFFIXES.get(out.suffix, "safetensors")
     if not out.parent.is_dir():
         raise UsageError(f"cannot write {out}: directory {out.parent} does not exist")
@@ -66,8 +73,12 @@ def export_version(
             f"--out {out} is inside the store {path}, whose files it could overwrite; "
             "export to a path outside the store"
         )
-    if os.path.lexists(out) and not force:
-        raise UsageError(f"--out {out} exists; pass --force to overwrite it")
+    card = card_path(out)
+    for target in (out, card):
+        if os.path.lexists(target) and not force:
+            raise UsageError(f"--out {target} exists; pass --force to overwrite it")
+    if card.is_dir():
+        raise UsageError(f"the model card {card} would replace a directory; choose another --out")
     if fmt_name == "onnx":
         _require_onnx()  # (a scikit-learn version needs skl2onnx too: said when it is one)
     with open_store(path) as store:
@@ -92,7 +103,7 @@ def export_version(
                 "scikit-learn versions (use safetensors or onnx)"
             )
         elif fmt_name == "safetensors":
-            weights = store.load(info.id, state=False).model  # compacted or plain
+            weights = store.raw_weights(info.id)  # compacted or plain; no torch
             if weights is None:
                 raise EngramError(f"{store.path} {info.name} has no model weights to export")
             _atomic_write(out, lambda tmp: _save_safetensors(weights, tmp, metadata), force)
@@ -102,8 +113,12 @@ def export_version(
             model = load_model(store, info.id)
             spec = info.meta["model_spec"]
             _atomic_write(out, lambda tmp: _save_onnx(model, spec, tmp, metadata), force)
+        exported = {"format": fmt_name, "file": out.name, "sha256": _sha256(out),
+                    "nbytes": out.stat().st_size, "engram_version": __version__}  # fmt: skip
+        text = card_text(store, info.id, export=exported).encode()
+        _atomic_write(card, lambda tmp: tmp.write_bytes(text), force)
     result = {"format": fmt_name, "out": str(out), "version": info.name,
-              "bytes": out.stat().st_size}  # fmt: skip
+              "bytes": out.stat().st_size, "card": str(card)}  # fmt: skip
     if fmt_name == "joblib":
         result["note"] = "joblib files are pickle: load them only from a source you trust"
     return result
@@ -112,7 +127,7 @@ def export_version(
 def print_export(result: dict[str, Any]) -> None:
     print(
         f"exported {result['version']} as {result['format']} to {result['out']} "
-        f"({human_bytes(result['bytes'])})"
+        f"({human_bytes(result['bytes'])}), model card {result['card']}"
     )
     if "note" in result:
         print(f"note: {result['note']}")
@@ -151,7 +166,7 @@ def _save_sklearn_onnx(estimator: Any, sig: dict, path: Path, metadata: dict[str
     except ImportError as e:
         raise EngramError(
             f"ONNX export of a scikit-learn model needs skl2onnx ({e}); run: "
-            "pip install 'engram[onnx]'"
+            "pip install 'engram-cl[onnx]'"
         ) from None
     features = sig["input"]["shape"][0]
     try:
@@ -198,12 +213,21 @@ def _atomic_write(out: Path, write: Any, overwrite: bool) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _save_safetensors(weights: dict, path: Path, metadata: dict[str, str]) -> None:
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+
+    from engram.store.checkpoint import save_raw  # the bytes safetensors.torch writes
 
     try:
-        save_file(weights, path, metadata=metadata)
+        save_raw(weights, path, metadata)
     except SafetensorError as e:  # an I/O error (disk full, permission) comes wrapped
         code = fault_errno(e)
         if code is None:
@@ -219,7 +243,7 @@ def _require_onnx() -> None:
     except ImportError as e:
         raise EngramError(
             f"ONNX export needs the packages onnx and onnxscript ({e}); "
-            "run: pip install 'engram[onnx]'"
+            "run: pip install 'engram-cl[onnx]'"
         ) from None
 
 

@@ -1,8 +1,9 @@
 """``engram ls`` and ``show``: reading the versions of a store.
 
 ``ls`` and ``show`` summarise state trees from the manifests (no tensor is read, except
-the metrics of a state that stores them as tensors); ``diff``, which loads the two
-versions through :meth:`Store.load`, is :mod:`~engram.cli.diff`.
+the metrics of a state that stores them as tensors); ``show --card`` prints the version's
+model card (:mod:`engram.card`); ``diff``, which loads the two versions through
+:meth:`Store.load`, is :mod:`~engram.cli.diff`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ import argparse
 import json
 from typing import Any
 
-import numpy as np
-import torch
-
+from engram.card import collect, front_matter, render, state_metrics
 from engram.cli.common import (
     damaged_versions,
     describe_group,
@@ -24,7 +23,7 @@ from engram.cli.common import (
 )
 from engram.cli.output import human_bytes, indent, num, table
 from engram.store import Store, VersionInfo, version_name
-from engram.store.codec import TAG_SAMPLES, ArrayRecord, decode_tree
+from engram.store.codec import TAG_SAMPLES, ArrayRecord
 from engram.store.inspect import tree_arrays
 
 
@@ -56,25 +55,58 @@ def version_row(v: VersionInfo, head: int | None) -> dict[str, Any]:
 # ------------------------------------------------------------------ ls
 
 
+#: ``engram ls`` lists the newest this many versions (``--all``: every one), so its cost
+#: does not grow with the history (docs/benchmarks.md, "Scaling").
+LS_NEWEST = 50
+
+
 def ls(args: argparse.Namespace) -> int:
-    return report(args, lambda store: list_versions(store, args.store), print_ls)
+    last = None if args.all else LS_NEWEST
+    return report(args, lambda store: list_versions(store, args.store, last=last), print_ls)
 
 
-def list_versions(store: Store, path: str) -> dict[str, Any]:
-    """The versions, HEAD, and the damaged versions left out; ``path`` as typed."""
-    versions = store.versions()
-    damaged = damaged_versions(store, path)
+def list_versions(store: Store, path: str, *, last: int | None = None) -> dict[str, Any]:
+    """The versions, HEAD, and the damaged versions left out; ``path`` as typed.
+    ``last``: only the newest ``last`` versions (``count`` says how many there are)."""
+    versions = store.versions(last=last)
+    damaged = damaged_versions(store, path, last=last)
     head_id = store.inspect.head_id()  # HEAD's manifest may be a damaged one
-    return {
+    result = {
         "store": path,
         "store_id": store.store_id,
         "head": head_id,
         "versions": [version_row(v, head_id) for v in versions],
         "damaged": damaged,
+        "count": len(store.version_ids()),
     }
+    remote = _remote_status(store, path)
+    if remote is not None:
+        result["remote"] = remote
+    return result
+
+
+def _remote_status(store: Store, path: str) -> dict[str, Any] | None:
+    """Where the store's remote stands (one quick read of it), if it has one; never for
+    a remote's own copy (``engram ls s3://...``)."""
+    if "://" in path or not (store.path / "remote.json").is_file():
+        return None  # (and no object-store library is imported)
+    from engram.store.remote.status import remote_status
+
+    return remote_status(store)
 
 
 def print_ls(result: dict[str, Any]) -> None:
+    _print_versions(result)
+    shown = len(result["versions"]) + len(result["damaged"])
+    if shown < result["count"]:
+        print(f"(the newest {shown} of {result['count']} versions; --all lists every one)")
+    if result.get("remote") is not None:
+        from engram.store.remote.status import describe
+
+        print(describe(result["remote"], result["store"]))
+
+
+def _print_versions(result: dict[str, Any]) -> None:
     rows, damaged = result["versions"], result["damaged"]
     if not rows and not damaged:
         print(f"{result['store']}: no versions yet")
@@ -125,7 +157,19 @@ def print_ls(result: dict[str, Any]) -> None:
 
 
 def show(args: argparse.Namespace) -> int:
+    if getattr(args, "card", False):
+        return report(args, lambda store: card(store, args.version), print_card)
     return report(args, lambda store: summarise(store, args.version), print_show)
+
+
+def card(store: Store, version: str) -> dict[str, Any]:
+    """The version's model card; ``--json`` adds its front matter, parsed."""
+    front = front_matter(collect(store, version))
+    return {"version": front["engram"]["version"], "front_matter": front, "card": render(front)}
+
+
+def print_card(result: dict[str, Any]) -> None:
+    print(result["card"], end="")
 
 
 def summarise(store: Store, version: str) -> dict[str, Any]:
@@ -134,13 +178,7 @@ def summarise(store: Store, version: str) -> dict[str, Any]:
     manifest = store.manifest(info.id)
     head = store.head
     recs = tree_arrays(manifest["state"])
-    metrics_tree = manifest["state"].get("metrics") if isinstance(manifest["state"], dict) else None
-    state_metrics: Any = None
-    if metrics_tree is not None:
-        if tree_arrays(metrics_tree):  # tensors in it: read the state (small ones only expected)
-            state_metrics = _plain(store.load(info.id, model=False).state.get("metrics"))
-        else:  # plain JSON, already in the manifest
-            state_metrics = decode_tree(metrics_tree, lambda r, p: None)
+    metrics = state_metrics(store, info.id, manifest)
     replay = {group_of(p) for p, r in recs if r.kind == TAG_SAMPLES}
     components: dict[str, dict[str, Any]] = {}
     for path, record in recs:
@@ -180,8 +218,8 @@ def summarise(store: Store, version: str) -> dict[str, Any]:
         ],
         "metrics": {
             "summary": info.meta.get("metrics"),
-            "accuracy_matrix": (state_metrics or {}).get("accuracy_matrix"),
-            "initial_accuracy": (state_metrics or {}).get("initial_accuracy"),
+            "accuracy_matrix": (metrics or {}).get("accuracy_matrix"),
+            "initial_accuracy": (metrics or {}).get("initial_accuracy"),
         },
     }
 
@@ -190,17 +228,6 @@ def _artifact(art: dict[str, Any] | None) -> dict[str, Any] | None:
     if art is None:
         return None
     return {k: art[k] for k in ("file", "format", "nbytes", "sha256")}
-
-
-def _plain(tree: Any) -> Any:
-    """A loaded subtree as JSON (tensors as nested lists)."""
-    if isinstance(tree, torch.Tensor | np.ndarray):
-        return tree.tolist()
-    if isinstance(tree, dict):
-        return {str(k): _plain(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [_plain(v) for v in tree]
-    return tree
 
 
 def _model_records(manifest: dict[str, Any]) -> list[tuple[str, ArrayRecord]]:

@@ -40,7 +40,18 @@ def verify_store(
         from engram.store.signing import load_trusted
 
         key_id = load_trusted(trust).key_id
-    if untrusted:  # a child process opens and verifies: an LMDB crash is a problem
+    remote = None
+    if "://" in path:  # a remote: its objects (--all), then its local copy as a store
+        if untrusted:
+            raise UsageError(
+                f"--untrusted is for a local store: a remote is read into a local copy "
+                f"engram writes itself; run `engram verify {path}` without it"
+            )
+        from engram.store.remote.verify import verify_remote
+
+        report, check = verify_remote(path, version, all=all_versions, trust=trust)
+        remote = None if check is None else check.to_json()
+    elif untrusted:  # a child process opens and verifies: an LMDB crash is a problem
         from engram.store.untrusted import verify_in_child
 
         try:
@@ -67,6 +78,8 @@ def verify_store(
         "notes": list(report.notes),
         "trusted_key": key_id,
     }
+    if remote is not None:  # verify REMOTE --all: every object it references, re-hashed
+        result["remote"] = remote
     if not report.ok:  # what every failing command prints with --json
         first = " ".join(str(report.problems[0]).split())
         result["error"] = fatal or f"{len(report.problems)} problem(s), the first: {first}"
@@ -81,6 +94,12 @@ def print_verify(result: dict[str, Any], *, all_versions: bool, fatal: str | Non
     problems = result["problems"]
     what = "all versions" if all_versions else ", ".join(result["versions"])
     status = "ok" if result["ok"] else f"{len(problems)} problem(s)"
+    remote = result.get("remote")
+    if remote is not None:
+        print(
+            f"remote {remote['url']}: {remote['objects']} objects, "
+            f"{human_bytes(remote['bytes'])} downloaded and re-hashed"
+        )
     print(
         f"{what}: {status} — {result['blobs']} chunks and the checkpoint files, "
         f"{human_bytes(result['bytes'])} re-hashed"

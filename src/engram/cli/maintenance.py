@@ -18,6 +18,7 @@ from engram.cli.common import (
     report,
 )
 from engram.cli.output import UsageError, human_bytes, table
+from engram.run import RUN_FILES  # light: the names engram-train keeps in a store
 from engram.store import Store, version_name
 from engram.store.inspect import Usage, disk_usage
 
@@ -32,9 +33,9 @@ def gc(args: argparse.Namespace) -> int:
 
 def collect(store: Store, *, keep_last: int | None) -> dict[str, Any]:
     """Run :meth:`Store.gc`: what it dropped and kept, and the bytes freed on disk."""
-    before = disk_usage(store.path)
+    before = disk_usage(store.path, RUN_FILES)
     report = store.gc(keep_last=keep_last)
-    after = disk_usage(store.path)
+    after = disk_usage(store.path, RUN_FILES)
     head = store.head
     tags = store.tags()
     kept = [v.id for v in store.versions()]
@@ -91,9 +92,9 @@ def compact(args: argparse.Namespace) -> int:
 
 def compact_store(store: Store, *, tagged: bool) -> dict[str, Any]:
     """Run :meth:`Store.compact`: the versions delta-coded, the bytes before and after."""
-    before = disk_usage(store.path)
+    before = disk_usage(store.path, RUN_FILES)
     report = store.compact(tagged=tagged)
-    after = disk_usage(store.path)
+    after = disk_usage(store.path, RUN_FILES)
     return {
         "versions": [version_name(v) for v in report.versions],
         "blobs": report.blobs,
@@ -142,7 +143,7 @@ def disk_report(store: Store, path: str) -> dict[str, Any]:
     """Bytes per component, logical (summed over versions) and stored once, the store's
     files on disk, and the deduplication ratio; ``path`` is the store as typed."""
     report = store.inspect.usage(_component)
-    disk = disk_usage(store.path)
+    disk = disk_usage(store.path, RUN_FILES)
     damaged = damaged_versions(store, path) if report.damaged else []
     usage = {
         name: _Usage(name, *_describe_usage(name, u), u.logical, u.unique)

@@ -3,6 +3,11 @@
     engram push runs/ewc s3://bucket/runs/ewc    # the first time; remembered afterwards
     engram push runs/ewc                         # uploads only what the versions add
     engram pull s3://bucket/runs/ewc runs/ewc    # clone (or update) on another machine
+    engram push runs/ewc file:///mnt/shared/ewc  # a directory (a shared mount) as the remote
+
+Tags on versions the remote holds are pushed too; a pull creates the remote's tags the
+store lacks. Reading a remote without a store (``engram ls s3://...``) is
+:mod:`engram.store.remote.cache`.
 
 The protocol is in :mod:`engram.store.remote` and docs/remote.md. Credentials come from
 the environment only (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, an instance role;
@@ -44,23 +49,25 @@ def _show(args: argparse.Namespace, result: dict[str, Any], show: Any) -> int:
 
 def _print_push(result: dict[str, Any]) -> None:
     head = version_name(result["head"]) if result["head"] is not None else "none"
+    tags = f"; tags moved: {', '.join(result['tags'])}" if result["tags"] else ""
     if not result["pushed"]:
-        print(f"{result['remote']} is up to date (HEAD {head})")
+        print(f"{result['remote']} is up to date (HEAD {head}){tags}")
         return
     names = ", ".join(version_name(v) for v in result["pushed"])
     print(
         f"pushed {names} to {result['remote']} ({human_bytes(result['uploaded_bytes'])} in "
-        f"{result['objects']} objects); remote HEAD -> {head}"
+        f"{result['objects']} objects); remote HEAD -> {head}{tags}"
     )
 
 
 def _print_pull(result: dict[str, Any]) -> None:
     head = version_name(result["head"])
+    tags = f"; tags created: {', '.join(result['tags'])}" if result["tags"] else ""
     if not result["pulled"]:
-        print(f"{result['store']} is up to date with {result['remote']} (HEAD {head})")
+        print(f"{result['store']} is up to date with {result['remote']} (HEAD {head}){tags}")
         return
     names = ", ".join(version_name(v) for v in result["pulled"])
     print(
         f"pulled {names} from {result['remote']} into {result['store']} "
-        f"({human_bytes(result['downloaded_bytes'])}); HEAD -> {head}"
+        f"({human_bytes(result['downloaded_bytes'])}); HEAD -> {head}{tags}"
     )

@@ -14,7 +14,7 @@ applies, so ``engram-train`` runs both through one loop (``restore``, ``fit``,
   version) ends bit-identical to one that never stopped.
 
 Strategies that need gradients (EWC, SI, MAS, LwF, DER, A-GEM) do not apply to
-``partial_fit``: :mod:`engram.validation` refuses them before anything runs.
+``partial_fit``: :mod:`engram.run.validation` refuses them before anything runs.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from engram.training.experiences import train_experiences
 from engram.training.gate import gate_refs, gate_verdict, settle_gate
 from engram.training.guard import MAX_ABS_WEIGHT, estimator_problems
 from engram.training.lineage import check_lineage
+from engram.training.resumed import UNREAD, Resumed, listed_experience_bytes, take
 from engram.training.sampler import epoch_seed
 from engram.training.state import Cursor
 
@@ -58,6 +59,8 @@ class SklearnLearner:
         branch: continue HEAD even if the hyperparameters differ (recorded).
         max_abs_weight: the bound on ``|coef_|`` and the like beyond which a fit has
             blown up and is not committed (engram.training.guard); None: no bound.
+        resumed: HEAD of ``store`` as the caller read it (engram.training.resumed);
+            by default it is read when the learner restores.
     """
 
     def __init__(
@@ -76,8 +79,12 @@ class SklearnLearner:
         gate: Any = None,
         branch: bool = False,
         max_abs_weight: float | None = MAX_ABS_WEIGHT,
+        resumed: Resumed | object | None = UNREAD,
     ) -> None:
         self.spec = dict(spec)
+        self._resumed = resumed
+        self.experience_bytes: list[int] = []  # as the template's (engram.training.resumed)
+        self.resumed_from: str | None = None  # the name of the version resumed
         self.max_abs_weight = max_abs_weight
         self.estimator = build_estimator(spec)
         self.store = store
@@ -133,13 +140,18 @@ class SklearnLearner:
         if self._restored:
             return self._has_history
         self._restored = True
-        head = self.store.head
-        if head is None:
+        resumed, self._resumed = take(self.store, self._resumed), None
+        if resumed is None:
             return False
+        head, snapshot = resumed.version, resumed.snapshot
+        self.resumed_from = head.name
         check_lineage(head, path=self.store.path, hparams=self.hparams(), model_spec=self.spec,
                       experience_ids=self.extra_meta.get("experience_ids"),
                       branch=self.branch)  # fmt: skip
-        snapshot = self.store.load(head.id)
+        recorded = resumed.experience_bytes()
+        n = len(snapshot.state["metrics"]["accuracy_matrix"])
+        self.experience_bytes = (recorded if recorded is not None
+                                 else listed_experience_bytes(self.store, n))  # fmt: skip
         recorded = head.meta.get("sklearn", {}).get("versions")
         if snapshot.artifact is None or recorded is None:
             raise EngramError(f"{self.store.path} {head.name} holds no scikit-learn estimator")
@@ -267,6 +279,7 @@ class SklearnLearner:
             "signature": self.signature,
             "accuracy": self.accuracy_matrix[-1],
             "metrics": metrics.summary(self.accuracy_matrix, self.initial_accuracy),
+            "experience_bytes": list(self.experience_bytes),  # the ones before this
         }
         if gate is not None:
             meta["gate"] = dict(gate)
@@ -282,6 +295,7 @@ class SklearnLearner:
                                     message=f"after experience {index}")  # fmt: skip
         self.last_commit_seconds = time.perf_counter() - start
         self.last_commit_bytes = version.new_bytes
+        self.experience_bytes.append(version.new_bytes)
         return version
 
     def finish_experience(self, index: int) -> str | None:

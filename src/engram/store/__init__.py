@@ -1,9 +1,13 @@
 """engram.store: a versioned, crash-safe store (LMDB state + safetensors checkpoints).
 
 Independent of Avalanche and Hydra: a plain PyTorch loop can persist its state with it.
+Importing it imports no torch (the inspection commands stay light): torch is imported
+when tensors are encoded or decoded, or when :class:`SampleIds` is first named.
 """
 
-from engram.store.codec import Later, SampleIds
+from typing import Any
+
+from engram.store.codec import Later
 from engram.store.format import FORMAT_VERSION
 from engram.store.store import (
     Artifact,
@@ -33,3 +37,11 @@ __all__ = [
     "VersionInfo",
     "version_name",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SampleIds":  # a torch.Tensor subclass: naming it imports torch
+        from engram.store.codec import SampleIds
+
+        return SampleIds
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,11 +18,10 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 import numpy as np
-import torch
 
 from engram.errors import CorruptionError
 from engram.store import format as fmt
@@ -31,6 +30,9 @@ from engram.store.delta import CODEC_ZSTD, ITEMSIZES, MAX_CHAIN, decode
 from engram.store.env import Env
 from engram.store.packs import PLAIN_ENTRY_SIZE, BlobLocation, MappedFiles, NewPack, PackReader
 from engram.store.values import version_name
+
+if TYPE_CHECKING:
+    import torch
 
 _KIND_ENCODED = b"D"
 _KIND_FILE = b"F"
@@ -258,6 +260,22 @@ class Blobs:
         Raises:
             CorruptionError: a chunk is missing or damaged (names the version and path).
         """
+        import torch  # only for tensors: sample_ids (verify, du) reads without it
+
+        raw = torch.empty(record.nbytes, dtype=torch.uint8)
+        self.read_into(txn, record, vid, path, verify, raw.numpy())
+        return array_from_bytes(record, raw)
+
+    def read_into(
+        self,
+        txn: lmdb.Transaction,
+        record: ArrayRecord,
+        vid: int,
+        path: str,
+        verify: bool,
+        dest: np.ndarray,  # (nbytes,) uint8
+    ) -> None:
+        """Copy the bytes of one array of version ``vid`` into ``dest``, as :meth:`read_array`."""
         views = []
         for digest, size, check in record.chunks:
             try:
@@ -271,19 +289,18 @@ class Blobs:
                     f"({problem}); run verify and roll back to a good version"
                 )
             views.append(view)
-        raw = torch.empty(record.nbytes, dtype=torch.uint8)
-        dest = raw.numpy()
         offset = 0
         for view in views:
             dest[offset : offset + len(view)] = np.frombuffer(view, dtype=np.uint8)
             offset += len(view)
-        return array_from_bytes(record, raw)
 
     def sample_ids(
         self, txn: lmdb.Transaction, record: ArrayRecord, vid: int, path: str
     ) -> list[int]:
         """The replay-sample ids a ``__samples__`` slot table of version ``vid`` holds."""
-        return self.read_array(txn, record, vid, path, verify=False).tolist()
+        raw = np.empty(record.nbytes, dtype=np.uint8)
+        self.read_into(txn, record, vid, path, False, raw)
+        return raw.view(np.int64).tolist()  # int64 little-endian, as the record says
 
     # ------------------------------------------------------------------ writing
 

@@ -7,6 +7,11 @@ A checkpoint is loadable by anyone with ``safetensors`` alone::
 
 :func:`checkpoint_spans` reads a file's header only: where each tensor's bytes are
 (compaction chunks them, and a delta's base can be a span of HEAD's file).
+:func:`read_raw_checkpoint` and :func:`save_raw` read and write the tensors' bytes as
+they are, without torch (``engram export`` imports none).
+
+Only the functions that take or make tensors import torch (keeps the inspection
+commands light): checking a file's hashes and reading its header need none.
 """
 
 from __future__ import annotations
@@ -21,18 +26,18 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 import xxhash
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import load_file as st_load_file
-from safetensors.torch import save_file as st_save_file
 
 from engram.errors import CorruptionError, EncodingError
-from engram.store.codec import TORCH_DTYPES, checksum
+from engram.store.codec import TENSOR_ITEMSIZES, checksum
 from engram.store.files import open_read
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
     its parent shares the parent's checkpoint file instead of writing a copy. Only a
     version's parent is compared, so no birthday bound applies to the 128 bits.
     """
+    import torch  # only for tensors: keeps the inspection commands (engram ls...) light
+
     h = xxhash.xxh3_128()
     for name, tensor in weights.items():
         h.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
@@ -72,6 +79,8 @@ def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
 
 def prepare_weights(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous, detached tensors; tensors sharing memory (tied weights) are copied."""
+    import torch  # only for tensors: keeps the inspection commands (engram ls...) light
+
     out: dict[str, torch.Tensor] = {}
     seen_storage: set[int] = set()
     for name, value in weights.items():
@@ -100,6 +109,8 @@ def write_checkpoint(
 
     The caller fsyncs ``directory`` (once for everything a commit wrote there).
     """
+    from safetensors.torch import save_file as st_save_file  # imports torch: tensors only
+
     final = directory / file
     tmp = directory / f".{file}.tmp-{os.getpid()}"
     try:
@@ -143,6 +154,9 @@ def read_checkpoint(path: Path, info: CheckpointInfo, *, verify: bool, what: str
     Raises:
         CorruptionError: the file is missing, truncated, or its bytes do not match.
     """
+    from safetensors.torch import load as st_load  # imports torch: tensors only
+    from safetensors.torch import load_file as st_load_file
+
     try:
         with open_read(path) as f:  # never a link, never a FIFO (it would block)
             _check_open(f, path, info, verify=verify, what=what)
@@ -158,6 +172,56 @@ def read_checkpoint(path: Path, info: CheckpointInfo, *, verify: bool, what: str
                 ) from e
     except FileNotFoundError:
         raise CorruptionError(f"{what}: checkpoint file {path} is missing") from None
+
+
+def read_raw_checkpoint(
+    path: Path, info: CheckpointInfo, *, verify: bool, what: str
+) -> dict[str, RawTensor]:
+    """The tensors of a checkpoint file as their stored bytes, in file order, checked
+    as :func:`read_checkpoint` checks them; reads no torch.
+
+    Raises:
+        CorruptionError: the file is missing, truncated, or its bytes do not match.
+    """
+    try:
+        with open_read(path) as f:  # one open: the bytes checked are the bytes read
+            _check_open(f, path, info, verify=verify, what=what)
+            spans, _ = _read_spans(f, f"{what}: checkpoint {path.name}")
+            weights = {}
+            for span in spans:
+                f.seek(span.offset)
+                data = np.empty(span.nbytes, dtype=np.uint8)
+                if f.readinto(data) != span.nbytes:  # the size was checked: only a race
+                    raise CorruptionError(f"{what}: checkpoint {path.name} changed while read")
+                weights[span.name] = RawTensor(span.dtype, span.shape, data)
+            return weights
+    except FileNotFoundError:
+        raise CorruptionError(f"{what}: checkpoint file {path} is missing") from None
+
+
+def save_raw(weights: Mapping[str, RawTensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write ``weights`` to a safetensors file at ``path``: the bytes
+    ``safetensors.torch.save_file`` writes for the same tensors, without torch."""
+    from safetensors import serialize_file
+
+    try:
+        from safetensors import TensorSpec  # safetensors >= 0.8 takes the bytes by pointer
+    except ImportError:  # older ones take the bytes themselves
+        specs: dict[str, Any] = {
+            name: {"dtype": t.dtype, "shape": list(t.shape), "data": t.data.tobytes()}
+            for name, t in weights.items()
+        }
+    else:
+        specs = {
+            name: TensorSpec(
+                dtype=t.dtype,
+                shape=list(t.shape),
+                data_ptr=t.data.ctypes.data,
+                data_len=t.data.nbytes,
+            )
+            for name, t in weights.items()
+        }
+    serialize_file(specs, path, metadata=metadata)  # ``weights`` keeps the pointed bytes alive
 
 
 def check_file(path: Path, info: CheckpointInfo, *, what: str, sha256: bool = True) -> None:
@@ -187,6 +251,15 @@ def _check_open(f: Any, path: Path, info: CheckpointInfo, *, verify: bool, what:
 
 
 @dataclass(frozen=True)
+class RawTensor:
+    """A tensor's stored bytes, read without torch (:func:`read_raw_checkpoint`)."""
+
+    dtype: str  # the store's dtype name (torch's, safetensors' TensorSpec's)
+    shape: tuple[int, ...]
+    data: np.ndarray  # (nbytes,) uint8, C order, little-endian
+
+
+@dataclass(frozen=True)
 class TensorSpan:
     """Where one tensor's bytes are in a safetensors file."""
 
@@ -197,12 +270,13 @@ class TensorSpan:
     nbytes: int
 
 
-# safetensors' dtype names → the store's (codec.TORCH_DTYPES); what torch writes.
+# safetensors' dtype names → the store's (codec.TENSOR_ITEMSIZES); what torch writes.
 _ST_DTYPES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32",
     "I64": "int64", "U16": "uint16", "U32": "uint32", "U64": "uint64", "F16": "float16",
     "BF16": "bfloat16", "F32": "float32", "F64": "float64", "C64": "complex64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
 }  # fmt: skip
 
 
@@ -226,15 +300,22 @@ def checkpoint_spans(path: Path) -> tuple[list[TensorSpan], dict[str, str]]:
     what = f"checkpoint {path.name}"
     try:
         with open_read(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES:
-                raise CorruptionError(f"{what}: header of {n} bytes exceeds the 100 MB cap")
-            if n > size - 8:
-                raise CorruptionError(f"{what}: header longer than the file")
-            header = json.loads(f.read(n))
+            return _read_spans(f, what)
     except FileNotFoundError:
         raise CorruptionError(f"{what} is missing") from None
+
+
+def _read_spans(f: Any, what: str) -> tuple[list[TensorSpan], dict[str, str]]:
+    """:func:`checkpoint_spans` of an open file; ``what`` names it in errors."""
+    f.seek(0)
+    size = os.fstat(f.fileno()).st_size
+    try:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:
+            raise CorruptionError(f"{what}: header of {n} bytes exceeds the 100 MB cap")
+        if n > size - 8:
+            raise CorruptionError(f"{what}: header longer than the file")
+        header = json.loads(f.read(n))
     except (struct.error, ValueError, RecursionError) as e:
         raise CorruptionError(f"{what}: malformed safetensors header ({e})") from None
     if not isinstance(header, dict):
@@ -264,10 +345,10 @@ def checkpoint_spans(path: Path) -> tuple[list[TensorSpan], dict[str, str]]:
         numel = 1
         for x in shape:
             numel *= x
-        if numel * TORCH_DTYPES[dtype].itemsize != span.nbytes:
+        if numel * TENSOR_ITEMSIZES[dtype] != span.nbytes:
             raise CorruptionError(
                 f"{what}: tensor {name!r} holds {span.nbytes} bytes, its shape needs "
-                f"{numel * TORCH_DTYPES[dtype].itemsize}"
+                f"{numel * TENSOR_ITEMSIZES[dtype]}"
             )
         spans.append(span)
     spans.sort(key=lambda s: (s.offset, s.nbytes))  # the order safetensors' load_file returns

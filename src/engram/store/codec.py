@@ -6,42 +6,49 @@ validates every field it reads, so a malformed or hostile manifest gives a
 :class:`~engram.errors.CorruptionError`, never an interpreter crash, an
 arbitrary import, or an allocation the store's own data does not justify.
 See :mod:`engram.store.format` for the layout.
+
+Reading records needs no torch: only the functions that make or take tensors import it,
+so the inspection commands (``engram ls``, ``show``, ``verify``...) start in a fraction of
+the time ``import torch`` takes. :class:`SampleIds` and :data:`TORCH_DTYPES` are built on
+first use (a module ``__getattr__``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import xxhash
 
 from engram.errors import CorruptionError, EncodingError
 from engram.store.format import CHUNK_BYTES
 
+if TYPE_CHECKING:
+    import torch
+
 if sys.byteorder != "little":  # pragma: no cover - no such CI machine
     raise ImportError("engram's store format is little-endian; big-endian hosts are unsupported")
 
-# The only dtypes a store may name. Built from constant names, never from stored data.
-_TORCH_DTYPE_NAMES = (
-    "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
-    "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
-    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-)  # fmt: skip
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name) for name in _TORCH_DTYPE_NAMES if hasattr(torch, name)
-}
-_DTYPE_NAME = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+# The only tensor dtypes a store may name, with their sizes in bytes: records are checked
+# against this table without importing torch. Constant names, never from stored data.
+TENSOR_ITEMSIZES: dict[str, int] = {
+    "bool": 1, "uint8": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "uint16": 2,
+    "uint32": 4, "uint64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
+    "complex32": 4, "complex64": 8, "complex128": 16, "float8_e4m3fn": 1,
+    "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+}  # fmt: skip
 _NUMPY_DTYPE_NAMES = (
     "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
     "float16", "float32", "float64", "complex64", "complex128",
 )  # fmt: skip
 NUMPY_DTYPES: dict[str, np.dtype] = {name: np.dtype(name) for name in _NUMPY_DTYPE_NAMES}
+_NUMPY_ITEMSIZES = {name: dtype.itemsize for name, dtype in NUMPY_DTYPES.items()}
 
 TAG_TENSOR = "__tensor__"
 TAG_NDARRAY = "__ndarray__"
@@ -52,17 +59,67 @@ _TAGS = (TAG_TENSOR, TAG_NDARRAY, TAG_SAMPLES, TAG_TUPLE, TAG_MAP)
 _ARRAY_TAGS = (TAG_TENSOR, TAG_NDARRAY, TAG_SAMPLES)
 
 
-class SampleIds(torch.Tensor):
-    """An int64 tensor of replay-sample ids that a committed state references.
+@functools.cache
+def _torch_tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str], frozenset]:
+    """``(TORCH_DTYPES, dtype -> name, the dtypes numpy can view)`` of this torch."""
+    import torch  # only for tensors: the inspection commands never build these tables
 
-    Wrap a buffer's slot table in it (``SampleIds.of(ids)``) so ``gc`` keeps those
-    samples (see :mod:`engram.store.samples`). It loads back as ``SampleIds``, so a
-    loaded state committed again keeps its samples referenced.
-    """
+    dtypes = {name: getattr(torch, name) for name in TENSOR_ITEMSIZES if hasattr(torch, name)}
+    # torch dtypes numpy has too: their bytes are viewed through numpy
+    viewable = frozenset({
+        torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+        torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+    })  # fmt: skip
+    return dtypes, {dtype: name for name, dtype in dtypes.items()}, viewable
 
-    @staticmethod
-    def of(ids: Any) -> SampleIds:
-        return torch.as_tensor(ids, dtype=torch.int64).reshape(-1).as_subclass(SampleIds)
+
+def _torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a validated record's dtype name."""
+    dtype = _torch_tables()[0].get(name)
+    if dtype is None:  # a store written by a newer torch than this one
+        import torch  # only for tensors; already imported by _torch_tables
+
+        raise CorruptionError(
+            f"this torch ({torch.__version__}) has no dtype {name}; upgrade torch to load it"
+        )
+    return dtype
+
+
+@functools.cache
+def _sample_ids_class() -> type:
+    """:class:`SampleIds`, defined on first use: its base class is ``torch.Tensor``."""
+    import torch  # only for tensors: the inspection commands never define SampleIds
+
+    class SampleIds(torch.Tensor):
+        """An int64 tensor of replay-sample ids that a committed state references.
+
+        Wrap a buffer's slot table in it (``SampleIds.of(ids)``) so ``gc`` keeps those
+        samples (see :mod:`engram.store.samples`). It loads back as ``SampleIds``, so a
+        loaded state committed again keeps its samples referenced.
+        """
+
+        __qualname__ = "SampleIds"  # importable as engram.store.codec.SampleIds
+
+        @staticmethod
+        def of(ids: Any) -> SampleIds:
+            return torch.as_tensor(ids, dtype=torch.int64).reshape(-1).as_subclass(SampleIds)
+
+    SampleIds.__module__ = __name__
+    return SampleIds
+
+
+_LAZY = {
+    "SampleIds": _sample_ids_class,
+    "TORCH_DTYPES": lambda: _torch_tables()[0],  # store dtype name -> torch.dtype
+}
+
+
+def __getattr__(name: str) -> Any:
+    """:class:`SampleIds` and :data:`TORCH_DTYPES` import torch when first asked for."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = _LAZY[name]()
+    return value
 
 
 MAX_DEPTH = 100  # deeper trees are refused: they are never real state, and recursion is bounded
@@ -84,7 +141,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The store's name of a torch dtype (``"float32"``, ``"bfloat16"``, ...)."""
-    name = _DTYPE_NAME.get(dtype)
+    name = _torch_tables()[1].get(dtype)
     if name is None:
         raise EncodingError(f"dtype {dtype} cannot be stored")
     return name
@@ -119,12 +176,14 @@ def tensor_bytes(tensor: torch.Tensor, where: str = "") -> tuple[str, list[int],
 
     No copy is made for a contiguous CPU tensor; others are copied once.
     """
+    import torch  # only for tensors: keeps the inspection commands light
+
     if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
         raise EncodingError(
             f"cannot store the {tensor.layout} tensor at {where or 'the top level'}: "
             "only dense (strided) tensors are supported; convert it with .to_dense()"
         )
-    name = _DTYPE_NAME.get(tensor.dtype)
+    name = _torch_tables()[1].get(tensor.dtype)
     if name is None:
         raise EncodingError(f"cannot store a tensor of dtype {tensor.dtype} at {where!r}")
     t = tensor.detach()
@@ -141,16 +200,11 @@ def raw_view(t: torch.Tensor) -> np.ndarray:
     """The bytes of a contiguous CPU tensor as a flat uint8 numpy view (no copy)."""
     if t.numel() == 0:  # may carry stride 0, which view() rejects
         return np.empty(0, dtype=np.uint8)
-    if t.dtype in _NUMPY_VIEWABLE:  # a numpy view is cheaper than torch's view chain
+    if t.dtype in _torch_tables()[2]:  # a numpy view is cheaper than torch's view chain
         return t.numpy().reshape(-1).view(np.uint8)
+    import torch  # only for tensors; already imported by whoever made ``t``
+
     return t.reshape(-1).view(torch.uint8).numpy()  # bfloat16, float8: not in numpy
-
-
-# torch dtypes numpy has too: their bytes are viewed through numpy
-_NUMPY_VIEWABLE = frozenset({
-    torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
-    torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128,
-})  # fmt: skip
 
 
 def ndarray_bytes(array: np.ndarray, where: str = "") -> tuple[str, list[int], np.ndarray]:
@@ -191,6 +245,9 @@ def encode_tree(obj: Any, shared: SharedArrays | None = None) -> tuple[Any, list
         EncodingError: a value is not a tensor, array, mapping, list, tuple or JSON
             scalar; the message names its path in the tree.
     """
+    import torch  # only for tensors: encoding is a commit's work, never an inspection's
+
+    sample_ids = _sample_ids_class()
     pending: list[PendingArray] = []
 
     def array_record(kind: str, enc: tuple[str, list[int], np.ndarray]) -> dict[str, Any]:
@@ -217,7 +274,7 @@ def encode_tree(obj: Any, shared: SharedArrays | None = None) -> tuple[Any, list
             return value
         if isinstance(value, int | float):
             return int(value) if isinstance(value, int) else float(value)
-        if isinstance(value, SampleIds):
+        if isinstance(value, sample_ids):
             plain = value.as_subclass(torch.Tensor)
             if plain.dtype != torch.int64 or plain.dim() != 1:
                 raise EncodingError(f"SampleIds at {path!r} must be a 1-d int64 tensor")
@@ -290,8 +347,8 @@ def parse_array_record(kind: str, record: Any, where: str = "") -> ArrayRecord:
     if not isinstance(record, dict) or set(record) != {"dtype", "shape", "chunks"}:
         raise bad("expected an object with keys dtype, shape, chunks")
     dtype, shape, chunks = record["dtype"], record["shape"], record["chunks"]
-    table = NUMPY_DTYPES if kind == TAG_NDARRAY else TORCH_DTYPES
-    if not isinstance(dtype, str) or dtype not in table:
+    itemsizes = _NUMPY_ITEMSIZES if kind == TAG_NDARRAY else TENSOR_ITEMSIZES
+    if not isinstance(dtype, str) or dtype not in itemsizes:
         raise bad(f"unknown dtype {dtype!r}")
     if kind == TAG_SAMPLES and (dtype != "int64" or not isinstance(shape, list) or len(shape) != 1):
         raise bad("sample ids must be a 1-d int64 tensor")
@@ -301,8 +358,7 @@ def parse_array_record(kind: str, record: Any, where: str = "") -> ArrayRecord:
         raise bad("shape entries must be non-negative integers")
     if math.prod(d for d in shape if d) > 2**62:  # an empty array may not claim 2**70 rows
         raise bad("shape is too large")
-    itemsize = table[dtype].itemsize
-    nbytes = math.prod(shape) * itemsize
+    nbytes = math.prod(shape) * itemsizes[dtype]
     if not isinstance(chunks, list) or len(chunks) != -(-nbytes // CHUNK_BYTES):
         raise bad(f"{nbytes} bytes need {-(-nbytes // CHUNK_BYTES)} chunks")
     parsed = []
@@ -324,9 +380,11 @@ def parse_array_record(kind: str, record: Any, where: str = "") -> ArrayRecord:
 def array_from_bytes(record: ArrayRecord, raw: torch.Tensor) -> torch.Tensor | np.ndarray:
     """Reinterpret a filled ``(nbytes,)`` uint8 tensor as the recorded array."""
     if record.kind == TAG_SAMPLES:
-        return SampleIds.of(raw.view(torch.int64))
+        import torch  # only for tensors; already imported by whoever made ``raw``
+
+        return _sample_ids_class().of(raw.view(torch.int64))
     if record.kind != TAG_NDARRAY:
-        return raw.view(TORCH_DTYPES[record.dtype]).reshape(record.shape)
+        return raw.view(_torch_dtype(record.dtype)).reshape(record.shape)
     return raw.numpy().view(NUMPY_DTYPES[record.dtype]).reshape(record.shape)
 
 

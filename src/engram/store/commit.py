@@ -24,10 +24,9 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
-import torch
 
 from engram import __version__
 from engram.errors import CommitError, EncodingError, EngramError, VersionNotFoundError
@@ -48,6 +47,9 @@ from engram.store.history import History, is_valid_tag_name, manifest_bytes, ver
 from engram.store.samples import SampleTable
 from engram.store.signing import Signer, signature_key
 from engram.store.values import NEW_VERSION, RefMoves, VersionInfo, version_name
+
+if TYPE_CHECKING:
+    import torch
 
 _INLINE_HASH_BYTES = 4 << 20  # a state up to this size is hashed in the committing thread
 
@@ -94,6 +96,8 @@ def commit(
         raise EncodingError(f"meta must be JSON-serializable: {e}") from None
     weights = None
     if model is not None:
+        import torch  # only for a model: keeps the inspection commands (engram ls...) light
+
         weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
         weights = prepare_weights(weights)
     try:

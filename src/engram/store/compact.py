@@ -32,7 +32,7 @@ from engram.store.codec import (
     TAG_MAP,
     TAG_NDARRAY,
     TAG_TENSOR,
-    TORCH_DTYPES,
+    TENSOR_ITEMSIZES,
     ArrayRecord,
     checksum,
 )
@@ -162,7 +162,6 @@ class Compaction:
                 )
         if manifest["checkpoint"] is not None:
             file = manifest["checkpoint"]["file"]
-            size_of = {name: t.itemsize for name, t in TORCH_DTYPES.items()}
             view = self.blobs.files.view(
                 FileBlob(file, 0, manifest["checkpoint"]["nbytes"], 0), f"{vid}"
             )
@@ -175,7 +174,7 @@ class Compaction:
                         digest,
                         n,
                         check,
-                        itemsize_for(size_of[span.dtype], n),
+                        itemsize_for(TENSOR_ITEMSIZES[span.dtype], n),
                         FileBlob(file, span.offset + off, n, check),
                     )
         return table
@@ -385,7 +384,7 @@ class Compaction:
 def _element_size(record: ArrayRecord) -> int:
     if record.kind == TAG_NDARRAY:
         return NUMPY_DTYPES[record.dtype].itemsize
-    return TORCH_DTYPES[record.dtype].itemsize
+    return TENSOR_ITEMSIZES[record.dtype]
 
 
 def compaction_order(

@@ -38,8 +38,8 @@ from engram.errors import (
 from engram.store import format as fmt
 from engram.store.files import check_layout
 from engram.store.lock import WriterLock
+from engram.store.meta import check_not_truncated
 from engram.store.records import SEAL_BYTES, seal, unseal
-from engram.store.untrusted import check_not_truncated
 from engram.store.values import Mode
 
 INITIAL_MAP_SIZE = 1 << 30  # address space only: the file grows as pages are used
@@ -69,7 +69,7 @@ def prepare_directory(root: Path, mode: Mode, lock_timeout: float) -> WriterLock
     if root.exists() and not root.is_dir():
         raise NotAStoreError(f"{root} is a file, not an engram store directory")
     check_layout(root)  # before anything below creates, locks or lists through a link
-    ours = {fmt.LMDB_DIR, fmt.BLOB_DIR, fmt.CHECKPOINT_DIR, fmt.LOCK_FILE, *fmt.RUN_DIRS}
+    ours = {fmt.LMDB_DIR, fmt.BLOB_DIR, fmt.CHECKPOINT_DIR, fmt.LOCK_FILE}
     if not lmdb_dir.is_dir():
         if mode != "c":
             if not root.exists():

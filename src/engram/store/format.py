@@ -164,9 +164,6 @@ CHECKPOINT_NAME = re.compile(r"model-v\d+(-exp\d+)?\.safetensors")
 # Model artifact formats (the file's suffix) and their file names.
 ARTIFACT_FORMATS = ("skops",)
 ARTIFACT_NAME = re.compile(rf"model-v\d+(-exp\d+)?\.({'|'.join(ARTIFACT_FORMATS)})")
-# Written beside the store by engram-train (resolved configs, TensorBoard events): a
-# directory holding only these may still become a store.
-RUN_DIRS = ("hydra", "tb")
 
 DB_META = b"meta"
 DB_BLOBS = b"blobs"

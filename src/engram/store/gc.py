@@ -4,18 +4,25 @@ Crash-safe in three steps: (1) live blobs of mostly-garbage packs (and weights s
 from files that go) are copied into a new pack, fsynced; (2) one LMDB transaction
 (:func:`collect`'s ``sweep``) re-links, deletes and repoints; (3) only then are files
 nothing references removed. A crash leaves every kept version loadable.
+
+A full collection reads every manifest, the whole blob index and every replay-sample
+key: its cost grows with the history. :func:`prune` drops versions a writer committed
+since a :class:`Fence` at a cost that grows with those versions only (the training
+loop's pruning of mid-experience versions, once per experience).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import lmdb
 
-from engram.errors import EngramError
+from engram.errors import EngramError, VersionNotFoundError
 from engram.store import format as fmt
 from engram.store.blobs import Blobs, EncodedBlob, FileBlob, IndexEntry
 from engram.store.checkpoint import fsync_dir
@@ -24,8 +31,12 @@ from engram.store.env import Env
 from engram.store.files import open_dir, unlink
 from engram.store.history import History, manifest_bytes, relinks
 from engram.store.packs import ALIGN, PACK_NAME, BlobLocation, NewPack, pack_name
+from engram.store.samples import sample_key
 from engram.store.signing import signature_key
 from engram.store.values import GcReport, VersionSpec, version_name
+
+if TYPE_CHECKING:
+    from engram.store.store import Store
 
 # What an interrupted checkpoint (or artifact) write leaves: our temp name, or safetensors' own temp
 # file (its save_file writes `.tmpXXXXXX` and renames it into place).
@@ -33,6 +44,11 @@ _CHECKPOINT_LEFTOVER = re.compile(
     rf"{fmt.CHECKPOINT_NAME.pattern}|{fmt.ARTIFACT_NAME.pattern}"
     rf"|\.model-v\d+.*\.tmp-\d+|\.tmp[A-Za-z0-9]{{6,}}"
 )
+_FILE_VERSION = re.compile(r"model-v(\d+)")  # the version a checkpoint/artifact file is named for
+
+# Full collections (gc, compaction: both end in `collect`) begun in this process; a
+# Fence taken before one no longer holds.
+_collections = 0
 
 
 def gc(
@@ -62,13 +78,178 @@ def gc(
     return collect(env, history, blobs, samples, kept, repack_at=0.5)
 
 
+@dataclass(frozen=True)
+class Fence:
+    """A point in the history of a store this process writes, for :func:`prune`.
+
+    Versions, packs and replay samples are numbered from counters that only grow. While
+    this process holds the writer lock (the same open store) and begins no full
+    collection (:func:`gc` or compaction, which rewrite and move what older versions
+    reference), only its commits add any: a version, a pack or a sample numbered at or
+    past the fence was made by a commit after it, and no version older than the fence
+    references a pack, a checkpoint file or a sample made after it.
+    """
+
+    env: weakref.ref[Env]  # the store's environment when it was taken
+    collections: int  # full collections begun in this process by then
+    next_version: int
+    next_pack: int
+    next_sample: int  # 1 + the highest replay-sample id stored then
+
+    @classmethod
+    def take(cls, store: Store) -> Fence:
+        """The fence of ``store`` (opened for writing) now."""
+        env = store.env
+        env.check_writable()
+        with env.read() as txn:
+            next_version = env.counter(txn, b"next_version")
+            next_pack = env.counter(txn, b"next_pack")
+            with txn.cursor(db=env.dbs[fmt.DB_SAMPLES]) as cur:
+                last = bytes(cur.key()) if cur.last() else b""
+        if not last:
+            next_sample = 0  # no sample stored: none is older than the fence
+        elif len(last) == 8:
+            next_sample = int.from_bytes(last, "big") + 1
+        else:
+            next_sample = 2**64  # a key that is no sample id (damaged pages): none is new
+        return cls(weakref.ref(env), _collections, next_version, next_pack, next_sample)
+
+    def holds(self, store: Store) -> bool:
+        """Whether :func:`prune` may rely on it for ``store`` now."""
+        env = store.env
+        return self.env() is env and env.is_open and self.collections == _collections
+
+
+def prune(store: Store, drop: Iterable[int], fence: Fence) -> GcReport | None:
+    """Drop versions committed since ``fence`` (never HEAD or a tagged one) and what
+    only they referenced, reading only the versions committed since: what it costs
+    grows with those, not with the history (:func:`gc` reads all of it).
+
+    A blob goes only if it is in a pack made since the fence, a checkpoint or artifact
+    file only if it is named for a version made since, a replay sample only if its id
+    is past the fence, each only if no kept version made since references it: the rest
+    of what the dropped versions referenced is older, may be what an older version
+    needs, and is left to :func:`gc`. A kept version whose parent goes is re-linked to
+    its nearest kept ancestor. Crash-safe as :func:`collect`: one LMDB transaction, then
+    the files it made unreferenced are removed.
+
+    Returns:
+        What it removed, or None, changing nothing, when the fence no longer holds
+        (:meth:`Fence.holds`) or a version in ``drop`` is older than it: :func:`gc`
+        (``Store.gc(drop=...)``) is then the way.
+
+    Raises:
+        ValueError: a version in ``drop`` is HEAD or tagged.
+        VersionNotFoundError: a version in ``drop`` is not in the store.
+        CorruptionError: a manifest made since the fence cannot be read (nothing is
+            deleted then).
+    """
+    env, history, blobs = store.env, store._history, store._blobs  # the store's own rooms
+    dropping = set(drop)
+    if not fence.holds(store) or (dropping and min(dropping) < fence.next_version):
+        return None
+    with env.read() as txn:
+        fresh = history.ids(txn, since=fence.next_version)
+        missing = dropping - set(fresh)
+        if missing:
+            raise VersionNotFoundError(
+                f"version {version_name(min(missing))} is not in store {env.path}"
+            )
+        pinned = set(history.tags(txn).values()) | {history.head(txn)}
+        if dropping & pinned:
+            names = ", ".join(version_name(v) for v in sorted(dropping & pinned))
+            raise ValueError(f"cannot drop {names}: HEAD and tagged versions are kept")
+        kept, gone, parents = _Live(), _Live(), {}
+        for vid in fresh:
+            manifest = history.manifest(txn, vid)
+            parents[vid] = manifest["parent"]
+            (gone if vid in dropping else kept).add(blobs, txn, vid, manifest)
+        # Older versions are never re-linked: a parent is older than its child.
+        relink = relinks(set(fresh) - dropping, dropping, parents.get)
+        dead: list[tuple[bytes, BlobLocation]] = []
+        for key in gone.blobs - kept.blobs:
+            entry = blobs.entry(txn, key)  # as a commit wrote it: plain, in its new pack
+            if isinstance(entry, BlobLocation) and entry.pack >= fence.next_pack:
+                dead.append((key, entry))
+        kept_packs = set()
+        for key in kept.blobs:
+            entry = blobs.entry(txn, key)
+            location = entry.stored if isinstance(entry, EncodedBlob) else entry
+            if isinstance(location, BlobLocation):
+                kept_packs.add(location.pack)
+    # Every blob of a pack made since the fence is one its commit's version referenced,
+    # so a pack none of the kept versions made since uses holds only the dead ones.
+    packs = sorted({entry.pack for _, entry in dead} - kept_packs)
+    files = sorted(
+        f
+        for f in gone.files - kept.files
+        if (m := _FILE_VERSION.match(f)) and int(m.group(1)) >= fence.next_version
+    )
+    samples = sorted(s for s in gone.samples - kept.samples if s >= fence.next_sample)
+
+    def sweep(txn: lmdb.Transaction) -> None:
+        for vid, parent in relink.items():
+            manifest = history.manifest(txn, vid)
+            manifest["parent"] = parent
+            history.put_manifest(txn, vid, manifest_bytes(manifest))
+        for vid in sorted(dropping):
+            history.delete(txn, vid)
+            env.delete(txn, fmt.DB_META, signature_key(vid))  # if it was signed
+        for key, _ in dead:
+            blobs.delete(txn, key)
+        for sample_id in samples:
+            env.delete(txn, fmt.DB_SAMPLES, sample_key(sample_id))
+
+    env.write(sweep, reserve=4096 * len(relink))
+    for pack in packs:
+        blobs.packs.forget(pack)
+    for file in files:
+        blobs.files.forget(file)
+    removed = _unlink(env, fmt.BLOB_DIR, [pack_name(p) for p in packs])
+    removed += _unlink(env, fmt.CHECKPOINT_DIR, files)
+    nbytes = sum(entry.nbytes for _, entry in dead)
+    return GcReport(tuple(sorted(dropping)), len(dead), nbytes, tuple(removed), len(samples))
+
+
+def _unlink(env: Env, sub: str, names: list[str]) -> list[str]:
+    """Remove ``names`` from the store's directory ``sub`` (relative to a descriptor of
+    it, as :func:`_remove_files` does); returns ``sub/name`` of each."""
+    if not names:
+        return []
+    fd = open_dir(env.path / sub)
+    try:
+        for file in names:
+            try:
+                unlink(file, fd)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(env.path / sub / file)) from e
+    finally:
+        os.close(fd)
+    return [f"{sub}/{file}" for file in names]
+
+
 @dataclass
 class _Live:
-    """What the kept versions need."""
+    """What a set of versions references (the kept ones: what they need)."""
 
     blobs: set[bytes] = field(default_factory=set)
-    files: set[str] = field(default_factory=set)  # checkpoint files
+    files: set[str] = field(default_factory=set)  # checkpoint (and artifact) files
     samples: set[int] = field(default_factory=set)
+
+    def add(self, blobs: Blobs, txn: lmdb.Transaction, vid: int, manifest: dict) -> None:
+        """The blobs, files and replay samples of version ``vid`` (its ``manifest``)."""
+        records = iter_array_records(manifest["state"])
+        for record in records:
+            if record.kind == TAG_SAMPLES:
+                self.samples.update(blobs.sample_ids(txn, record, vid, "sample ids"))
+        if manifest.get("model") is not None:
+            records += iter_array_records(manifest["model"]["tensors"])
+        for record in records:
+            self.blobs.update(bytes.fromhex(c[0]) for c in record.chunks)
+        if manifest["checkpoint"] is not None:
+            self.files.add(manifest["checkpoint"]["file"])
+        if manifest.get("artifact") is not None:
+            self.files.add(manifest["artifact"]["file"])
 
 
 def collect(
@@ -86,18 +267,26 @@ def collect(
     its size is rewritten with only its live blobs. ``samples``: the replay sample
     table to sweep too (None: leave samples alone).
     """
+    global _collections
+    _collections += 1  # before anything: a Fence taken earlier is void from here on
     with env.read() as txn:
         ids = history.ids(txn)
         kept &= set(ids)
+        live, parents = _Live(), {}
+        for vid in kept:  # each manifest parsed once, and let go (a long history is large)
+            manifest = history.manifest(txn, vid)
+            parents[vid] = manifest["parent"]
+            live.add(blobs, txn, vid, manifest)
 
         def parent_of(vid: int) -> int | None:
+            if vid in parents:
+                return parents[vid]
             try:
                 return history.manifest(txn, vid)["parent"]
             except EngramError:  # a dropped version's unreadable manifest: no ancestor
                 return None
 
         relink = relinks(kept, set(ids) - kept, parent_of)
-        live = _live(history, blobs, txn, kept)
         entries = blobs.entries(txn)
         _add_bases(live.blobs, entries)
         next_pack = env.counter(txn, b"next_pack")
@@ -129,26 +318,6 @@ def collect(
     referenced = (set(live_by_pack) - set(repack)) | ({next_pack} if moved else set())
     removed = _remove_files(blobs, env, referenced, live.files)
     return GcReport(dropped, len(dead), dead_bytes, tuple(removed), samples_gone)
-
-
-def _live(history: History, blobs: Blobs, txn: lmdb.Transaction, kept: set[int]) -> _Live:
-    """The blobs, checkpoint files and replay samples the ``kept`` versions reference."""
-    live = _Live()
-    for vid in kept:
-        manifest = history.manifest(txn, vid)
-        records = iter_array_records(manifest["state"])
-        for record in records:
-            if record.kind == TAG_SAMPLES:
-                live.samples.update(blobs.sample_ids(txn, record, vid, "sample ids"))
-        if manifest.get("model") is not None:
-            records += iter_array_records(manifest["model"]["tensors"])
-        for record in records:
-            live.blobs.update(bytes.fromhex(c[0]) for c in record.chunks)
-        if manifest["checkpoint"] is not None:
-            live.files.add(manifest["checkpoint"]["file"])
-        if manifest.get("artifact") is not None:
-            live.files.add(manifest["artifact"]["file"])
-    return live
 
 
 def _add_bases(live: set[bytes], entries: dict[bytes, IndexEntry]) -> None:

@@ -24,6 +24,8 @@ from engram.store.values import Problem, VersionInfo, VersionSpec, version_name
 _TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,127}")
 _VERSION_NAME = re.compile(r"v?(\d{1,18})")
 _HEAD_ANCESTOR = re.compile(r"HEAD~(\d{1,9})")
+# A survey's damaged versions, under (LMDB environment, snapshot id, ``last``).
+_Verdicts = tuple[tuple[Any, int, int | None], tuple[tuple[int, str], ...]]
 
 
 def is_valid_tag_name(name: object) -> bool:
@@ -109,6 +111,9 @@ class History:
 
     def __init__(self, env: Env) -> None:
         self.env = env
+        # (environment, snapshot id, last) of the latest survey and its damaged
+        # versions: a snapshot's bytes never change, so neither do its verdicts.
+        self._damaged_seen: _Verdicts | None = None
 
     # ------------------------------------------------------------------ refs
 
@@ -177,11 +182,32 @@ class History:
 
     # ------------------------------------------------------------- versions
 
-    def ids(self, txn: lmdb.Transaction) -> list[int]:
-        """Every version id, oldest first. A key that is not 8 bytes (damaged pages) names
-        no version and is left out; ``verify --all`` reports its record (its seal fails)."""
-        return [int.from_bytes(k, "big") for k in self.env.keys(txn, fmt.DB_VERSIONS)
-                if len(k) == 8]  # fmt: skip
+    def ids(self, txn: lmdb.Transaction, *, since: int = 0) -> list[int]:
+        """Every version id (``since``: from that id on), oldest first, from the keys
+        alone. A key that is not 8 bytes (damaged pages) names no version and is left
+        out; ``verify --all`` reports its record (its seal fails)."""
+        with txn.cursor(db=self.env.dbs[fmt.DB_VERSIONS]) as cur:
+            if not cur.set_range(version_key(since)):
+                return []
+            return [int.from_bytes(k, "big") for k in cur.iternext(values=False)
+                    if len(k) == 8]  # fmt: skip
+
+    def newest_ids(self, txn: lmdb.Transaction, last: int) -> list[int]:
+        """The ``last`` highest version ids, oldest first: a walk back from the end of
+        the keys, whatever the history's length (ids only grow, so the newest versions)."""
+        out: list[int] = []
+        with txn.cursor(db=self.env.dbs[fmt.DB_VERSIONS]) as cur:
+            if last > 0 and cur.last():
+                for key in cur.iterprev(values=False):
+                    if len(key) == 8:
+                        out.append(int.from_bytes(key, "big"))
+                        if len(out) == last:
+                            break
+        return out[::-1]
+
+    def count(self, txn: lmdb.Transaction) -> int:
+        """How many versions (records of the versions database; no manifest is read)."""
+        return self.env.count(txn, fmt.DB_VERSIONS)
 
     def has(self, txn: lmdb.Transaction, vid: int) -> bool:
         # The key alone: a damaged manifest (a failed checksum) still names a version.
@@ -213,29 +239,46 @@ class History:
     def info(self, txn: lmdb.Transaction, vid: int, tags: dict[str, int]) -> VersionInfo:
         return version_info(self.manifest(txn, vid), tags)
 
-    def survey(self, txn: lmdb.Transaction) -> tuple[list[VersionInfo], list[tuple[int, str]]]:
+    def survey(
+        self, txn: lmdb.Transaction, *, last: int | None = None
+    ) -> tuple[list[VersionInfo], list[tuple[int, str]]]:
         """The summary of every version whose manifest reads, oldest first, and
         ``(id, reason)`` of every *damaged* one (not JSON, a failed record checksum,
-        malformed fields): one damaged old version must not hide the others."""
+        malformed fields): one damaged old version must not hide the others.
+
+        ``last``: only the ``last`` newest versions (:meth:`newest_ids`), reading only
+        their manifests: what a paged listing needs of a long history.
+        """
+        ids = self.ids(txn) if last is None else self.newest_ids(txn, last)
         tags = self.tags(txn)
         good: list[VersionInfo] = []
         damaged: list[tuple[int, str]] = []
-        for vid in self.ids(txn):
+        for vid in ids:
             try:
                 good.append(self.info(txn, vid, tags))
             except CorruptionError as e:
                 damaged.append((vid, str(e)))
         return good, damaged
 
-    def versions(self) -> list[VersionInfo]:
+    def versions(self, *, last: int | None = None) -> list[VersionInfo]:
         """:meth:`survey`'s readable versions, in a read transaction of their own."""
         with self.env.read() as txn:
-            return self.survey(txn)[0]
+            good, damaged = self.survey(txn, last=last)
+            # a read transaction's id names its snapshot (a write's, one not yet made)
+            self._damaged_seen = ((self.env.checked(), txn.id(), last), tuple(damaged))
+            return good
 
-    def damaged(self) -> list[tuple[int, str]]:
-        """:meth:`survey`'s damaged versions, in a read transaction of their own."""
+    def damaged(self, *, last: int | None = None) -> list[tuple[int, str]]:
+        """:meth:`survey`'s damaged versions, in a read transaction of their own.
+
+        Right after :meth:`versions` with nothing committed since — the same LMDB
+        snapshot — it reuses that survey's verdicts instead of parsing every manifest
+        again (``engram ls`` asks for both)."""
         with self.env.read() as txn:
-            return self.survey(txn)[1]
+            key = (self.env.checked(), txn.id(), last)
+            if self._damaged_seen is not None and self._damaged_seen[0] == key:
+                return list(self._damaged_seen[1])
+            return self.survey(txn, last=last)[1]
 
     def resolve(self, txn: lmdb.Transaction, spec: VersionSpec) -> int:
         """The id that ``spec`` names: an int, ``"v0007"``, ``"HEAD"``, ``"HEAD~N"``, a tag."""

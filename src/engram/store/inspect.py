@@ -154,13 +154,14 @@ class Inspector:
         return sizes
 
 
-def disk_usage(root: Path) -> dict[str, int]:
+def disk_usage(root: Path, run_files: tuple[str, ...] = ()) -> dict[str, int]:
     """Bytes on disk under a store, by top-level entry (allocated, for sparse files):
-    ``blobs``, ``checkpoints``, ``lmdb``, ``run_files`` (hydra/, tb/) and ``other``."""
+    ``blobs``, ``checkpoints``, ``lmdb``, ``run_files`` (the entries named in
+    ``run_files``: what a runner keeps beside the store) and ``other``."""
     usage = {"blobs": 0, "checkpoints": 0, "lmdb": 0, "other": 0, "run_files": 0}
     bucket = {fmt.BLOB_DIR: "blobs", fmt.CHECKPOINT_DIR: "checkpoints", fmt.LMDB_DIR: "lmdb"}
     for entry in root.iterdir():
-        key = bucket.get(entry.name, "run_files" if entry.name in fmt.RUN_DIRS else "other")
+        key = bucket.get(entry.name, "run_files" if entry.name in run_files else "other")
         # a link is counted as itself, never walked: it may lead anywhere (even /)
         files = _files_under(entry) if entry.is_dir() and not entry.is_symlink() else [entry]
         for f in files:

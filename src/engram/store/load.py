@@ -1,4 +1,8 @@
-"""Reading a version back: its state and model weights, and a plain-file export."""
+"""Reading a version back: its state and model weights, and a plain-file export.
+
+Loading tensors imports torch; :func:`raw_weights` (``engram export``) reads a model's
+bytes without it.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,23 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engram.errors import CorruptionError, EngramError, LockTableReplacedError
 from engram.store import format as fmt
 from engram.store.artifact import ArtifactInfo, read_artifact
 from engram.store.blobs import Blobs
 from engram.store.checkpoint import (
     CheckpointInfo,
+    RawTensor,
     checkpoint_spans,
     fsync_dir,
     read_checkpoint,
+    read_raw_checkpoint,
     weights_digest,
     write_checkpoint,
 )
-from engram.store.codec import decode_tree, iter_array_records
+from engram.store.codec import ArrayRecord, decode_tree, iter_array_records
 from engram.store.env import Env
 from engram.store.history import History, version_info
 from engram.store.values import Snapshot, VersionSpec, version_name
@@ -35,13 +43,15 @@ def load(
     state: bool,
     model: bool,
     verify: bool,
+    raw: bool = False,
 ) -> Snapshot:
     """:meth:`Store.load <engram.store.Store.load>`: one consistent read, retried only
-    when a write happened while it ran."""
+    when a write happened while it ran. ``raw``: the model's tensors as
+    :class:`~engram.store.checkpoint.RawTensor` (read without torch)."""
     for _ in range(_LOAD_TRIES - 1):
         seen: list[int] = []  # the id of the snapshot the try read
         try:
-            return _load(env, history, blobs, version, state, model, verify, seen)
+            return _load(env, history, blobs, version, state, model, verify, seen, raw)
         except LockTableReplacedError:
             continue  # the next try reads through a fresh lock table
         except CorruptionError:
@@ -52,7 +62,25 @@ def load(
             # id, not last_txnid read beforehand: LMDB may hand a reader an older one.)
             if seen and env.last_txnid() <= seen[0]:
                 raise
-    return _load(env, history, blobs, version, state, model, verify, [])
+    return _load(env, history, blobs, version, state, model, verify, [], raw)
+
+
+def raw_weights(
+    env: Env, history: History, blobs: Blobs, version: VersionSpec, *, verify: bool
+) -> dict[str, RawTensor] | None:
+    """:meth:`Store.raw_weights <engram.store.Store.raw_weights>`."""
+    return load(
+        env, history, blobs, version, state=False, model=True, verify=verify, raw=True
+    ).model
+
+
+def _raw_array(
+    blobs: Blobs, txn: Any, record: ArrayRecord, vid: int, path: str, verify: bool
+) -> RawTensor:
+    """One compacted weight's bytes, checked as :meth:`Blobs.read_array` checks them."""
+    data = np.empty(record.nbytes, dtype=np.uint8)
+    blobs.read_into(txn, record, vid, path, verify, data)
+    return RawTensor(record.dtype, record.shape, data)
 
 
 def _load(
@@ -64,6 +92,7 @@ def _load(
     model: bool,
     verify: bool,
     seen: list[int],
+    raw: bool,
 ) -> Snapshot:
     """One try of :func:`load`: state and compacted weights in one read transaction,
     then a plain checkpoint file. Appends the transaction's snapshot id to ``seen``."""
@@ -83,9 +112,10 @@ def _load(
         if model and compacted is not None:
             # As for the state: the sizes a manifest claims are checked before allocating.
             _check_memory(sum(r.nbytes for r in iter_array_records(compacted["tensors"])), vid)
+            read = _raw_array if raw else Blobs.read_array
             weights = decode_tree(
                 compacted["tensors"],
-                lambda record, path: blobs.read_array(txn, record, vid, f"model{path}", verify),
+                lambda record, path: read(blobs, txn, record, vid, f"model{path}", verify),
             )
             return Snapshot(info, loaded_state, weights)
     weights = None
@@ -100,7 +130,7 @@ def _load(
         return Snapshot(info, loaded_state, None, data)
     if model and manifest["checkpoint"] is not None:
         ckpt = CheckpointInfo(**manifest["checkpoint"])
-        weights = read_checkpoint(
+        weights = (read_raw_checkpoint if raw else read_checkpoint)(
             env.path / fmt.CHECKPOINT_DIR / ckpt.file,
             ckpt,
             verify=verify,

@@ -15,15 +15,17 @@ interpret them): reading a minibatch is one LMDB read transaction and one
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import lmdb
 import numpy as np
-import torch
 
 from engram.errors import CorruptionError
 from engram.store import format as fmt
-from engram.store.codec import SampleIds
 from engram.store.env import Env
+
+if TYPE_CHECKING:
+    import torch
 
 _NEXT = b"next_sample"
 
@@ -122,6 +124,8 @@ class SampleTable:
         Raises:
             CorruptionError: a sample is missing or has another size.
         """
+        import torch  # only to read samples: keeps the inspection commands light
+
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         pending = self._pending
         get = self._env.get
@@ -167,4 +171,4 @@ class SampleTable:
         return len(dead)
 
 
-__all__ = ["SampleIds", "SampleTable", "sample_key"]
+__all__ = ["SampleTable", "sample_key"]

@@ -15,7 +15,7 @@ database under ``signature/<id>`` (ASCII id), a sealed JSON record
 transaction that publishes the version; older engram versions never read it.
 
 ``cryptography`` is imported inside the functions only: ``import engram`` and stores
-that are never signed do not need it (``pip install 'engram[sign]'``).
+that are never signed do not need it (``pip install 'engram-cl[sign]'``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from engram.store.history import manifest_bytes
 ALGORITHM = "ed25519"
 SIGNED_PREFIX = b"engram-manifest-v1\0"  # a signature of ours is never valid elsewhere
 SIGNATURE_PREFIX = b"signature/"  # meta key prefix; the version id follows, in ASCII
-_INSTALL = "install it with `pip install 'engram[sign]'`"
+_INSTALL = "install it with `pip install 'engram-cl[sign]'`"
 
 
 def _crypto() -> tuple[Any, Any]:

@@ -21,10 +21,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
-import torch
 
 from engram.errors import CommitError, NetworkFilesystemError
 from engram.faults import remedy
@@ -32,7 +31,7 @@ from engram.store import format as fmt
 from engram.store import load as _reading
 from engram.store.artifact import Artifact
 from engram.store.blobs import Blobs
-from engram.store.checkpoint import CheckpointInfo
+from engram.store.checkpoint import CheckpointInfo, RawTensor
 from engram.store.commit import commit as _commit
 from engram.store.compact import Compaction
 from engram.store.env import INITIAL_MAP_SIZE, Env, prepare_directory
@@ -56,6 +55,9 @@ from engram.store.values import (
     version_name,
 )
 from engram.store.verify import verify as _verify
+
+if TYPE_CHECKING:  # annotations only: the inspection commands import no torch
+    import torch
 
 __all__ = [
     "Artifact",
@@ -124,6 +126,7 @@ class Store:
         lock_timeout: float = 0.0,
         map_size: int = INITIAL_MAP_SIZE,
         allow_network_fs: bool = False,
+        remote: str | None = None,
     ) -> Store:
         """Open a store.
 
@@ -135,23 +138,40 @@ class Store:
             map_size: initial LMDB map size; it grows by itself as needed.
             allow_network_fs: open for writing on a network or FUSE file system anyway
                 (refused by default: :mod:`engram.store.mounts` says why).
+            remote: the store's remote (``s3://BUCKET/PREFIX``, docs/remote.md): a
+                missing or empty ``path`` is cloned from it first; opened for writing, a
+                store it is ahead of is fast-forwarded, and the store remembers it for
+                ``engram push`` (:mod:`engram.store.remote.attach`).
 
         Raises:
             StoreNotFoundError, NotAStoreError, StoreLockedError, StoreFormatError,
-            NetworkFilesystemError.
+            NetworkFilesystemError; with ``remote``, RemoteError, RemoteConflictError.
         """
         if mode not in ("r", "w", "c"):
             raise ValueError(f"mode must be 'r', 'w' or 'c', not {mode!r}")
         root = Path(path).expanduser()
         if mode != "r" and not allow_network_fs:
             _refuse_network_fs(root)
+        if remote is not None:
+            from engram.store.remote.attach import before_open  # obstore: only if asked
+
+            remote = before_open(remote, root, mode)
         lock = prepare_directory(root, mode, lock_timeout)
         try:
-            return cls(root, mode, lock, map_size)
+            store = cls(root, mode, lock, map_size)
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
+        if remote is not None and mode != "r":
+            from engram.store.remote.attach import after_open
+
+            try:
+                after_open(store, remote)
+            except BaseException:
+                store.close()
+                raise
+        return store
 
     @property
     def store_id(self) -> str:
@@ -231,14 +251,21 @@ class Store:
         with self.env.read() as txn:
             return self._history.manifest(txn, self._history.resolve(txn, version))
 
-    def versions(self) -> list[VersionInfo]:
+    def versions(self, *, last: int | None = None) -> list[VersionInfo]:
         """Every version in the store, oldest first; a version whose manifest is damaged
-        is left out (:meth:`damaged` lists it)."""
-        return self._history.versions()
+        is left out (:meth:`damaged` lists it). ``last``: only the ``last`` newest (their
+        manifests alone are read: a page of a long history)."""
+        return self._history.versions(last=last)
 
-    def damaged(self) -> list[tuple[int, str]]:
-        """``(id, reason)`` of each version whose manifest cannot be read, oldest first."""
-        return self._history.damaged()
+    def damaged(self, *, last: int | None = None) -> list[tuple[int, str]]:
+        """``(id, reason)`` of each version whose manifest cannot be read, oldest first
+        (``last``: among the ``last`` newest)."""
+        return self._history.damaged(last=last)
+
+    def version_ids(self) -> list[int]:
+        """Every version id, oldest first, from the keys alone (no manifest is read)."""
+        with self.env.read() as txn:
+            return self._history.ids(txn)
 
     def tags(self) -> dict[str, int]:
         """Tag name → version id."""
@@ -300,6 +327,15 @@ class Store:
         return _reading.load(
             self.env, self._history, self._blobs, version, state=state, model=model, verify=verify
         )
+
+    def raw_weights(
+        self, version: VersionSpec = "HEAD", *, verify: bool = False
+    ) -> dict[str, RawTensor] | None:
+        """A version's model weights as their stored bytes (a compacted version's rebuilt
+        bit for bit), checked as :meth:`load` checks them, read without torch; None if
+        it has no model. :func:`~engram.store.checkpoint.save_raw` writes them as the
+        file ``safetensors.torch.save_file`` would (``engram export`` does)."""
+        return _reading.raw_weights(self.env, self._history, self._blobs, version, verify=verify)
 
     # --------------------------------------------------------------- writing
 
@@ -363,7 +399,7 @@ class Store:
 
         Raises:
             EngramError: the file is not an ed25519 private key, or ``cryptography`` is
-                not installed (``pip install 'engram[sign]'``).
+                not installed (``pip install 'engram-cl[sign]'``).
         """
         self.signer = None if key is None else load_signer(key)
 

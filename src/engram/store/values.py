@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:  # an annotation only: the inspection commands import no torch
+    import torch
 
 Mode = Literal["r", "w", "c"]
 VersionSpec = int | str | None

@@ -12,21 +12,25 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_PLUGINS = {
-    "AGEMPlugin": "agem",
-    "DERPlugin": "der",
-    "ERACEPlugin": "er_ace",
-    "ERPlugin": "replay",
-    "EWCPlugin": "ewc",
-    "LwFPlugin": "lwf",
-    "MASPlugin": "mas",
-    "SIPlugin": "si",
-}
 
-__all__ = sorted(_PLUGINS)
+def _exports() -> dict[str, str]:
+    """Plugin class name -> its module, from the registry (the one place a strategy is
+    declared). Imported here on use: the registry imports this package."""
+    from engram.strategies.registry import PLUGINS
+
+    pairs = (entry.plugin.partition(":") for entry in PLUGINS.values())
+    return {name: module for module, _, name in pairs if module.startswith("engram.strategies.")}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _PLUGINS:
-        return getattr(importlib.import_module(f"engram.strategies.{_PLUGINS[name]}"), name)
+    if name == "__all__":
+        return sorted(_exports())
+    if name.endswith("Plugin"):  # not a submodule: those the import system finds itself
+        exports = _exports()
+        if name in exports:
+            return getattr(importlib.import_module(exports[name]), name)
     raise AttributeError(f"module 'engram.strategies' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_exports()})

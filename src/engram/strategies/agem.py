@@ -15,12 +15,14 @@ from avalanche.models import avalanche_forward
 from engram import distributed
 from engram.distributed.reduce import average, sum_counts
 from engram.memory.replay import Policy, ReplayBufferError
+from engram.strategies.entry import DeclaredHparams
 from engram.strategies.memory import Admission, MemoryPlugin, ReplayMemory
 from engram.strategies.registry import default
 
 
-class AGEMPlugin(MemoryPlugin):
+class AGEMPlugin(DeclaredHparams, MemoryPlugin):
     engram_name = "agem"
+    hparams_also = ("seed", "admission")  # besides the section's fields (registry)
     # each minibatch is admitted as it is trained on; hparams() records it (stores hold it)
     admission: Admission = "stream"
 
@@ -37,10 +39,6 @@ class AGEMPlugin(MemoryPlugin):
         self.seed = seed
         self.sample_size = sample_size
         self.memory = ReplayMemory(mem_size, policy, seed)
-
-    def hparams(self) -> dict[str, Any]:
-        return {"mem_size": self.mem_size, "policy": self.policy, "seed": self.seed,
-                "admission": self.admission, "sample_size": self.sample_size}  # fmt: skip
 
     def before_forward(self, strategy: Any, **kwargs: Any) -> None:
         self.memory.observe(strategy)

@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from avalanche.models import avalanche_forward
 
 from engram.memory.replay import Policy
+from engram.strategies.entry import DeclaredHparams
 from engram.strategies.memory import Admission, MemoryPlugin, ReplayMemory, check_admission
 from engram.strategies.registry import default
 
 
-class DERPlugin(MemoryPlugin):
+class DERPlugin(DeclaredHparams, MemoryPlugin):
     engram_name = "der"
+    hparams_also = ("seed",)  # besides the section's fields (registry)
 
     def __init__(
         self,
@@ -40,17 +42,6 @@ class DERPlugin(MemoryPlugin):
         self.beta = beta  # > 0: DER++
         self.batch_size_mem = batch_size_mem
         self.memory = ReplayMemory(mem_size, policy, seed)
-
-    def hparams(self) -> dict[str, Any]:
-        return {
-            "mem_size": self.mem_size,
-            "policy": self.policy,
-            "seed": self.seed,
-            "admission": self.admission,
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "batch_size_mem": self.batch_size_mem,
-        }
 
     def before_forward(self, strategy: Any, **kwargs: Any) -> None:
         self.memory.observe(strategy)

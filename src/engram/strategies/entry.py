@@ -3,7 +3,8 @@ so that the registry and the Avalanche sections both declare theirs with it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -19,3 +20,19 @@ class Entry:
     def avalanche(self) -> bool:
         """Whether the plugin is Avalanche's own (made durable by an adapter)."""
         return self.plugin.startswith("avalanche.")
+
+
+class DeclaredHparams:
+    """``hparams()`` derived from the plugin's registry entry: each field of its config
+    dataclass (read from the plugin's attribute of that name), then ``hparams_also``
+    (settings the run passes that are not the section's, e.g. the seed). A plugin's
+    hyperparameters are then written once, in its config dataclass."""
+
+    engram_name: ClassVar[str]
+    hparams_also: ClassVar[tuple[str, ...]] = ()
+
+    def hparams(self) -> dict[str, Any]:
+        from engram.strategies.registry import PLUGINS  # the registry imports this module
+
+        names = [f.name for f in fields(PLUGINS[self.engram_name].config)]
+        return {name: getattr(self, name) for name in (*names, *self.hparams_also)}

@@ -17,13 +17,15 @@ from avalanche.core import SupervisedPlugin
 
 from engram.memory.importance import FisherEstimator, fisher_diagonal, quadratic_penalty
 from engram.strategies._common import detached_params, experience_batches
+from engram.strategies.entry import DeclaredHparams
 from engram.strategies.registry import default
 
 
-class EWCPlugin(SupervisedPlugin):
+class EWCPlugin(DeclaredHparams, SupervisedPlugin):
     """EWC whose Fisher matrices, anchors and label-sampling RNG persist in the store."""
 
     engram_name = "ewc"
+    hparams_also = ("seed",)  # besides the section's fields (registry)
 
     def __init__(
         self,
@@ -48,16 +50,6 @@ class EWCPlugin(SupervisedPlugin):
         self.generator = torch.Generator().manual_seed(seed)  # labels of the "true" Fisher
         # separate: experience id -> {"fisher": {...}, "anchors": {...}}; online: one entry "0"
         self.importances: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-
-    def hparams(self) -> dict[str, Any]:
-        return {
-            "ewc_lambda": self.ewc_lambda,
-            "mode": self.mode,
-            "decay_factor": self.decay_factor,
-            "estimator": self.estimator,
-            "fisher_mb_size": self.fisher_mb_size,
-            "seed": self.seed,
-        }
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         total = torch.zeros(())

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule, avalanche_forward
 
+from engram.strategies.entry import DeclaredHparams
 from engram.strategies.registry import default
 
 
-class LwFPlugin(SupervisedPlugin):
+class LwFPlugin(DeclaredHparams, SupervisedPlugin):
     engram_name = "lwf"
 
     def __init__(
@@ -33,9 +34,6 @@ class LwFPlugin(SupervisedPlugin):
         self.teacher_weights: dict[str, torch.Tensor] = {}
         self.classes_by_task: dict[int, list[int]] = {}
         self._teacher: torch.nn.Module | None = None
-
-    def hparams(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "temperature": self.temperature}
 
     def _teacher_for(self, model: torch.nn.Module) -> torch.nn.Module:
         if self._teacher is None:

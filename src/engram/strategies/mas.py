@@ -15,10 +15,11 @@ from avalanche.core import SupervisedPlugin
 from engram.memory.importance import mas_importance, quadratic_penalty
 from engram.stateful import PersistentFields
 from engram.strategies._common import detached_params, experience_batches
+from engram.strategies.entry import DeclaredHparams
 from engram.strategies.registry import default
 
 
-class MASPlugin(PersistentFields, SupervisedPlugin):
+class MASPlugin(DeclaredHparams, PersistentFields, SupervisedPlugin):
     engram_name = "mas"
     persistent_fields = ("importance", "anchors")
 
@@ -34,9 +35,6 @@ class MASPlugin(PersistentFields, SupervisedPlugin):
         self.batch_size = batch_size
         self.importance: dict[str, torch.Tensor] = {}
         self.anchors: dict[str, torch.Tensor] = {}
-
-    def hparams(self) -> dict[str, Any]:
-        return {"lambda_reg": self.lambda_reg, "alpha": self.alpha, "batch_size": self.batch_size}
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.importance:

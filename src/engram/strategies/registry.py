@@ -1,11 +1,23 @@
 """Every engram strategy plugin, its hyperparameters, their defaults and their rules.
 
 The one place a plugin's hyperparameters are declared: the ``engram-train`` schema
-(:mod:`engram.config`), the validation of every option (:mod:`engram.validation`),
+(:mod:`engram.run.config`), the validation of every option (:mod:`engram.run.validation`),
 the runner's builder (:func:`build_plugins`) and each plugin's own ``__init__``
 defaults are derived from :data:`PLUGINS`; ``tests/strategies/test_registry.py``
-fails if a plugin file, its entry and the strategy YAMLs disagree. A new strategy is
-one plugin file, one entry here, one ``configs/strategy/*.yaml``.
+fails if a plugin file, its entry and the strategy YAMLs disagree. A new strategy of
+engram's is one plugin file, one entry here, one ``configs/strategy/*.yaml``.
+
+**A strategy of your own** is one file plus one YAML, with no edit here: the file holds
+its hyperparameters' dataclass (fields declared with :func:`~engram.rules.hp`), the
+plugin, and an :class:`~engram.strategies.entry.Entry` naming both; your package
+declares that entry under the ``engram.strategies`` entry-point group (the section
+name is the entry point's), and ``configs/strategy/<name>.yaml`` (in ``./configs`` of
+the directory you run in, or your package's) sets the section. :func:`discovered` adds
+it to :data:`PLUGINS` at import, so the schema, the validation, the builder and the
+lineage checks treat it as one of engram's (docs/training.md, "Your own strategy"). A
+discovered module is imported when the registry is, so it should import only what it
+needs to declare its entry at module level (Avalanche is fine: only runs that have it
+installed pay for it).
 
 Light on purpose (no torch, no Avalanche): Hydra composes the config before anything
 heavy is imported. Plugin classes are imported when a run builds them.
@@ -116,6 +128,36 @@ PLUGINS: dict[str, Entry] = {
     # (strategy=avalanche.<name>; their defaults are Avalanche's, see avalanche_sections)
     **avalanche_sections.SECTIONS,
 }
+
+
+def discovered(group: str = "engram.strategies") -> dict[str, Entry]:
+    """The strategies installed packages declare under the entry-point ``group``:
+    section name -> :class:`~engram.strategies.entry.Entry`, in name order.
+
+    Raises:
+        EngramError: an entry point does not load, is not an ``Entry``, or takes a
+            section name engram's strategies already use.
+    """
+    from importlib.metadata import entry_points
+
+    found: dict[str, Entry] = {}
+    for point in sorted(entry_points(group=group), key=lambda p: p.name):
+        where = f"strategy {point.name!r} ({point.value}, entry point {group})"
+        if point.name in PLUGINS:
+            raise EngramError(f"{where} takes the name of engram's own strategy section; "
+                              "give it another name")  # fmt: skip
+        try:
+            entry = point.load()
+        except Exception as e:  # a user's package: its error, in one line
+            raise EngramError(f"{where} does not load: {type(e).__name__}: {e}") from None
+        if not isinstance(entry, Entry):
+            raise EngramError(f"{where} is a {type(entry).__name__}, not an "
+                              "engram.strategies.entry.Entry")  # fmt: skip
+        found[point.name] = entry
+    return found
+
+
+PLUGINS.update(discovered())
 
 
 def default(section: str, name: str) -> Any:

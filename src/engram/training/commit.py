@@ -59,6 +59,7 @@ class Commit:
             meta["model_spec"] = self.model_spec
         meta.update(self.extra_meta)
         meta["execution"] = self._execution()
+        meta["experience_bytes"] = list(self.experience_bytes)  # the ones before this
         if gate is not None:
             meta["gate"] = dict(gate)
         if self.skipped_updates:
@@ -85,6 +86,8 @@ class Commit:
             )
             self.last_commit_bytes = version.new_bytes
         self.last_commit_seconds = time.perf_counter() - start
+        if version is not None and kind == "experience":
+            self.experience_bytes.append(version.new_bytes)
         self.policy.committed()
         return version
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from engram.errors import CorruptionError
+from engram.errors import CorruptionError, VersionNotFoundError
 from engram.store import Store, VersionInfo, version_name
+from engram.store.gc import Fence, prune
 
 
 @dataclass
@@ -24,6 +28,11 @@ class CommitPolicy:
     every_seconds: float | None = None
     keep_mid_experience: bool = False  # keep a finished experience's checkpoints
     _last: float = field(default_factory=time.monotonic, repr=False)
+    # Where this process's commits since its last prune begin, and the older
+    # mid-experience versions still kept, by experience (meta["experience"]) and id:
+    # what the next prune reads instead of every manifest.
+    _fence: Fence | None = field(default=None, repr=False)
+    _older_mids: dict[Any, dict[int, VersionInfo]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.every_iterations is not None and self.every_iterations < 1:
@@ -59,16 +68,72 @@ class CommitPolicy:
             and not v.tags
         ]
 
+    def watch(self, store: Store) -> None:
+        """Note where ``store`` (open for writing) stands before this process commits,
+        so that even its first :meth:`prune` reads only what it committed (one listing
+        of the store now, as the first prune would make)."""
+        if not self.keep_mid_experience:
+            self._remember(store, store.versions(), fence=None, stale=[])
+
     def prune(self, store: Store, before: set[int], index: int) -> None:
-        """Drop :meth:`stale` versions; gc re-links what they parented."""
-        stale = self.stale(store.versions(), before, index)
-        if not stale:
+        """Drop :meth:`stale` versions; what they parented is re-linked.
+
+        The first prune of a process (unless :meth:`watch` came first) and the first
+        after a full gc or compaction list every version and run a full gc. The others
+        read only the versions committed since the previous prune and delete exactly
+        what only the dropped ones referenced (:func:`engram.store.gc.prune`): their
+        cost does not grow with the store's history.
+        """
+        if self.keep_mid_experience:
             return
+        fence = self._fence if self._fence is not None and self._fence.holds(store) else None
+        listed = store.versions() if fence is None else self._since(store, fence, before, index)
+        stale = self.stale(listed, before, index)
         try:
-            store.gc(drop=stale)
+            if stale and (fence is None or prune(store, stale, fence) is None):
+                store.gc(drop=stale)
         except CorruptionError as e:  # housekeeping: the committed version is safe
             warnings.warn(
                 f"mid-experience versions {', '.join(version_name(v) for v in stale)} were "
                 f"not pruned: {e}",
                 stacklevel=2,
             )
+            return
+        self._remember(store, listed, fence, stale)
+
+    def _remember(
+        self, store: Store, listed: list[VersionInfo], fence: Fence | None, stale: list[int]
+    ) -> None:
+        """A new fence, and the mid-experience versions older than it still kept:
+        ``listed`` (every version when ``fence`` is None) less ``stale``, just dropped."""
+        if fence is None:
+            self._older_mids = {}
+        gone = set(stale)
+        for mids in self._older_mids.values():
+            for vid in gone & mids.keys():
+                del mids[vid]
+        for v in listed:
+            if v.id not in gone and v.meta.get("kind") == "mid-experience":
+                # keyed so a lookup finds what == the index (stale()'s test: 2.0 for 2);
+                # an unhashable experience (a list) == no index
+                with contextlib.suppress(TypeError):
+                    self._older_mids.setdefault(v.meta.get("experience"), {})[v.id] = v
+        self._fence = Fence.take(store)
+
+    def _since(self, store: Store, fence: Fence, before: set[int], index: int) -> list[VersionInfo]:
+        """The versions of ``before`` committed since ``fence``, and the older
+        mid-experience versions of experience ``index`` (with their tags now): every
+        version :meth:`stale` may return."""
+        out = []
+        for vid in sorted(v for v in before if v >= fence.next_version):
+            try:
+                out.append(store.info(vid))
+            except (CorruptionError, VersionNotFoundError):
+                continue  # as store.versions() leaves it out; the prune reports it
+        tags_of: dict[int, list[str]] = {}
+        for name, vid in store.tags().items():
+            tags_of.setdefault(vid, []).append(name)
+        for vid, v in sorted(self._older_mids.get(index, {}).items()):
+            now = tuple(sorted(tags_of.get(vid, ())))
+            out.append(v if now == v.tags else dataclasses.replace(v, tags=now))
+        return out

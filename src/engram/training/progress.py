@@ -10,6 +10,8 @@ from avalanche.core import SupervisedPlugin
 
 
 class ProgressBar(SupervisedPlugin):
+    engram_transient = ("bar",)  # drawn anew after a restart
+
     def __init__(self) -> None:
         super().__init__()
         self.bar: Any = None

@@ -22,6 +22,7 @@ from engram.distributed import sync
 from engram.errors import ArchitectureMismatchError, EngramError
 from engram.store import Snapshot
 from engram.training import execution
+from engram.training import resumed as resumed_
 from engram.training.lineage import check_lineage
 from engram.training.state import ClockState, RngStreams
 
@@ -70,10 +71,12 @@ class Restore:
         return True
 
     def _load_head(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-        """HEAD's state and weights once this run may continue it (rank 0's part)."""
-        head = self.store.head
-        if head is None:
+        """HEAD's state and weights once this run may continue it (rank 0's part): HEAD
+        as read once (engram.training.resumed), by the caller or now."""
+        resumed, self._resumed = resumed_.take(self.store, self._resumed), None
+        if resumed is None:
             return None
+        head = resumed.version
         stored_hparams = head.meta.get("hparams", {})
         check_lineage(head, path=self.store.path, hparams=self.hparams(),
                       model_spec=self.model_spec, branch=self.branch,
@@ -88,8 +91,13 @@ class Restore:
         self.execution_changes = execution.warn_if_changed(
             self.store.path, head.name, head.meta.get("execution"), self._execution()
         )
-        snapshot = self.store.load()
-        return snapshot.state, snapshot.model or {}
+        self.resumed_from = head.name
+        recorded = resumed.experience_bytes()
+        if recorded is None:  # a store from before the meta recorded them
+            n = len(resumed.snapshot.state["metrics"]["accuracy_matrix"])
+            recorded = resumed_.listed_experience_bytes(self.store, n)
+        self.experience_bytes = recorded
+        return resumed.snapshot.state, resumed.snapshot.model or {}
 
     def _read_records(self, ids: list[int]) -> list[bytes]:
         return self.store.samples.read_records(ids)
@@ -133,7 +141,7 @@ class Restore:
     def _check_architecture(self, weights: Mapping[str, torch.Tensor]) -> None:
         current = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         stored = {k: tuple(v.shape) for k, v in weights.items()}
-        head = self.store.head.name if self.store is not None else "HEAD"
+        head = self.resumed_from or "HEAD"
         problems = [f"missing in the model: {k}" for k in sorted(stored.keys() - current.keys())]
         problems += [f"not in the store: {k}" for k in sorted(current.keys() - stored.keys())]
         problems += [

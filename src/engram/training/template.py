@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
+from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader
@@ -53,11 +53,10 @@ from engram.distributed import sync, wire
 from engram.distributed.reduce import all_true, average_gradients, broadcast_module, sum_counts
 from engram.distributed.state import LocalSamples
 from engram.errors import EngramError, GateFailed, NonFiniteError
-from engram.stateful import Stateful
 from engram.store import Snapshot, Store
 from engram.store.background import BackgroundCommitter
 from engram.strategies import avalanche_state
-from engram.training import execution
+from engram.training import app_state, execution
 from engram.training.commit import Commit
 from engram.training.experiences import train_experiences
 from engram.training.gate import RegressionGate, gate_refs, gate_verdict, settle_gate
@@ -65,13 +64,16 @@ from engram.training.guard import MAX_ABS_WEIGHT
 from engram.training.numerics import Precision, finite_step, nonfinite_weights
 from engram.training.policy import CommitPolicy
 from engram.training.restore import Restore
+from engram.training.resumed import UNREAD, Resumed
 from engram.training.sampler import ResumableBatchSampler, epoch_seed
-from engram.training.state import ClockState, Cursor, RngStreams, SchedulerState
+from engram.training.state import ClockState, Cursor, RngStreams
 
 
 class AccuracyRecorder(SupervisedPlugin):
     """Counts correct predictions during ``eval``, with no logging: the evaluation the
     template runs, usable on a plain Avalanche strategy too (comparisons against it)."""
+
+    engram_transient = ("correct", "seen")  # one evaluation's counts
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,6 +142,9 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         max_abs_weight: a version whose largest ``|weight|`` exceeds this is a finite
             blow-up and is not committed (NonFiniteError); None: no bound. The default's
             reason: :data:`engram.training.guard.MAX_ABS_WEIGHT`.
+        resumed: HEAD of ``store`` as the caller already read it
+            (:func:`engram.training.resumed.read_head`; None: the store has no HEAD), so
+            a resume reads it once; by default the template reads it when it restores.
     """
 
     def __init__(
@@ -168,6 +173,7 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         nonfinite: str = "stop",
         precision: str = "32",
         max_abs_weight: float | None = MAX_ABS_WEIGHT,
+        resumed: Resumed | object | None = UNREAD,
     ) -> None:
         """Arguments: see the class. Long because it sets every attribute that the hooks and
         the restore and commit mixins share, each with its comment."""
@@ -229,6 +235,11 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         self.initial_accuracy: list[float] | None = None
         self._adaptations: list[list[Any]] = []  # [stream, experience index, training]
         self._snapshot: Snapshot | None = None  # the state being resumed, until applied
+        self._resumed = resumed  # HEAD, read once (UNREAD: by restore); dropped once used
+        self.resumed_from: str | None = None  # the name of the version resumed
+        # bytes each experience's commit wrote, recorded in every version's meta (so a
+        # resume's TensorBoard history needs no listing of the store)
+        self.experience_bytes: list[int] = []
         self._restored = False
         self._has_history = False
         self._branched: dict[str, Any] = {}  # optimizer settings a branch changed
@@ -358,24 +369,14 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
             )
 
     def _stateful_plugins(self) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-        for plugin in self.plugins:
-            if plugin is self._recorder or plugin is self.clock:
-                continue
-            if isinstance(plugin, LRSchedulerPlugin):
-                key, plugin = "lr_scheduler", SchedulerState(plugin)
-            elif isinstance(plugin, Stateful):
-                key = getattr(plugin, "engram_name", type(plugin).__name__.lower())
-            elif (adapter := avalanche_state.adapter_for(plugin, self)) is not None:
-                key, plugin = adapter.engram_name, adapter  # Avalanche's own, made durable
-            else:
-                continue  # no memory across experiences (an Avalanche one with: refused)
-            base, n = key, 1
-            while key in found:
-                n += 1
-                key = f"{base}{n}"
-            found[key] = plugin
-        return found
+        """The plugins' named state (engram.training.app_state: an allowlist, so a plugin
+        whose state nothing keeps is refused by name), built once per plugin list."""
+        plugins = self._user_plugins()
+        ids = tuple(map(id, plugins))
+        if getattr(self, "_plugin_ids", None) != ids:
+            self._named_plugins = app_state.named_plugins(plugins, self)
+            self._plugin_ids = ids
+        return self._named_plugins
 
     def state_dict(self) -> dict[str, Any]:
         """The template's whole state except the model weights (committed separately)."""
@@ -394,8 +395,15 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
             **({"scaler": self.numerics.state_dict()} if self.numerics.scaler else {}),
         }
 
+    def _user_plugins(self) -> tuple[Any, ...]:
+        """The plugins the run was given (and Avalanche's own), not the template's."""
+        return tuple(p for p in self.plugins if p is not self._recorder and p is not self.clock)
+
     def _plugin_states(self) -> dict[str, Any]:
-        return {key: p.state_dict() for key, p in self._stateful_plugins().items()}
+        plugins = self._stateful_plugins()
+        # a user's plugin taken as holding nothing may have been given state by a hook
+        app_state.unkept_now(self._user_plugins())
+        return {key: p.state_dict() for key, p in plugins.items()}
 
     def _execution(self) -> dict[str, Any]:
         return execution.settings(self.device, self.numerics.name)
@@ -544,7 +552,7 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         gate's rejection message (None: passed, or no gate)."""
         self._wait_for_commit()  # a mid-experience version in flight is pruned below too
         main = self.store is not None
-        before = {v.id for v in self.store.versions()} if main else set()
+        before = set(self.store.version_ids()) if main else set()  # keys only: flat
         failures, verdict = gate_verdict(self.gate, self.accuracy_matrix)
         # the verdict's refs move in the version's own transaction (rank 0's store)
         refs = gate_refs(self.gate, self.store, failures) if main else None

@@ -54,7 +54,7 @@ def _closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[S3]:
-    pytest.importorskip("obstore")  # engram[remote]
+    pytest.importorskip("obstore")  # engram-cl[remote]
     boto3 = pytest.importorskip("boto3")
     server_mod = pytest.importorskip("moto.server")
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -23,13 +23,13 @@ from remote_helpers import assert_same_store, commit, make_store
 
 from engram.cli import main as engram
 from engram.errors import ConfigError, RemoteConflictError
+from engram.run.validation import validate
 from engram.store import Store
 from engram.store.remote import pull, push
 from engram.store.remote.background import BackgroundPusher, catch_up, serve
 from engram.store.remote.client import ObjectStore
 from engram.store.remote.lineage import read_head
 from engram.train import train
-from engram.validation import validate
 
 
 def config(store: Path, *overrides: str, quiet: bool = True):
@@ -146,8 +146,9 @@ def test_a_store_and_remote_that_diverged_are_refused_before_training(
 
 def test_store_remote_is_checked_and_never_echoes_a_credential(tmp_path: Path) -> None:
     validate(config(tmp_path / "s", "store.remote=s3://bucket/runs/ewc"))
+    validate(config(tmp_path / "s", "store.remote=file:///mnt/runs"))  # a directory
     with pytest.raises(ConfigError, match=r"store.remote must be a URL s3://BUCKET/PREFIX"):
-        validate(config(tmp_path / "s", "store.remote=file:///mnt/runs"))
+        validate(config(tmp_path / "s", "store.remote=file://host/mnt/runs"))
     for url in ("s3://AKIAEXAMPLE:hunter2@bucket/p", "s3://bucket/p?X-Amz-Signature=hunter2"):
         with pytest.raises(ConfigError) as refused:
             validate(config(tmp_path / "s", f"store.remote='{url}'"))

@@ -5,11 +5,15 @@ store's versions as immutable objects and a HEAD moved by compare-and-swap
 (:mod:`~engram.store.remote.layout`; docs/remote.md). It is never an LMDB environment:
 a pulled store is a normal local store.
 
-Rooms: :mod:`~engram.store.remote.client` (the object-store library, behind five verbs),
-:mod:`~engram.store.remote.layout` (keys, markers, segments), :mod:`~engram.store.remote.lineage`
-(the remote's history; what a store remembers of it), :mod:`~engram.store.remote.push`,
-:mod:`~engram.store.remote.pull`, :mod:`~engram.store.remote.background` (beside a training
-run: ``catch_up`` before it, a ``BackgroundPusher`` after each experience).
+Rooms: :mod:`~engram.store.remote.client` (the object-store library, behind five verbs;
+file:// with its compare-and-swap), :mod:`~engram.store.remote.layout` (keys, markers,
+segments, tags), :mod:`~engram.store.remote.lineage` (the remote's history; what a store
+remembers of it), :mod:`~engram.store.remote.push`, :mod:`~engram.store.remote.pull`,
+:mod:`~engram.store.remote.background` (beside a training run: ``catch_up`` before it, a
+``BackgroundPusher`` after each experience), :mod:`~engram.store.remote.attach`
+(``Store.open(path, remote=)``), :mod:`~engram.store.remote.cache` (a remote read in
+place through a local copy), :mod:`~engram.store.remote.verify` (``engram verify
+REMOTE``), :mod:`~engram.store.remote.status` (``engram ls``'s "remote N versions behind").
 """
 
 from engram.store.remote.background import BackgroundPusher, catch_up

@@ -12,14 +12,29 @@ and the endpoint come from the standard environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_ENDPOINT_URL``, web identity, ECS and instance metadata), read by object_store;
 engram never reads, stores or prints one.
 
+``file:///ABS/PATH`` (a directory, e.g. a shared mount used as an object store) goes
+through obstore's ``LocalStore`` (object_store's ``LocalFileSystem``): a create-only
+write stages the bytes beside the key and ``link(2)``s them into place (``EEXIST`` →
+``AlreadyExists``: atomic on a local file system and on NFS), but it has no ``If-Match``
+(``PutMode::Update`` is not implemented) and writes without ``fsync``. So there, this
+client adds the two: every write is fsynced (the file and its directory), and a
+compare-and-swap of HEAD or a tag is a create-only *claim* ``claims/<key>/<sha256 of the
+value it replaces>`` holding the new value — exactly one writer can claim a value away
+— after which the key itself is renamed over (a shortcut). A reader follows the claims
+from the key's value (:meth:`ObjectStore.get` with ``swapped=True``), so a writer killed
+between its claim and the rename has still moved the key, and a slow writer's rename of
+an older value hides nothing. A swapped value never repeats (HEAD only moves forward; a
+tag carries a sequence number), so the claims form a chain.
+
 obstore is imported inside :class:`ObjectStore` only: ``import engram`` and the
 ``engram`` command stay light, and the library is an optional extra
-(``pip install 'engram[remote]'``).
+(``pip install 'engram-cl[remote]'``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -30,15 +45,17 @@ from urllib.parse import urlsplit
 
 from engram.errors import RemoteError
 
-# Remote URL schemes engram takes; file:// is refused until HEAD has a compare-and-swap
-# there (object_store's LocalFileSystem has no PutMode::Update).
-SCHEMES = ("s3", "gs", "az")
+# Remote URL schemes engram takes (file://: a directory, see the module docstring)
+SCHEMES = ("s3", "gs", "az", "file")
+_CLAIMS = "claims/"  # file:// only: the compare-and-swap claims (module docstring)
+_MAX_CLAIMS = 10**6  # bounds a walk of a damaged (cyclic) claim chain
 # A down or slow remote fails a push within about this long (object_store's own default
 # retries for 180 s): the local commit is safe either way, and `engram push` resumes.
 MAX_RETRIES = 3
 RETRY_TIMEOUT_S = 30.0
 _STATUS = re.compile(r"status code: (\d{3})")
 _URL_QUERY = re.compile(r"(https?://[^\s?]+)\?\S*")  # signed query strings never printed
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class AlreadyExists(Exception):
@@ -57,16 +74,28 @@ class Got:
     etag: str | None
 
 
+def is_url(target: object) -> bool:
+    """Whether ``target`` names a remote (``scheme://...``) rather than a local path."""
+    return isinstance(target, str) and bool(_URL.match(target))
+
+
 def check_url(url: str) -> str:
-    """``url`` if engram can use it as a remote (``s3://bucket/prefix``, ``gs://``, ``az://``),
-    without a trailing slash; a URL with user info or a query (a place credentials could
-    leak into manifests, logs or ``remote.json``) is refused."""
+    """``url`` if engram can use it as a remote (``s3://bucket/prefix``, ``gs://``, ``az://``,
+    ``file:///abs/path``), without a trailing slash; a URL with user info or a query (a
+    place credentials could leak into manifests, logs or ``remote.json``) is refused."""
     parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc or not parts.path.startswith("/") or parts.query or parts.fragment:
+            raise RemoteError(
+                "a file:// remote is a local directory named by its absolute path, "
+                "file:///ABS/PATH (no host, no query)"
+            )
+        return "file://" + (parts.path.rstrip("/") or "/")
     if parts.scheme not in SCHEMES or not parts.netloc:
         shown = parts.scheme + "://" if parts.scheme else repr(url[:40])
         raise RemoteError(
             f"remote {shown}... is not an object-store URL engram takes: use "
-            "s3://BUCKET/PREFIX (gs://, az:// likewise); file:// remotes are not supported yet"
+            "s3://BUCKET/PREFIX (gs://, az:// likewise) or file:///ABS/PATH"
         )
     if "@" in parts.netloc or parts.query or parts.fragment:
         raise RemoteError(
@@ -93,24 +122,40 @@ class ObjectStore:
     naming the remote and the key, never a credential.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = False, timeout_s: float | None = None) -> None:
+        """``create``: a file:// remote's directory is made if missing (a push);
+        ``timeout_s``: each request within that long, no retry (a quick look, as
+        ``engram ls`` takes); default: :data:`MAX_RETRIES` within :data:`RETRY_TIMEOUT_S`."""
         self.url = check_url(url)
         self.traffic = Traffic()
+        # file:// (LocalStore): no If-Match and no fsync of its own (module docstring)
+        self.local_root = Path(self.url[len("file://") :]) if self.url.startswith("file:") else None
         try:
             from obstore.store import from_url  # lazy: see the module docstring
         except ImportError:
             raise RemoteError(
-                "a remote needs the obstore library: pip install 'engram[remote]'"
+                "a remote needs the obstore library: pip install 'engram-cl[remote]'"
             ) from None
 
+        self._store: Any = None  # a file:// remote's missing directory: an empty remote
+        if self.local_root is not None:
+            if not create and not self.local_root.is_dir():
+                return  # as an S3 prefix holding nothing (a push makes the directory)
+            try:
+                self._store = from_url(self.url, mkdir=create)
+            except Exception as e:
+                raise self._error("open", "", e) from None
+            return
         options: dict[str, Any] = {}
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
         if self.url.startswith("s3://") and endpoint.startswith("http://"):
             # an S3-compatible server the user named over plain HTTP (a local MinIO, an
             # emulator): object_store refuses HTTP unless told; naming it is telling it
             options["allow_http"] = True
-        timeout = _dt.timedelta(seconds=RETRY_TIMEOUT_S)
-        retry = {"max_retries": MAX_RETRIES, "retry_timeout": timeout}
+        timeout = _dt.timedelta(seconds=RETRY_TIMEOUT_S if timeout_s is None else timeout_s)
+        retry = {"max_retries": MAX_RETRIES if timeout_s is None else 0, "retry_timeout": timeout}
+        if timeout_s is not None:
+            options["timeout"] = options["connect_timeout"] = timeout
         try:
             self._store = from_url(self.url, client_options=options, retry_config=retry)
         except Exception as e:
@@ -118,9 +163,19 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ reads
 
-    def get(self, key: str) -> Got | None:
-        """The whole object, or None if there is none."""
+    def get(self, key: str, *, swapped: bool = False) -> Got | None:
+        """The whole object, or None if there is none. ``swapped``: a key moved by
+        :meth:`swap` (HEAD, a tag); on file:// its claims are followed, and the ETag is
+        the SHA-256 of the value (the name of the claim that would replace it)."""
+        if swapped and self.local_root is not None:
+            return self._get_claimed(key)
+        return self._get(key)
+
+    def _get(self, key: str) -> Got | None:
         import obstore
+
+        if self._store is None:
+            return None
 
         try:
             result = obstore.get(self._store, key)
@@ -136,6 +191,9 @@ class ObjectStore:
         """Stream the object into ``out``, each chunk also to ``consume`` (a hash);
         returns its size, or None if there is none."""
         import obstore
+
+        if self._store is None:
+            return None
 
         n = 0
         try:
@@ -154,6 +212,9 @@ class ObjectStore:
     def exists(self, key: str) -> bool:
         import obstore
 
+        if self._store is None:
+            return False
+
         try:
             obstore.head(self._store, key)
         except FileNotFoundError:
@@ -165,6 +226,9 @@ class ObjectStore:
     def list(self, prefix: str) -> Iterator[str]:
         """The keys under ``prefix``."""
         import obstore
+
+        if self._store is None:
+            return
 
         try:
             for batch in obstore.list(self._store, prefix):
@@ -190,6 +254,8 @@ class ObjectStore:
         Raises:
             Stale: the object changed (or was created) meanwhile; nothing was written.
         """
+        if self.local_root is not None:
+            return self._swap_claimed(key, data, etag)
         if etag is None:
             try:
                 return self._put(key, data, "create")
@@ -197,8 +263,34 @@ class ObjectStore:
                 raise Stale(key) from None
         return self._put(key, data, {"e_tag": etag})
 
+    # file:// only: compare-and-swap by create-only claims (module docstring)
+
+    def _get_claimed(self, key: str) -> Got | None:
+        got = self._get(key)
+        data = None if got is None else got.data
+        for _ in range(_MAX_CLAIMS):
+            claim = self._get(_claim_key(key, None if data is None else _sha256(data)))
+            if claim is None:
+                return None if data is None else Got(data, _sha256(data))
+            data = claim.data
+        raise RemoteError(f"remote {self.url}: the claims of {key} do not end; it is damaged")
+
+    def _swap_claimed(self, key: str, data: bytes, etag: str | None) -> str:
+        claim = _claim_key(key, etag)
+        try:
+            self._put(claim, data, "create")
+        except AlreadyExists:
+            got = self._get(claim)
+            if got is None or got.data != data:  # another writer claimed that value away
+                raise Stale(key) from None
+        self._put(key, data, "overwrite")  # readers follow the claim whether this lands or not
+        return _sha256(data)
+
     def delete(self, key: str) -> None:
         import obstore
+
+        if self._store is None:
+            return
 
         try:
             obstore.delete(self._store, key)
@@ -210,6 +302,9 @@ class ObjectStore:
     def _put(self, key: str, data: bytes | Path, mode: Any) -> str | None:
         import obstore
         from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        if self._store is None:
+            raise RemoteError(f"remote {self.url}: the directory does not exist")
 
         size = len(data) if isinstance(data, bytes) else data.stat().st_size
         try:
@@ -224,9 +319,29 @@ class ObjectStore:
             raise self._error("writing", key, e) from None
         except Exception as e:
             raise self._error("writing", key, e) from None
+        if self.local_root is not None:
+            self._fsync(key)
         self.traffic.up += size
         self.traffic.puts.append((key, size))
         return result.get("e_tag")
+
+    def _fsync(self, key: str) -> None:
+        """The object, and the directory entries naming it and its (maybe new) parent
+        directories, reach the disk before the next step of the protocol
+        (object_store's local file system does not fsync)."""
+        assert self.local_root is not None
+        path = self.local_root / key
+        try:
+            for each in (path, *path.parents):
+                fd = os.open(each, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                if each == self.local_root:
+                    break
+        except OSError as e:
+            raise self._error("writing", key, e) from None
 
     # ------------------------------------------------------------------ errors
 
@@ -238,7 +353,10 @@ class ObjectStore:
         kind = type(e).__name__
         status = _STATUS.search(text)
         code = status.group(1) if status else None
-        if kind in ("UnauthenticatedError", "PermissionDeniedError") or code in ("401", "403"):
+        if self.local_root is not None:  # a directory: the OS's own reason says it
+            first = text.strip().splitlines()[0] if text.strip() else kind
+            why = f"{kind}: {first[:200]}"
+        elif kind in ("UnauthenticatedError", "PermissionDeniedError") or code in ("401", "403"):
             why = (
                 "access denied or no credentials; set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (or run with an instance role) with access to it"
@@ -258,3 +376,11 @@ class ObjectStore:
         return RemoteError(
             f"{where}: {why}; local versions are intact: fix it, then run the command again"
         )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _claim_key(key: str, etag: str | None) -> str:
+    return f"{_CLAIMS}{key}/{etag or 'initial'}"

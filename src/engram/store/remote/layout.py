@@ -8,6 +8,8 @@ Under the remote's prefix (docs/remote.md)::
     versions/vNNNN-<h>.json       a version's *marker*, immutable (``h``: the first 16 hex
                                   of the marker's SHA-256), written create-only
     HEAD                          {"version", "marker", "sha256"}: moved by compare-and-swap
+    refs/tags/<name>              {"format", "tag", "seq", "target": a ref}: a tag, moved by
+                                  compare-and-swap (``seq`` counts its moves)
 
 A marker names its segment and its parent's marker by SHA-256, and HEAD names its
 marker by SHA-256: from HEAD every byte a reader uses is checked against a hash written
@@ -39,6 +41,7 @@ from typing import Any
 
 from engram.errors import RemoteError
 from engram.store import format as fmt
+from engram.store.history import is_valid_tag_name
 from engram.store.packs import PACK_NAME
 from engram.store.values import version_name
 
@@ -46,6 +49,7 @@ LAYOUT_FORMAT = 1
 STORE_KEY = "store.json"
 HEAD_KEY = "HEAD"
 VERSIONS_PREFIX = "versions/"
+TAGS_PREFIX = "refs/tags/"
 OBJECTS_PREFIX = "objects/"
 SEGMENT_MAGIC = b"ENGRAMS1"
 _LENGTH = struct.Struct("<Q")
@@ -131,6 +135,42 @@ def parse_head(data: bytes) -> Ref:
     except ValueError:
         raise _bad(HEAD_KEY, "not JSON") from None
     return Ref.from_json(obj, HEAD_KEY)
+
+
+def tag_key(name: str) -> str:
+    return TAGS_PREFIX + name
+
+
+@dataclass(frozen=True)
+class Tag:
+    """A tag on the remote: the version (its marker's ref) it names. ``seq`` counts the
+    tag's moves, so a value never repeats (a file:// remote's compare-and-swap needs it)."""
+
+    name: str
+    seq: int
+    target: Ref
+
+    def encode(self) -> bytes:
+        return canonical({"format": LAYOUT_FORMAT, "tag": self.name, "seq": self.seq,
+                          "target": self.target.to_json()})  # fmt: skip
+
+    @classmethod
+    def decode(cls, data: bytes, name: str) -> Tag:
+        key = tag_key(name)
+        try:
+            obj = json.loads(data)
+            ok = isinstance(obj, dict) and obj.get("tag") == name and is_valid_tag_name(name)
+            seq = obj["seq"] if ok else None
+        except (ValueError, KeyError, TypeError):
+            ok, seq = False, None
+        if not ok or not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise _bad(key, "malformed tag")
+        if obj.get("format") != LAYOUT_FORMAT:
+            raise RemoteError(
+                f"remote tag {key} is in layout format {obj.get('format')!r}; upgrade engram "
+                "to read it"
+            )
+        return cls(name, seq, Ref.from_json(obj.get("target"), key))
 
 
 # ------------------------------------------------------------------ markers

@@ -18,8 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from engram.errors import RemoteError
+from engram.store.history import is_valid_tag_name
 from engram.store.remote.client import ObjectStore
-from engram.store.remote.layout import HEAD_KEY, Marker, Ref, parse_head
+from engram.store.remote.layout import (
+    HEAD_KEY,
+    TAGS_PREFIX,
+    Marker,
+    Ref,
+    Tag,
+    parse_head,
+    tag_key,
+)
 
 REMOTE_FILE = "remote.json"
 _MAX_CHAIN = 10**7  # bounds the walk of a damaged (cyclic) chain; ids only decrease anyway
@@ -73,10 +82,33 @@ def remember(store: Path, url: str, lineage: list[Entry]) -> None:
 
 def read_head(client: ObjectStore) -> tuple[Ref | None, str | None]:
     """The remote's HEAD and its ETag (for the compare-and-swap); (None, None) if unset."""
-    got = client.get(HEAD_KEY)
+    got = client.get(HEAD_KEY, swapped=True)
     if got is None:
         return None, None
     return parse_head(got.data), got.etag
+
+
+def read_tag(client: ObjectStore, name: str) -> tuple[Tag | None, str | None]:
+    """The remote's tag ``name`` and its ETag; (None, None) if there is none."""
+    got = client.get(tag_key(name), swapped=True)
+    if got is None:
+        return None, None
+    return Tag.decode(got.data, name), got.etag
+
+
+def read_tags(client: ObjectStore) -> dict[str, Tag]:
+    """Every tag of the remote (one listing, one read per tag)."""
+    names = sorted(
+        key[len(TAGS_PREFIX) :]
+        for key in client.list(TAGS_PREFIX)
+        if is_valid_tag_name(key[len(TAGS_PREFIX) :])  # not a stray or staged file
+    )
+    tags = {}
+    for name in names:
+        tag, _ = read_tag(client, name)
+        if tag is not None:  # deleted since the listing
+            tags[name] = tag
+    return tags
 
 
 def read_marker(client: ObjectStore, ref: Ref) -> Marker:

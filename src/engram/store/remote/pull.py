@@ -15,6 +15,8 @@ lacks, oldest first:
 
 A pull killed anywhere leaves the local store at the last version (3) committed, with at
 most a few unreferenced files that ``gc`` collects; running it again goes on from there.
+Then the remote's tags on those versions that the store lacks are created (a local tag
+is never moved; a read-only copy, :mod:`~engram.store.remote.cache`, mirrors them).
 
 A clone that went on by itself keeps its live data: a pack id it already uses for other
 bytes is renumbered (:func:`_place_files`), and a replay-sample id both clones gave out
@@ -27,7 +29,8 @@ import hashlib
 import json
 import os
 import secrets
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,6 +56,7 @@ from engram.store.remote.layout import (
     STORE_KEY,
     Marker,
     Segment,
+    Tag,
     local_dir,
     object_key,
 )
@@ -60,6 +64,7 @@ from engram.store.remote.lineage import (
     Entry,
     read_head,
     read_marker,
+    read_tags,
     remember,
     remembered,
     walk,
@@ -78,9 +83,15 @@ class PullReport:
     pulled: list[int]  # version ids, oldest first
     head: int
     downloaded_bytes: int
+    tags: list[str] = field(default_factory=list)  # local tags created or moved
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+# How a pull without its files (a read-only cache, engram.store.remote.cache) names the
+# files of a segment locally: (store, segment) -> {remote name: local name}
+Placer = Callable[[Store, Segment], dict[str, str]]
 
 
 def default_store(url: str) -> str:
@@ -94,13 +105,28 @@ def default_store(url: str) -> str:
 def pull(url: str, store_path: str | Path) -> PullReport:
     """Clone ``url`` into ``store_path`` (missing or empty), or update the clone there.
 
+    The remote's tags on the versions pulled are created where the store has no tag of
+    that name (a local tag is never moved by a pull).
+
     Raises:
         RemoteError: the remote is unusable, empty, or an object fails its hash.
         RemoteConflictError: the local store is another store, or has versions the
             remote's HEAD does not descend from.
     """
-    client = ObjectStore(url)
-    path = Path(store_path).expanduser()
+    return pull_into(ObjectStore(url), Path(store_path).expanduser())
+
+
+def pull_into(
+    client: ObjectStore,
+    path: Path,
+    *,
+    place: Placer | None = None,
+    mirror_tags: bool = False,
+    lock_timeout: float = 0.0,
+) -> PullReport:
+    """:func:`pull` from ``client``. ``place``: write the records only, naming each
+    file with it (its files are fetched later, by whoever placed them); ``mirror_tags``:
+    the store's tags become the remote's (a read-only copy nobody tags)."""
     store_id = _remote_store_id(client)
     head, _ = read_head(client)
     if head is None:
@@ -108,7 +134,8 @@ def pull(url: str, store_path: str | Path) -> PullReport:
     memory = remembered(path)
     cached = memory.lineage if memory is not None and memory.url == client.url else []
     lineage, markers = walk(client, head, cached)
-    with Store.open(path, mode="c") as store:
+    remote_tags = read_tags(client)
+    with Store.open(path, mode="c", lock_timeout=lock_timeout) as store:
         env = store.env
         _adopt_store_id(store, store_id, client)
         todo = _versions_to_pull(store, client, lineage)
@@ -121,16 +148,45 @@ def pull(url: str, store_path: str | Path) -> PullReport:
                 )
             segment = _segment(client, marker)
             manifest = _manifest_of(segment, store_id)
-            places = _place_files(store.path, env, segment)
-            _fetch_files(store.path, client, segment, places)
+            if place is not None:
+                places = place(store, segment)
+            else:
+                places = _place_files(store.path, env, segment)
+                _fetch_files(store.path, client, segment, places)
             _publish(env, segment, manifest, places)
         local = store.head
         if not todo and (local is None or local.id != head.version):  # a rolled-back clone
             value = str(head.version).encode()
             env.write(lambda txn: env.put(txn, fmt.DB_REFS, fmt.HEAD_REF, value))
+        tags = _set_tags(store, lineage, remote_tags, mirror=mirror_tags)
     remember(path, client.url, lineage)
     return PullReport(client.url, str(path), [e.ref.version for e in todo], head.version,
-                      client.traffic.down)  # fmt: skip
+                      client.traffic.down, tags)  # fmt: skip
+
+
+def _set_tags(
+    store: Store, lineage: list[Entry], remote: dict[str, Tag], *, mirror: bool
+) -> list[str]:
+    """The remote's tags on versions of ``lineage`` (now all in the store), set locally:
+    each tag the store lacks; with ``mirror``, every one, and no other. The names set."""
+    on_lineage = {e.ref: e.ref.version for e in lineage}
+    wanted = {name: on_lineage[t.target] for name, t in remote.items() if t.target in on_lineage}
+    local = store.tags()
+    moves = {name: vid for name, vid in wanted.items()
+             if local.get(name) != vid and (mirror or name not in local)}  # fmt: skip
+    # (a tag on a version pushed after HEAD was read keeps its value until the next pull)
+    drops = [name for name in local if name not in remote] if mirror else []
+    if moves or drops:
+        env = store.env
+
+        def work(txn: lmdb.Transaction) -> None:
+            for name, vid in moves.items():
+                env.put(txn, fmt.DB_REFS, fmt.TAG_PREFIX + name.encode(), str(vid).encode())
+            for name in drops:
+                env.delete(txn, fmt.DB_REFS, fmt.TAG_PREFIX + name.encode())
+
+        env.write(work)
+    return sorted(moves)
 
 
 def _remote_store_id(client: ObjectStore) -> str:
@@ -232,14 +288,23 @@ def _holds(path: Path, digest: str, nbytes: int) -> bool:
 def _fetch_files(
     store: Path, client: ObjectStore, segment: Segment, places: dict[str, str]
 ) -> None:
-    """Step (2): every file of the segment, in place and checked. All are downloaded and
-    checked under temporary names before any is renamed: a damaged object leaves none."""
+    """Step (2): every file of the segment, in place and checked."""
+    wanted = []
+    for name, digest, nbytes in segment.files:
+        target = store / local_dir(name) / places[name]
+        if not _holds(target, digest, nbytes):
+            wanted.append((name, digest, nbytes, target))
+    download_checked(client, wanted)
+
+
+def download_checked(client: ObjectStore, wanted: list[tuple[str, str, int, Path]]) -> int:
+    """Each ``(name, sha256, nbytes, target)`` downloaded to ``target``; the bytes
+    moved. All are downloaded and checked under temporary names before any is renamed:
+    a damaged object leaves none."""
     fetched: list[tuple[Path, Path]] = []  # (temporary, target)
+    moved = 0
     try:
-        for name, digest, nbytes in segment.files:
-            target = store / local_dir(name) / places[name]
-            if _holds(target, digest, nbytes):
-                continue
+        for name, digest, nbytes, target in wanted:
             # the mode a commit gives its files (0644 less the umask), a name gc collects
             tmp = target.parent / f".tmp{secrets.token_hex(8)}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -256,6 +321,7 @@ def _fetch_files(
                     f"remote {client.url}: {object_key(digest)} ({name}) fails its SHA-256; it "
                     "was not used: push the version again from a store that has it"
                 )
+            moved += size
         for tmp, target in fetched:
             os.replace(tmp, target)
     except BaseException:
@@ -264,6 +330,7 @@ def _fetch_files(
         raise
     for directory in {target.parent for _, target in fetched}:
         fsync_dir(directory)
+    return moved
 
 
 def _sha256_of(path: Path) -> str:

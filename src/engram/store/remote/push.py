@@ -8,6 +8,10 @@ For each local version the remote lacks, oldest first (docs/remote.md, "Protocol
 3. :func:`_create_marker`: its marker, create-only (immutable, named by its own hash);
 4. :func:`_move_head`: HEAD, by compare-and-swap from the ETag read at the start.
 
+Then :func:`_push_tags`: each local tag naming a version the remote now holds, moved by
+compare-and-swap where the remote's differs (a tag on a version off the remote's
+history stays local; a remote tag the store lacks is left as it is).
+
 Until (4) succeeds nothing a reader follows names what (1)–(3) wrote, so a push killed
 anywhere leaves the remote at the previous version; a re-run writes the same bytes
 under the same names (create-only finds them there) and completes it. A second writer
@@ -30,7 +34,13 @@ from typing import Any
 
 import lmdb
 
-from engram.errors import CorruptionError, RemoteConflictError, RemoteError, StoreNotFoundError
+from engram.errors import (
+    CorruptionError,
+    RemoteConflictError,
+    RemoteError,
+    StoreNotFoundError,
+    VersionNotFoundError,
+)
 from engram.store import Store
 from engram.store import format as fmt
 from engram.store.blobs import Blobs, EncodedBlob, FileBlob, decode_entry
@@ -44,12 +54,22 @@ from engram.store.remote.layout import (
     Marker,
     Ref,
     Segment,
+    Tag,
     canonical,
     local_dir,
     object_key,
     sha256,
+    tag_key,
 )
-from engram.store.remote.lineage import Entry, read_head, read_marker, remember, remembered, walk
+from engram.store.remote.lineage import (
+    Entry,
+    read_head,
+    read_marker,
+    read_tag,
+    remember,
+    remembered,
+    walk,
+)
 from engram.store.samples import sample_key
 from engram.store.values import version_name
 
@@ -65,6 +85,7 @@ class PushReport:
     head: int | None  # the remote's HEAD afterwards
     uploaded_bytes: int
     objects: int  # objects written
+    tags: list[str] = field(default_factory=list)  # remote tags created or moved
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -98,7 +119,7 @@ def push(store_path: str | Path | Store, url: str | None = None) -> PushReport:
         if memory is None:
             raise RemoteError(f"store {path} has no remote yet: run `engram push {path} REMOTE`")
         url = memory.url
-    client = ObjectStore(url)
+    client = ObjectStore(url, create=True)
     cached = memory.lineage if memory is not None and memory.url == client.url else []
     if isinstance(store_path, Store):  # a store this process has open (LMDB: one handle)
         return _push_open(store_path, client, cached)
@@ -148,9 +169,10 @@ def _push(store: Store, blobs: Blobs, client: ObjectStore, cached: list[Entry]) 
         pushed.append(vid)
     if not todo:  # a first push of an empty remote still remembers the URL
         remember(store.path, client.url, lineage)
+    tags = _push_tags(store, client, lineage)
     traffic = client.traffic
     return PushReport(client.url, pushed, None if head is None else head.version,
-                      traffic.up, len(traffic.puts))  # fmt: skip
+                      traffic.up, len(traffic.puts), tags)  # fmt: skip
 
 
 def _claim_remote(client: ObjectStore, store_id: str) -> None:
@@ -407,6 +429,38 @@ def _create_marker(client: ObjectStore, marker: Marker) -> Ref:
                 f"damaged or another writer is not engram; run `engram verify {client.url}`"
             ) from None
     return ref
+
+
+def _push_tags(store: Store, client: ObjectStore, lineage: list[Entry]) -> list[str]:
+    """The store's tags on versions the remote holds, on the remote; the names moved.
+
+    Raises:
+        RemoteConflictError: another writer moved a tag meanwhile (412); nothing of it
+            was overwritten.
+    """
+    on_remote = {(e.ref.version, e.created_at): e.ref for e in lineage}
+    moved = []
+    for name, vid in sorted(store.tags().items()):
+        try:
+            created_at = store.manifest(vid)["created_at"]
+        except (CorruptionError, VersionNotFoundError):  # `engram verify` says more
+            continue
+        target = on_remote.get((vid, created_at))
+        if target is None:  # a version the remote lacks: the tag stays local
+            continue
+        current, etag = read_tag(client, name)
+        if current is not None and current.target == target:
+            continue
+        tag = Tag(name, 0 if current is None else current.seq + 1, target)
+        try:
+            client.swap(tag_key(name), tag.encode(), etag)
+        except Stale:
+            raise RemoteConflictError(
+                f"remote {client.url} tag {name} moved while pushing it (another writer; 412 "
+                "on the compare-and-swap); nothing was overwritten: run the push again"
+            ) from None
+        moved.append(name)
+    return moved
 
 
 def _create_immutable(client: ObjectStore, key: str, data: bytes | Path) -> None:

@@ -9,11 +9,12 @@ A user with Avalanche code gets persistence by swapping the template::
 plugin that is not :class:`~engram.stateful.Stateful` itself: an Avalanche plugin with
 memory gets an adapter (``engram_name``, ``hparams()``, ``state_dict()``,
 ``load_state_dict()``) that reads and writes exactly the attributes that plugin carries
-across experiences; one in :data:`REFUSED` (it has memory, no adapter) is refused with a
-one-line :class:`~engram.errors.EngramError` when the template is built; any other
-plugin (no memory: ``EvaluationPlugin``, ``EarlyStoppingPlugin``...) is left alone.
-A subclass of an adapted plugin is adapted as its Avalanche base: attributes it adds
-are not persisted.
+across experiences; one in :data:`STATELESS` (no memory: ``EvaluationPlugin``...) is left
+alone; any other Avalanche plugin — one in :data:`REFUSED` (it has memory, no adapter),
+or one this module does not know — is refused with a one-line
+:class:`~engram.errors.EngramError` when the template is built (an allowlist:
+:mod:`engram.training.app_state`). A subclass of an adapted plugin is adapted as its
+Avalanche base; one that adds an ``__init__`` of its own must declare what it adds.
 
 Nothing is pickled. Tensors, numpy arrays and JSON scalars go into the state tree; an
 ``avalanche.training.utils.ParamData`` is stored as its name and tensor; a model kept by
@@ -91,6 +92,7 @@ from engram.strategies.avalanche_state.replay import (
 __all__ = [
     "ADAPTERS",
     "REFUSED",
+    "STATELESS",
     "AGEMAdapter",
     "AvalancheAdapter",
     "CWRStarAdapter",
@@ -106,7 +108,25 @@ __all__ = [
     "ReplayAdapter",
     "SIAdapter",
     "adapter_for",
+    "avalanche_base",
+    "check_stateless",
+    "is_avalanche",
 ]
+
+# Avalanche's base classes: a plugin deriving from only these is the user's own
+_BASES = frozenset(
+    {"BasePlugin", "BaseSGDPlugin", "SupervisedPlugin", "SupervisedMetaLearningPlugin"}
+)
+
+#: Avalanche plugins known to hold nothing a restart must keep, with why.
+STATELESS: dict[str, str] = {
+    "EvaluationPlugin": "the metrics of the evaluation in progress; engram records its own",
+    "CurrentDataNCMUpdate": "nothing: it writes class means into the model, which is kept",
+    "CurrentDataFeCAMUpdate": "nothing: it writes means and covariances into the model",
+    "LRSchedulerPlugin": "nothing of its own: the scheduler's state is kept (SchedulerState)",
+    # added by Avalanche's template itself; off here (the template evaluates: eval_every=-1)
+    "PeriodicEval": "its flags, recomputed when each experience begins",
+}
 
 #: Avalanche plugins that hold state across experiences and have no adapter: refused
 #: by :func:`adapter_for` (the template builds none with them), with what they hold.
@@ -125,6 +145,10 @@ REFUSED: dict[str, str] = {
     "ICaRLLossPlugin": "the previous model and its classes",
     "MaskedCrossEntropy": "the classes seen so far",
     "CheckpointPlugin": "Avalanche's own (pickled) checkpoints, which the store replaces",
+    # it picks the best model from Avalanche's periodic evaluation, which the template
+    # does not run (it evaluates after each experience itself): it would never stop
+    "EarlyStoppingPlugin": "the best model of Avalanche's periodic evaluation, which "
+    "DurableTemplate does not run, so it would never stop training",
 }
 
 
@@ -152,9 +176,39 @@ def adapter_for(plugin: Any, strategy: Any) -> AvalancheAdapter | None:
                 f" ({REFUSED[cls.__name__]}, kept across experiences): a resumed run would "
                 "lose it; remove it or use an engram strategy. Avalanche plugins made "
                 f"durable: {', '.join(sorted(ADAPTERS))}; plugins without memory "
-                "(EvaluationPlugin, EarlyStoppingPlugin, LRSchedulerPlugin...) are fine"
+                "(EvaluationPlugin, LRSchedulerPlugin...) are fine"
             )
     return None
+
+
+def avalanche_base(plugin: Any) -> str | None:
+    """The name of the first Avalanche plugin class in ``plugin``'s ancestry (itself
+    included), not counting Avalanche's base classes; None for a user's own plugin."""
+    for cls in type(plugin).__mro__:
+        if cls.__module__.startswith("avalanche.") and cls.__name__ not in _BASES:
+            return cls.__name__
+    return None
+
+
+def is_avalanche(plugin: Any) -> bool:
+    """Whether ``plugin`` is (or derives from) one of Avalanche's plugins."""
+    return avalanche_base(plugin) is not None
+
+
+def check_stateless(plugin: Any) -> None:
+    """Raise unless ``plugin``, an Avalanche plugin with no adapter, is in
+    :data:`STATELESS` (an allowlist: one engram does not know is refused)."""
+    base = avalanche_base(plugin)
+    if base in STATELESS:
+        return
+    name = type(plugin).__name__
+    what = base if name == base else f"{base} ({name})"
+    raise EngramError(
+        f"DurableTemplate does not know whether Avalanche's {what} holds state across "
+        "experiences, so it cannot promise a resumed run keeps it: remove it or use an "
+        f"engram strategy. Avalanche plugins made durable: {', '.join(sorted(ADAPTERS))}; "
+        f"known to hold none: {', '.join(sorted(STATELESS))}"
+    )
 
 
 #: Avalanche plugin class name -> its adapter.

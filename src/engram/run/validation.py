@@ -1,6 +1,6 @@
 """Checks of a composed ``engram-train`` config, before anything trains or a store opens.
 
-The dataclass schemas (:mod:`engram.config`) let Hydra refuse a misspelt key or a value
+The dataclass schemas (:mod:`engram.run.config`) let Hydra refuse a misspelt key or a value
 of the wrong type. The rest is checked here, in one pass that reports every problem on
 one line (a :class:`ConfigError`):
 
@@ -34,12 +34,14 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from engram import config as schema
 from engram.errors import ConfigError
-from engram.sections import SECTIONS, check_sections
-from engram.sections import absent_section as absent_section
-from engram.sections import check_overrides as check_overrides
-from engram.sections import shipped_strategies as shipped_strategies
+from engram.metrics.objective import OBJECTIVES, is_objective
+from engram.run import RUN_FILES
+from engram.run import config as schema
+from engram.run.sections import SECTIONS, check_sections
+from engram.run.sections import absent_section as absent_section
+from engram.run.sections import check_overrides as check_overrides
+from engram.run.sections import shipped_strategies as shipped_strategies
 from engram.sklearn.estimators import MODELS as SKLEARN_MODELS
 from engram.sklearn.estimators import is_sklearn
 from engram.strategies import registry
@@ -122,6 +124,7 @@ def rules() -> dict[str, Rule]:
         "gate.min_average_accuracy": FRACTION,
         "gate.promote": tag,
         "run.max_experiences": integer(1, null=True),
+        "run.objective": Rule(f"one of {', '.join(OBJECTIVES)}, or a list of them", is_objective),
     }
 
 
@@ -177,6 +180,20 @@ def validated_store_path(*, _root_: DictConfig) -> str:
         print(f"engram-train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return str(_root_.store.path)
+
+
+def hydra_run_dir(*, _root_: DictConfig) -> str:
+    """Where Hydra writes a single run's outputs (its resolved config and job log):
+    ``<store's parent>/hydra/<store's name>``, beside the store, not in it — Hydra
+    creates it before the task runs, and a store directory must hold nothing but the
+    store until the store exists (a run refused by its data leaves no store behind).
+    Validates the config first (:func:`validated_store_path`)."""
+    store = Path(validated_store_path(_root_=_root_))
+    return str(store.parent / HYDRA_DIR / store.name)
+
+
+#: Hydra's per-run directories, one per store, under the stores' parent directory.
+HYDRA_DIR = "hydra"
 
 
 def overrides_suffix() -> str:
@@ -355,7 +372,7 @@ def _combinations(values: dict[str, Any]) -> list[str]:
     if "strategy.avalanche_gem.memory_strength" in values and not _has("quadprog"):
         problems.append(
             "strategy.avalanche_gem needs the quadprog solver (Avalanche's GEM solves a "
-            "quadratic program with it), which is not installed: pip install 'engram[gem]'"
+            "quadratic program with it), which is not installed: pip install 'engram-cl[gem]'"
         )
     return problems
 
@@ -389,7 +406,7 @@ def _store(values: dict[str, Any], raw: dict[str, Any]) -> list[str]:
 
     problems = []
     if root.is_dir() and not (root / fmt.LMDB_DIR).is_dir():
-        ours = {fmt.LMDB_DIR, fmt.BLOB_DIR, fmt.CHECKPOINT_DIR, fmt.LOCK_FILE, *fmt.RUN_DIRS}
+        ours = {fmt.LMDB_DIR, fmt.BLOB_DIR, fmt.CHECKPOINT_DIR, fmt.LOCK_FILE, *RUN_FILES}
         others = sorted(p.name for p in root.iterdir() if p.name not in ours)
         if others:
             problems.append(
@@ -425,3 +442,30 @@ def _remote_url(value: Any) -> bool:
             raise ConfigError(f"store.remote: {e}") from None
         return False
     return True
+
+
+# ------------------------------------------------------------------------ Hydra
+
+
+def register() -> None:
+    """The schemas (:mod:`engram.run.config`) in Hydra's ConfigStore, under the names the
+    configs' defaults lists use, and this module's resolvers."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=schema.TrainConfig)
+    groups = {"benchmark": schema.BenchmarkConfig, "model": schema.ModelConfig,
+              "optimizer": schema.OptimizerConfig, "strategy": schema.StrategyConfig,
+              "store": schema.StoreConfig, "logger": schema.LoggerConfig}  # fmt: skip
+    for group, node in groups.items():
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    resolvers = {
+        # configs/store/default.yaml: the job's overrides that change what is trained
+        SUFFIX_RESOLVER: overrides_suffix,
+        # configs/train.yaml, hydra.run.dir: validate before Hydra creates that directory
+        "engram.validated_store_path": validated_store_path,
+        "engram.hydra_run_dir": hydra_run_dir,
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

@@ -5,7 +5,7 @@ Here: each shipped strategy's sections (from ``configs/strategy/*.yaml``), the c
 a shipped strategy keeps its own (``strategy.ewc=null`` would train as naive), the one
 message for setting a key of a section the strategy lacks, and :func:`check_overrides`,
 which catches such a key on the command line before Hydra composes (OmegaConf fails on it
-with an AssertionError). :mod:`engram.validation` runs these with the other checks.
+with an AssertionError). :mod:`engram.run.validation` runs these with the other checks.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The body of an ``engram-train`` run, once its config is validated (:func:`run`):
 threads and seeds, the data, the store (opened once; rank 0's under torchrun), the
-learner (:mod:`engram.build`), the fit with TensorBoard kept in step with the store,
+learner (:mod:`engram.run.build`), the fit with TensorBoard kept in step with the store,
 the summary and, when asked, what losing the memory would have cost
-(:mod:`engram.counterfactual`). :func:`engram.train.train` calls it.
+(:mod:`engram.run.counterfactual`). :func:`engram.train.train` calls it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from engram import build, distributed
-from engram.build import model_spec
+from engram import distributed
 from engram.errors import GateFailed, NotAStoreError, StoreNotFoundError
+from engram.run import build
+from engram.run.build import model_spec
 from engram.sklearn.estimators import is_sklearn
 
 
@@ -41,6 +42,7 @@ def run(cfg: DictConfig) -> list[list[float]]:
     from engram.distributed.sync import agree
     from engram.store import Store
     from engram.streams import build_benchmark
+    from engram.training.resumed import UNREAD, read_head
 
     if cfg.training.threads is not None:
         torch.set_num_threads(cfg.training.threads)
@@ -49,14 +51,15 @@ def run(cfg: DictConfig) -> list[list[float]]:
     random.seed(cfg.seed)
     world = distributed.world()  # data-parallel: rank 0 owns the store
     store = None
+    resumed = None  # HEAD, read once: it sizes the benchmark and the learner resumes it
 
     def open_store() -> dict[str, Any]:
-        nonlocal store
+        nonlocal store, resumed
         if cfg.store.remote is not None:
             _catch_up(cfg)
         store = _open_existing(cfg)
-        head = store.head if store is not None else None
-        return (head.meta.get("model_spec") if head is not None else None) or {}
+        resumed = read_head(store) if store is not None else None
+        return resumed.model_spec() if resumed is not None else {}
 
     def create_store() -> None:
         nonlocal store
@@ -80,8 +83,15 @@ def run(cfg: DictConfig) -> list[list[float]]:
     quiet = cfg.run.quiet or not world.is_main
     signature = build.signature(spec, bench)
     comparison = None
-    with store or contextlib.nullcontext(), build.learner(cfg, spec, store, bench, signature,
-                                                          quiet) as strategy:  # fmt: skip
+    try:
+        made = build.learner(cfg, spec, store, bench, signature, quiet,
+                             resumed=resumed if world.is_main else UNREAD)  # fmt: skip
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    resumed = None  # the learner holds it until it restores, then drops it
+    with store or contextlib.nullcontext(), made as strategy:
         shadow = None
         if cfg.run.compare_memory_lost and world.size == 1 and not is_sklearn(spec["name"]):
 
@@ -103,7 +113,7 @@ def run(cfg: DictConfig) -> list[list[float]]:
     if not quiet and matrix:
         _summary(matrix, strategy.initial_accuracy)
         if comparison is not None:
-            from engram.counterfactual import print_comparison
+            from engram.run.counterfactual import print_comparison
 
             print_comparison(matrix, *comparison)
         elif cfg.run.compare_memory_lost and len(matrix) < len(bench.train_stream):
@@ -122,7 +132,7 @@ def _fit(
 
     ``shadow``: ``shadow(store) -> template`` to measure, for a resumed run, what the
     experiences it trained would have given with only the model file
-    (engram.counterfactual); returns the matrix and ``(rows, first, resumed_from)``.
+    (engram.run.counterfactual); returns the matrix and ``(rows, first, resumed_from)``.
     Long because TensorBoard's writes interleave with the fit's callbacks."""
     from engram.metrics.curves import TrainingCurves
     from engram.metrics.tensorboard import ForgettingWriter
@@ -137,9 +147,7 @@ def _fit(
     board = None
     if cfg.logger.tensorboard and store is not None:
         board = ForgettingWriter(Path(path) / "tb", initial=strategy.initial_accuracy)
-        written = {v.meta["experience"]: v.new_bytes for v in store.versions()
-                   if v.meta.get("kind") == "experience"}  # fmt: skip
-        sizes = [written.get(i, 0) for i in range(len(strategy.accuracy_matrix))]
+        sizes = strategy.experience_bytes[: len(strategy.accuracy_matrix)]
         board.history(strategy.accuracy_matrix, sizes)  # from the store: same after resume
         if curves is not None:
             board.curves(curves.losses, curves.epochs, strategy.accuracy_matrix)
@@ -149,7 +157,7 @@ def _fit(
     resumed = None
     if shadow is not None and done_before and already < len(train_list):
         weights = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
-        resumed = (weights, store.head.name)
+        resumed = (weights, strategy.resumed_from)
 
     started = [time.perf_counter()]  # the experience's start: its line gives its seconds
 
@@ -178,7 +186,7 @@ def _fit(
         print(f"{path}: all {already} experiences are already trained")
     comparison = None
     if resumed is not None and len(matrix) > already:
-        from engram.counterfactual import memory_lost_rows
+        from engram.run.counterfactual import memory_lost_rows
 
         if not quiet:
             print(f"\ntraining experiences {already}..{len(matrix) - 1} again from the weights "

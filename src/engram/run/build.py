@@ -1,6 +1,6 @@
 """Builders from a composed ``engram-train`` config (Hydra's DictConfig) to plain objects.
 
-With :mod:`engram.runner`, the modules that read the config: the training room
+With :mod:`engram.run.runner`, the modules that read the config: the training room
 (:mod:`engram.training`) and the scikit-learn learner take only what these return.
 """
 
@@ -108,7 +108,7 @@ def signature(spec: dict[str, Any], bench: Any) -> dict[str, Any]:
 
 
 def template(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
-              signature: dict[str, Any], quiet: bool) -> Any:  # fmt: skip
+              signature: dict[str, Any], quiet: bool, **resumed: Any) -> Any:  # fmt: skip
     """The torch model's durable Avalanche template for this run."""
     from engram.metrics.curves import TrainingCurves
     from engram.models import build_model
@@ -144,11 +144,12 @@ def template(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
         max_abs_weight=cfg.training.max_abs_weight,
         device=cfg.training.device,
         precision=cfg.training.precision,
+        **resumed,
     )
 
 
 def sklearn_learner(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
-                     signature: dict[str, Any], quiet: bool) -> Any:  # fmt: skip
+                     signature: dict[str, Any], quiet: bool, **resumed: Any) -> Any:  # fmt: skip
     """The scikit-learn estimator's learner for this run (engram.sklearn)."""
     from engram.sklearn.learner import SklearnLearner
 
@@ -167,11 +168,13 @@ def sklearn_learner(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: An
         gate=gate(cfg),
         branch=cfg.branch,
         max_abs_weight=cfg.training.max_abs_weight,
+        **resumed,
     )
 
 
 def learner(cfg: DictConfig, spec: dict[str, Any], store: Any, bench: Any,
-            signature: dict[str, Any], quiet: bool) -> Any:  # fmt: skip
-    """The run's learner: a durable template, or a scikit-learn model's learner."""
+            signature: dict[str, Any], quiet: bool, resumed: Any) -> Any:  # fmt: skip
+    """The run's learner: a durable template, or a scikit-learn model's learner;
+    ``resumed``: HEAD as the runner read it (engram.training.resumed)."""
     make = sklearn_learner if is_sklearn(spec["name"]) else template
-    return make(cfg, spec, store, bench, signature, quiet)
+    return make(cfg, spec, store, bench, signature, quiet, resumed=resumed)

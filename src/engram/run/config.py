@@ -3,7 +3,7 @@
 Every group's YAML is validated against these dataclasses when Hydra composes the
 config, so a misspelt key or a value of the wrong type fails at start-up with a message
 naming it, not deep inside training. Ranges, choices and keys added with ``+`` are
-checked next, before anything trains (:mod:`engram.validation`).
+checked next, before anything trains (:mod:`engram.run.validation`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from engram.strategies.registry import PLUGINS
 
@@ -118,6 +117,8 @@ class RunConfig:
     quiet: bool = False
     # a resumed run also trains what it trained from the weights alone, and prints both
     compare_memory_lost: bool = False
+    # what the job returns to a sweeper (engram.metrics.objective): a metric, or a list
+    objective: Any = "average_accuracy"
 
 
 @dataclass
@@ -134,25 +135,3 @@ class TrainConfig:
     seed: int = 0
     branch: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def register() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="optimizer", name="optimizer_schema", node=OptimizerConfig)
-    cs.store(group="strategy", name="strategy_schema", node=StrategyConfig)
-    cs.store(group="store", name="store_schema", node=StoreConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
-    from engram import validation  # imports this module: registered only once it is loaded
-
-    resolvers = {
-        # configs/store/default.yaml: the job's overrides that change what is trained
-        validation.SUFFIX_RESOLVER: validation.overrides_suffix,
-        # configs/train.yaml, hydra.run.dir: validate before Hydra creates that directory
-        "engram.validated_store_path": validation.validated_store_path,
-    }
-    for name, resolver in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver)
