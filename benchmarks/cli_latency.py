@@ -7,7 +7,7 @@ Avalanche (issue 26 item 3), so `engram ls` of a small store should cost little 
 an empty interpreter, not as much as `import torch`. Run::
 
     python benchmarks/cli_latency.py                 # 9 rounds
-    python benchmarks/cli_latency.py --quick         # 3 rounds
+    python benchmarks/cli_latency.py --quick         # 2 rounds
     python benchmarks/cli_latency.py --markdown out.md   # also write the docs section there
 
 The store: three versions of a small MLP with EWC importances, an optimizer state and a
@@ -27,7 +27,7 @@ from pathlib import Path
 from common import ROOT, command, emit, machine, parser, scratch, table
 
 LS_BUDGET = 0.3  # seconds of wall for `engram ls` of a small store (issue 26 item 3)
-ROUNDS, QUICK_ROUNDS = 9, 3
+ROUNDS, QUICK_ROUNDS = 9, 2
 
 # A child that runs one command in process and prints which heavy modules it imported.
 IMPORTS = """
@@ -100,7 +100,8 @@ def commit_id() -> str:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--rounds", type=int, help=f"interleaved rounds (default {ROUNDS}, quick 3)")
+    p.add_argument("--rounds", type=int,
+                   help=f"interleaved rounds (default {ROUNDS}, quick {QUICK_ROUNDS})")  # fmt: skip
     args = p.parse_args()
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
     script = Path(sys.executable).with_name("engram")  # the console script users run

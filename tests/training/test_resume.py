@@ -21,6 +21,10 @@ sys.path.insert(0, str(HERE))
 import scenario  # noqa: E402
 
 STRATEGIES = list(scenario.STRATEGIES)
+# Variants of a family (another estimator, mode, admission, a composition) resume as
+# their family does; in the default run each family once, every variant in -m slow.
+VARIANTS = ("ewc_true_fisher", "online_ewc", "derpp_experience_end", "ewc_replay", "si_replay")
+EACH = [pytest.param(s, marks=pytest.mark.slow) if s in VARIANTS else s for s in STRATEGIES]
 
 
 # Fresh processes, started from a fork server that has already imported torch,
@@ -91,7 +95,7 @@ def test_one_process_per_experience(references, tmp_path: Path, strategy: str) -
         assert [v.meta["kind"] for v in s.versions()] == ["experience"] * 3
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", EACH)
 def test_sigkill_mid_experience_then_rerun(references, tmp_path: Path, strategy: str) -> None:
     store = tmp_path / "store"
     # 9 minibatches an epoch, 2 epochs, 3 experiences: 54 iterations in all.
