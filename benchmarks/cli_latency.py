@@ -24,7 +24,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from common import ROOT, command, emit, machine, parser, scratch, table
+from common import command, emit, git_commit, machine, parser, scratch, table
 
 LS_BUDGET = 0.3  # seconds of wall for `engram ls` of a small store (issue 26 item 3)
 ROUNDS, QUICK_ROUNDS = 9, 2
@@ -84,20 +84,6 @@ def imported(argv: list[str]) -> str:
     return "none" if names == "[]" else names.strip("[]").replace("'", "")
 
 
-def commit_id() -> str:
-    """The short commit id measured, and whether the tree had uncommitted work."""
-
-    def git(*argv: str) -> str:
-        out = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "--short", "HEAD") + (" plus uncommitted work" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--rounds", type=int,
@@ -138,7 +124,7 @@ def main() -> None:
     text = f"""
 ## Inspection latency
 
-Command ({time.strftime("%Y-%m-%d")}, commit {commit_id()}, page cache warm):
+Command ({time.strftime("%Y-%m-%d")}, commit {git_commit()}, page cache warm):
 
 ```bash
 {command(args, extra)}

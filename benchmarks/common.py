@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +44,18 @@ def command(args: argparse.Namespace, extra: str = "") -> str:
     script = Path(sys.argv[0]).resolve().relative_to(ROOT)
     quick = " --quick" if args.quick else ""
     return f".venv/bin/python {script}{quick}{extra}"
+
+
+def git_commit() -> str:
+    """The short commit id measured, and whether the tree had uncommitted changes."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()  # fmt: skip
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def machine() -> str:

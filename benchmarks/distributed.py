@@ -33,8 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
-from common import ROOT, command, emit, machine, median, parser, scratch, table
-from run import git_commit
+from common import ROOT, command, emit, git_commit, machine, median, parser, scratch, table
 
 HERE = Path(__file__).resolve()
 STRATEGY, BATCH = "ewc_replay", 32  # EWC importances all-reduced + a sharded replay buffer

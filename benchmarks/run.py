@@ -28,6 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import git_commit
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
@@ -125,17 +127,6 @@ def machine() -> str:
         pass
     python = platform.python_version()
     return f"{platform.platform()}, {cpu}{os.cpu_count()} CPUs{mem}, Python {python}"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()  # fmt: skip
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def assemble(results: list[dict], args: argparse.Namespace, notes: str | None, wall: float) -> str:

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import git_commit
+
 CHILD = "--child"
 MIDS = 3  # mid-experience versions per experience in the experience-end cycle
 LISTED = 50  # versions a paged `engram ls` would show by default
@@ -387,20 +389,6 @@ def _python(*argv: str) -> str:
     return out.stdout
 
 
-def _commit() -> str:
-    """The short commit id of the tree measured (and whether it had changes)."""
-
-    def git(*argv: str) -> str:
-        out = subprocess.run(["git", *argv], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _seconds(value: float) -> str:
     return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
 
@@ -512,7 +500,7 @@ def main() -> None:
         f"""
 ## Scaling (issue 25)
 
-Command ({dt.date.today().isoformat()}, commit {_commit()}, {wall / 60:.1f} min in all):
+Command ({dt.date.today().isoformat()}, commit {git_commit()}, {wall / 60:.1f} min in all):
 
 ```bash
 {command(args, extra)}

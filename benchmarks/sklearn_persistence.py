@@ -25,14 +25,13 @@ import datetime as dt
 import json
 import os
 import statistics
-import subprocess
 import textwrap
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, command, emit, interleave, median, parser, scratch, table
+from common import command, emit, git_commit, interleave, median, parser, scratch, table
 
 warnings.filterwarnings("ignore")
 
@@ -52,17 +51,6 @@ ESTIMATORS = [  # (model= name, what the table calls it)
     ("gaussian_nb", "GaussianNB"),
 ]
 EPOCHS, BATCH = 3, 64  # partial_fit passes over the digits' training split, samples per call
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()  # fmt: skip
-        return out + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def digits() -> tuple[np.ndarray, ...]:
