@@ -76,20 +76,15 @@ def run(cfg: DictConfig) -> list[list[float]]:
         agree(world, "create the store", create_store) if world.size > 1 else create_store()
         if store is not None and cfg.store.signing_key is not None:  # rank 0's commits
             store.sign_with(cfg.store.signing_key)
-    except BaseException:
-        if store is not None:
-            store.close()
-        raise
-    quiet = cfg.run.quiet or not world.is_main
-    signature = build.signature(spec, bench)
-    comparison = None
-    try:
+        quiet = cfg.run.quiet or not world.is_main
+        signature = build.signature(spec, bench)
         made = build.learner(cfg, spec, store, bench, signature, quiet,
                              resumed=resumed if world.is_main else UNREAD)  # fmt: skip
     except BaseException:
         if store is not None:
             store.close()
         raise
+    comparison = None
     resumed = None  # the learner holds it until it restores, then drops it
     with store or contextlib.nullcontext(), made as strategy:
         shadow = None

@@ -35,7 +35,7 @@ from engram.training.experiences import train_experiences
 from engram.training.gate import gate_refs, gate_verdict, settle_gate
 from engram.training.guard import MAX_ABS_WEIGHT, estimator_problems
 from engram.training.lineage import check_lineage
-from engram.training.resumed import UNREAD, Resumed, listed_experience_bytes, take
+from engram.training.resumed import UNREAD, Resumed, take
 from engram.training.sampler import epoch_seed
 from engram.training.state import Cursor
 
@@ -148,10 +148,7 @@ class SklearnLearner:
         check_lineage(head, path=self.store.path, hparams=self.hparams(), model_spec=self.spec,
                       experience_ids=self.extra_meta.get("experience_ids"),
                       branch=self.branch)  # fmt: skip
-        recorded = resumed.experience_bytes()
-        n = len(snapshot.state["metrics"]["accuracy_matrix"])
-        self.experience_bytes = (recorded if recorded is not None
-                                 else listed_experience_bytes(self.store, n))  # fmt: skip
+        self.experience_bytes = resumed.experience_bytes(self.store)
         recorded = head.meta.get("sklearn", {}).get("versions")
         if snapshot.artifact is None or recorded is None:
             raise EngramError(f"{self.store.path} {head.name} holds no scikit-learn estimator")

@@ -92,11 +92,7 @@ class Restore:
             self.store.path, head.name, head.meta.get("execution"), self._execution()
         )
         self.resumed_from = head.name
-        recorded = resumed.experience_bytes()
-        if recorded is None:  # a store from before the meta recorded them
-            n = len(resumed.snapshot.state["metrics"]["accuracy_matrix"])
-            recorded = resumed_.listed_experience_bytes(self.store, n)
-        self.experience_bytes = recorded
+        self.experience_bytes = resumed.experience_bytes(self.store)
         return resumed.snapshot.state, resumed.snapshot.model or {}
 
     def _read_records(self, ids: list[int]) -> list[bytes]:

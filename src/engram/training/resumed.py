@@ -44,12 +44,16 @@ class Resumed:
         """The spec HEAD's model was built from (``{}`` when it records none)."""
         return dict(self.meta.get("model_spec") or {})
 
-    def experience_bytes(self) -> list[int] | None:
-        """Bytes each experience's commit wrote, in order, through HEAD (None: a store
-        from before they were recorded in the meta; list its versions instead)."""
+    def experience_bytes(self, store: Store) -> list[int]:
+        """Bytes each experience's commit wrote, in order, through HEAD: from HEAD's meta,
+        or, for a store from before the meta recorded them, from one listing of
+        ``store``'s versions (recorded from then on)."""
         before = self.meta.get("experience_bytes")
         if before is None:
-            return None
+            n = len(self.snapshot.state["metrics"]["accuracy_matrix"])
+            written = {v.meta["experience"]: v.new_bytes for v in store.versions()
+                       if v.meta.get("kind") == "experience"}  # fmt: skip
+            return [written.get(i, 0) for i in range(n)]
         own = [self.version.new_bytes] if self.meta.get("kind") == "experience" else []
         return [int(b) for b in before] + own
 
@@ -60,14 +64,6 @@ def read_head(store: Store) -> Resumed | None:
         return Resumed(store.load("HEAD"))
     except VersionNotFoundError:
         return None
-
-
-def listed_experience_bytes(store: Store, n_experiences: int) -> list[int]:
-    """What :meth:`Resumed.experience_bytes` gives, for a store from before the meta
-    recorded it: from a listing of every version (read once, then recorded)."""
-    written = {v.meta["experience"]: v.new_bytes for v in store.versions()
-               if v.meta.get("kind") == "experience"}  # fmt: skip
-    return [written.get(i, 0) for i in range(n_experiences)]
 
 
 def take(store: Store, resumed: Resumed | object | None) -> Resumed | None:
