@@ -76,7 +76,7 @@ def flip(data: Path, n: int, seed: int) -> None:
 
 
 def _resume(path: str) -> None:
-    """What a resumed run reads first (engram.training.restore): HEAD, as the writer."""
+    """What a resumed run reads first (engram.training.checkpointer): HEAD, as the writer."""
     with Store.open(path, mode="c") as store:
         if store.head is not None:
             store.load()

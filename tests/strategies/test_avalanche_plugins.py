@@ -266,7 +266,7 @@ def test_plugins_without_memory_are_accepted(tmp_path: Path) -> None:
 
     evaluation = P.EvaluationPlugin(loggers=[])
     with template_with(tmp_path / "s", evaluation, Logger()) as template:
-        assert template._stateful_plugins() == {}
+        assert template.named_plugins() == {}
 
 
 def test_a_subclass_is_adapted_as_its_avalanche_base(tmp_path: Path) -> None:
@@ -277,7 +277,7 @@ def test_a_subclass_is_adapted_as_its_avalanche_base(tmp_path: Path) -> None:
         pass
 
     with template_with(tmp_path / "s", MyEWC(ewc_lambda=1.0)) as template:
-        assert list(template._stateful_plugins()) == ["avalanche_ewc"]
+        assert list(template.named_plugins()) == ["avalanche_ewc"]
     with pytest.raises(EngramError, match="MyMIR"):
         template_with(tmp_path / "t", MyMIR(batch_size_mem=8))
 

@@ -84,7 +84,7 @@ def test_the_built_plugin_is_made_durable_with_the_configured_settings(
     template = DurableTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                store=tmp_path / "s", plugins=[plugin])  # fmt: skip
     with template:
-        recorded = template._stateful_plugins()[section].hparams()
+        recorded = template.named_plugins()[section].hparams()
         if section == "avalanche_replay":  # the policy named by the section, sized mem_size
             expected = {**settings, "storage_policy": {"class": "ExperienceBalancedBuffer",
                         "max_size": 200, "adaptive_size": True, "total_num_groups": None}}  # fmt: skip

@@ -55,7 +55,7 @@ def test_the_same_plugin_made_stateful_is_kept(tmp_path: Path) -> None:
         persistent_fields = ("seen",)
 
     with template_with(tmp_path / "s", KeptCounter()) as template:
-        assert list(template._stateful_plugins()) == ["counter"]
+        assert list(template.named_plugins()) == ["counter"]
 
 
 def test_declared_transient_attributes_are_accepted(tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_declared_transient_attributes_are_accepted(tmp_path: Path) -> None:
         engram_transient = ("seen",)
 
     with template_with(tmp_path / "s", Declared()) as template:
-        assert template._stateful_plugins() == {}
+        assert template.named_plugins() == {}
 
 
 def test_state_a_hook_adds_later_is_refused_before_the_commit(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_a_subclass_of_an_adapted_plugin_with_its_own_init_is_refused(tmp_path: 
         engram_transient = ("my_importances",)
 
     with template_with(tmp_path / "t", Declared()) as template:
-        assert list(template._stateful_plugins()) == ["avalanche_ewc"]
+        assert list(template.named_plugins()) == ["avalanche_ewc"]
 
 
 def test_every_avalanche_plugin_is_adapted_refused_or_known_stateless() -> None:

@@ -27,6 +27,10 @@ from engram.distributed.state import (
 )
 from engram.store.codec import SampleIds, raw_view
 
+#: The parts of a learner's state that differ by rank (each rank commits its own; the
+#: rest is rank 0's, replicated): its RNG streams and its plugins' states.
+RANKED = ("rng", "plugins")
+
 
 def agree(
     world: World, step: str, fn: Callable[[], Any], share: Callable[[Any], Any] = lambda r: r
@@ -207,7 +211,7 @@ def restore(
         if loaded is None:
             return None
         state, weights = loaded
-        stored = [_part(state), *state.get("ranks", [])]
+        stored = [part(state), *state.get("ranks", [])]
         parts = repartition(stored, world.size) if len(stored) != world.size else stored
         common = {k: v for k, v in state.items() if k != "ranks"}
         payloads = []
@@ -275,6 +279,6 @@ def _set(tree: Any, path: list, value: Any) -> None:
     _get(tree, path[:-1])[path[-1]] = value
 
 
-def _part(state: dict[str, Any]) -> dict[str, Any]:
-    """A rank's own part of a state: its RNG streams and plugin states."""
-    return {"rng": state["rng"], "plugins": state["plugins"]}
+def part(state: dict[str, Any]) -> dict[str, Any]:
+    """A rank's own part of a state: its RNG streams and plugin states (:data:`RANKED`)."""
+    return {name: state[name] for name in RANKED}

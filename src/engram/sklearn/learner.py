@@ -19,25 +19,26 @@ Strategies that need gradients (EWC, SI, MAS, LwF, DER, A-GEM) do not apply to
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from engram import metrics
 from engram.errors import EngramError, NonFiniteError
 from engram.signature import check_labels
 from engram.sklearn import persist
 from engram.sklearn.estimators import build_estimator, partial_fit
+from engram.stateful import Stateful
 from engram.store import Artifact, RefMoves, Store, VersionInfo
+from engram.training.checkpointer import Checkpointer
 from engram.training.experiences import train_experiences
 from engram.training.gate import gate_refs, gate_verdict, settle_gate
 from engram.training.guard import MAX_ABS_WEIGHT, estimator_problems
 from engram.training.lineage import check_lineage
-from engram.training.resumed import UNREAD, Resumed, take
+from engram.training.resumed import UNREAD, Resumed
 from engram.training.sampler import epoch_seed
-from engram.training.state import Cursor
+from engram.training.state import Attributes, Cursor, CursorOf, optional_list, rows
+from engram.training.version_meta import version_meta
 
 
 class SklearnLearner:
@@ -82,7 +83,6 @@ class SklearnLearner:
         resumed: Resumed | object | None = UNREAD,
     ) -> None:
         self.spec = dict(spec)
-        self._resumed = resumed
         self.experience_bytes: list[int] = []  # as the template's (engram.training.resumed)
         self.resumed_from: str | None = None  # the name of the version resumed
         self.max_abs_weight = max_abs_weight
@@ -106,10 +106,30 @@ class SklearnLearner:
         self.cursor = Cursor()
         self.accuracy_matrix: list[list[float]] = []
         self.initial_accuracy: list[float] | None = None  # an unfitted estimator predicts nothing
-        self.last_commit_seconds: float | None = None
-        self.last_commit_bytes: int | None = None
         self._restored = self._has_history = False
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.checkpointer = Checkpointer(store, self.app_state, artifact=_EstimatorFile(self),
+                                         resumed=resumed)  # fmt: skip
+
+    def app_state(self) -> dict[str, Stateful]:
+        """Everything committed beside the estimator, by name (each version's state)."""
+        parts: dict[str, Stateful] = {
+            "cursor": CursorOf(self),
+            "metrics": Attributes(self, {"accuracy_matrix": ("accuracy_matrix", rows),
+                                         "initial_accuracy": ("initial_accuracy",
+                                                              optional_list)}),
+        }  # fmt: skip
+        if self.buffer is not None:
+            parts["replay"] = self.buffer
+        return parts
+
+    @property
+    def last_commit_seconds(self) -> float | None:
+        return self.checkpointer.last_seconds
+
+    @property
+    def last_commit_bytes(self) -> int | None:
+        return self.checkpointer.last_bytes
 
     def __enter__(self) -> SklearnLearner:
         return self
@@ -140,27 +160,21 @@ class SklearnLearner:
         if self._restored:
             return self._has_history
         self._restored = True
-        resumed, self._resumed = take(self.store, self._resumed), None
-        if resumed is None:
-            return False
-        head, snapshot = resumed.version, resumed.snapshot
+        self._has_history = self.checkpointer.restore(check=self._continues) is not None
+        return self._has_history
+
+    def _continues(self, resumed: Resumed) -> None:
+        """HEAD read: may this run continue it (engram.training.lineage), and does it
+        hold an estimator?"""
+        head = resumed.version
         self.resumed_from = head.name
         check_lineage(head, path=self.store.path, hparams=self.hparams(), model_spec=self.spec,
                       experience_ids=self.extra_meta.get("experience_ids"),
                       branch=self.branch)  # fmt: skip
         self.experience_bytes = resumed.experience_bytes(self.store)
         recorded = head.meta.get("sklearn", {}).get("versions")
-        if snapshot.artifact is None or recorded is None:
+        if resumed.snapshot.artifact is None or recorded is None:
             raise EngramError(f"{self.store.path} {head.name} holds no scikit-learn estimator")
-        self.estimator = persist.loads(snapshot.artifact, recorded,
-                                       what=f"{self.store.path} {head.name}")  # fmt: skip
-        state = snapshot.state
-        self.cursor.load_state_dict(state["cursor"])
-        self.accuracy_matrix = [list(row) for row in state["metrics"]["accuracy_matrix"]]
-        if self.buffer is not None:
-            self.buffer.load_state_dict(state["replay"])
-        self._has_history = True
-        return True
 
     # ------------------------------------------------------------------ training
 
@@ -262,36 +276,16 @@ class SklearnLearner:
                 "the learning rate (eta0, learning_rate_init) or check the estimator's settings"
             )
         versions = persist.library_versions()
-        meta = {
-            "experience": index,
-            "epoch": 0,
-            "iteration": 0,
-            "kind": "experience",
-            "strategy": self.name,
-            "hparams": self.hparams(),
-            "model_spec": self.spec,
-            **self.extra_meta,
-            "execution": {"library": "scikit-learn", "world_size": 1, **versions},
-            "sklearn": {"versions": versions, "estimator": type(self.estimator).__name__},
-            "signature": self.signature,
-            "accuracy": self.accuracy_matrix[-1],
-            "metrics": metrics.summary(self.accuracy_matrix, self.initial_accuracy),
-            "experience_bytes": list(self.experience_bytes),  # the ones before this
-        }
-        if gate is not None:
-            meta["gate"] = dict(gate)
-        state: dict[str, Any] = {
-            "cursor": self.cursor.state_dict(),
-            "metrics": {"accuracy_matrix": self.accuracy_matrix, "initial_accuracy": None},
-        }
-        if self.buffer is not None:
-            state["replay"] = self.buffer.state_dict()
-        start = time.perf_counter()
-        artifact = Artifact(persist.FORMAT, persist.dumps(self.estimator))
-        version = self.store.commit(state, artifact=artifact, meta=meta, refs=refs,
-                                    message=f"after experience {index}")  # fmt: skip
-        self.last_commit_seconds = time.perf_counter() - start
-        self.last_commit_bytes = version.new_bytes
+        meta = version_meta(
+            self.cursor, strategy=self.name, hparams=self.hparams(),
+            execution={"library": "scikit-learn", "world_size": 1, **versions},
+            experience_bytes=self.experience_bytes, accuracy_matrix=self.accuracy_matrix,
+            model_spec=self.spec, gate=gate,
+            extra={**self.extra_meta, "signature": self.signature,
+                   "sklearn": {"versions": versions,
+                               "estimator": type(self.estimator).__name__}},
+        )  # fmt: skip
+        version = self.checkpointer.commit(meta, refs=refs, message=f"after experience {index}")
         self.experience_bytes.append(version.new_bytes)
         return version
 
@@ -300,3 +294,18 @@ class SklearnLearner:
         failures, verdict = gate_verdict(self.gate, self.accuracy_matrix)
         version = self.commit(index, gate=verdict, refs=gate_refs(self.gate, self.store, failures))
         return settle_gate(self.store, version, index, failures)
+
+
+class _EstimatorFile:
+    """The learner's estimator as the version's artifact file (engram.sklearn.persist)."""
+
+    def __init__(self, learner: SklearnLearner) -> None:
+        self.learner = learner
+
+    def dump(self) -> Artifact:
+        return Artifact(persist.FORMAT, persist.dumps(self.learner.estimator))
+
+    def load(self, data: bytes, version: VersionInfo) -> None:
+        recorded = version.meta["sklearn"]["versions"]
+        what = f"{self.learner.store.path} {version.name}"
+        self.learner.estimator = persist.loads(data, recorded, what=what)

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from avalanche.training.plugins import LRSchedulerPlugin
 
 from engram.errors import EngramError
@@ -46,7 +47,14 @@ def named_plugins(plugins: Iterable[Any], strategy: Any) -> dict[str, Any]:
     """The plugins' named state objects, ``{key: Stateful}``, in order (a repeated key
     gets a number: ``replay2``); raises :class:`UnkeptStateError` for a plugin that holds
     state nothing keeps (see the module)."""
+    return classify(plugins, strategy)[0]
+
+
+def classify(plugins: Iterable[Any], strategy: Any) -> tuple[dict[str, Any], list[Any]]:
+    """:func:`named_plugins`, and the user's plugins taken as holding nothing (to check
+    again before each commit: a hook may give one an attribute later)."""
     found: dict[str, Any] = {}
+    transient: list[Any] = []
     for plugin in plugins:
         if isinstance(plugin, LRSchedulerPlugin):
             key, plugin = "lr_scheduler", SchedulerState(plugin)
@@ -61,13 +69,72 @@ def named_plugins(plugins: Iterable[Any], strategy: Any) -> dict[str, Any]:
             continue
         else:
             check_transient(plugin)
+            transient.append(plugin)
             continue
         base, n = key, 1
         while key in found:
             n += 1
             key = f"{base}{n}"
         found[key] = plugin
-    return found
+    return found, transient
+
+
+class PluginStates:
+    """A learner's plugins as one Stateful part of its app state (``plugins/<key>``).
+
+    ``plugins()`` returns the plugin list (it may change between calls: the kept and
+    transient ones are classified again when it does); loaded floating-point tensors go
+    onto ``device`` (Fisher, anchors, a teacher), integer ones (RNG states, sample ids,
+    counters) stay where they are.
+    """
+
+    def __init__(self, plugins: Any, strategy: Any, device: Any) -> None:
+        self._plugins, self._strategy, self.device = plugins, strategy, device
+        self._ids: tuple[int, ...] | None = None
+        self.named()  # refuses a plugin whose state nothing keeps, now
+
+    def named(self) -> dict[str, Any]:
+        """``{key: Stateful}`` of the kept plugins, classified once per plugin list."""
+        plugins = tuple(self._plugins())
+        ids = tuple(map(id, plugins))
+        if ids != self._ids:
+            self._named, self._transient = classify(plugins, self._strategy)
+            self._ids = ids
+        return self._named
+
+    def state_dict(self) -> dict[str, Any]:
+        named = self.named()
+        for plugin in self._transient:  # may have been given state by a hook since
+            check_transient(plugin)
+        return {key: p.state_dict() for key, p in named.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, plugin in self.named().items():
+            if key in state:
+                plugin.load_state_dict(_to_device(state[key], self.device))
+
+    def repartition(self, states: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+        """The stored ranks' plugin states as ``size`` ranks': a plugin with a
+        ``repartition`` (replay buffers) deals its shards anew; the others take rank 0's."""
+        named = self.named()
+        out: list[dict[str, Any]] = [{} for _ in range(size)]
+        for key in states[0]:
+            each = [s.get(key, {}) for s in states]
+            split = getattr(named.get(key), "repartition", None)
+            shards = split(each, size) if split is not None else [each[0]] * size
+            for r in range(size):
+                out[r][key] = shards[r]
+        return out
+
+
+def _to_device(state: Any, device: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.to(device) if state.is_floating_point() else state
+    if isinstance(state, dict):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_to_device(v, device) for v in state)
+    return state
 
 
 def check_transient(plugin: Any) -> None:
@@ -103,13 +170,3 @@ def _refuse_unkept_subclass_fields(plugin: Any) -> None:
                 "keeps the base's memory, not what the subclass adds. Declare the attributes "
                 "it adds that a restart may lose (engram_transient = (...)), or make it Stateful"
             )
-
-
-def unkept_now(plugins: Iterable[Any]) -> None:
-    """Before a commit: the user's plugins taken as holding nothing still hold nothing
-    undeclared (a hook may have set an attribute since the template was built)."""
-    for plugin in plugins:
-        if not isinstance(
-            plugin, LRSchedulerPlugin | Stateful
-        ) and not avalanche_state.is_avalanche(plugin):
-            check_transient(plugin)

@@ -98,3 +98,62 @@ class SchedulerState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plugin.scheduler.load_state_dict(state)
+
+
+class OptimizerState:
+    """An optimizer as Stateful, with the settings a branch changed (``branched()``:
+    e.g. a new lr) applied over the stored state, which would bring the old ones back."""
+
+    def __init__(self, optimizer: Any, branched: Any) -> None:
+        self.optimizer, self.branched = optimizer, branched
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+        changed = self.branched()
+        for group in self.optimizer.param_groups:
+            group.update({k: v for k, v in changed.items() if k in group})
+
+
+class Attributes:
+    """Some attributes of an object as one Stateful part: ``names`` maps each state key
+    to ``(attribute, load)``, ``load`` turning the stored value back into the attribute's
+    (JSON gives lists back; a missing key takes ``load(None)``)."""
+
+    def __init__(self, owner: Any, names: dict[str, tuple[str, Any]]) -> None:
+        self.owner, self.names = owner, names
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: getattr(self.owner, attr) for key, (attr, _) in self.names.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, (attr, load) in self.names.items():
+            setattr(self.owner, attr, load(state.get(key)))
+
+
+def rows(value: Any) -> list[list[float]]:
+    """A stored accuracy matrix as a list of lists."""
+    return [list(row) for row in value or []]
+
+
+def optional_list(value: Any) -> list | None:
+    return list(value) if value is not None else None
+
+
+def count(value: Any) -> int:
+    return int(value or 0)
+
+
+class CursorOf:
+    """The cursor of a learner that replaces its :class:`Cursor` as it goes."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+
+    def state_dict(self) -> dict[str, int]:
+        return self.owner.cursor.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.owner.cursor.load_state_dict(state)

@@ -26,11 +26,14 @@ Plugins' ``before_training_exp``/``before_training_epoch`` hooks run again when 
 experience resumes mid-way (they rebuild transient things such as data loaders); the
 committed state is applied after them, so hooks that reset counters cannot undo it.
 
-How it restores is :mod:`engram.training.restore`, how it commits
-:mod:`engram.training.commit` (mixins of this class); the parts that stand alone live in
-the sibling modules state, lineage, policy, gate, numerics, execution and sampler.
-(Over the 400-line budget on purpose: the class overrides a dozen Avalanche hooks that
-share the cursor and the snapshot being resumed.)
+All of it is the template's *app state* (:meth:`DurableTemplate.app_state`: one mapping of
+named Stateful parts), which one :class:`~engram.training.checkpointer.Checkpointer`
+commits and restores — synchronously, in the background or across ranks behind the same
+call. The template adds only what is Avalanche's: the hooks, the lineage and architecture
+checks before a restore applies, and the meta of each version. The parts that stand alone
+live in the sibling modules state, adaptations, lineage, policy, gate, numerics,
+execution and sampler. (Over the 400-line budget on purpose: the class overrides a dozen
+Avalanche hooks that share the cursor and the snapshot being resumed.)
 """
 
 from __future__ import annotations
@@ -53,20 +56,36 @@ from engram.distributed import sync, wire
 from engram.distributed.reduce import all_true, average_gradients, broadcast_module, sum_counts
 from engram.distributed.state import LocalSamples
 from engram.errors import EngramError, GateFailed, NonFiniteError
-from engram.store import Snapshot, Store
-from engram.store.background import BackgroundCommitter
+from engram.stateful import Stateful
+from engram.store import RefMoves, Snapshot, Store, VersionInfo
 from engram.strategies import avalanche_state
-from engram.training import app_state, execution
-from engram.training.commit import Commit
+from engram.training import execution
+from engram.training.adaptations import Adaptations, check_architecture
+from engram.training.app_state import PluginStates
+from engram.training.checkpointer import Checkpointer
 from engram.training.experiences import train_experiences
 from engram.training.gate import RegressionGate, gate_refs, gate_verdict, settle_gate
-from engram.training.guard import MAX_ABS_WEIGHT
+from engram.training.guard import MAX_ABS_WEIGHT, nonfinite_paths, oversized
+from engram.training.lineage import check_lineage
 from engram.training.numerics import Precision, finite_step, nonfinite_weights
 from engram.training.policy import CommitPolicy
-from engram.training.restore import Restore
 from engram.training.resumed import UNREAD, Resumed
 from engram.training.sampler import ResumableBatchSampler, epoch_seed
-from engram.training.state import ClockState, Cursor, RngStreams
+from engram.training.state import (
+    Attributes,
+    ClockState,
+    Cursor,
+    CursorOf,
+    OptimizerState,
+    RngStreams,
+    count,
+    optional_list,
+    rows,
+)
+from engram.training.version_meta import version_meta
+
+# NaN there means "no value" (an epoch row with no trained minibatch), not divergence
+_NAN_MEANS_NONE = ("plugins/curves/epochs",)
 
 
 class AccuracyRecorder(SupervisedPlugin):
@@ -101,7 +120,7 @@ class AccuracyRecorder(SupervisedPlugin):
         return matrix
 
 
-class DurableTemplate(Restore, Commit, SupervisedTemplate):
+class DurableTemplate(SupervisedTemplate):
     """Avalanche's supervised template, restored from and committed to an engram store.
 
     Args:
@@ -175,8 +194,8 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         max_abs_weight: float | None = MAX_ABS_WEIGHT,
         resumed: Resumed | object | None = UNREAD,
     ) -> None:
-        """Arguments: see the class. Long because it sets every attribute that the hooks and
-        the restore and commit mixins share, each with its comment."""
+        """Arguments: see the class. Long because it sets every attribute that the hooks
+        share, each with its comment."""
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', not {nonfinite!r}")
         self._recorder = AccuracyRecorder()
@@ -195,7 +214,8 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
             evaluator=evaluator,
             eval_every=-1,
         )
-        self._stateful_plugins()  # refuses an Avalanche plugin whose memory it cannot keep
+        # refuses, by name, a plugin whose memory nothing keeps (engram.training.app_state)
+        self._plugins = PluginStates(self._user_plugins, self, self.device)
         # Avalanche's own (experimental) distributed mode checks plugins for its flag;
         # engram distributes the run itself (engram.distributed), so that check is moot.
         self._distributed_check = True
@@ -212,7 +232,6 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         if main:
             self.store = Store.open(store, mode="c") if self._owns_store else store
         self._local_samples = None if main else LocalSamples()
-        self._committer = BackgroundCommitter(self.store) if async_commit and main else None
         # Every rank starts from rank 0's model, broadcast on the device it trains on
         # (NCCL moves CUDA tensors only; Avalanche would move it there in train() anyway).
         self.model.to(self.device)
@@ -233,9 +252,8 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         self.accuracy_matrix: list[list[float]] = []
         # accuracy of the untrained model on each test experience (the FWT baseline)
         self.initial_accuracy: list[float] | None = None
-        self._adaptations: list[list[Any]] = []  # [stream, experience index, training]
+        self.adaptations = Adaptations()  # the modules grown, to grow again on restore
         self._snapshot: Snapshot | None = None  # the state being resumed, until applied
-        self._resumed = resumed  # HEAD, read once (UNREAD: by restore); dropped once used
         self.resumed_from: str | None = None  # the name of the version resumed
         # bytes each experience's commit wrote, recorded in every version's meta (so a
         # resume's TensorBoard history needs no listing of the store)
@@ -243,10 +261,12 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         self._restored = False
         self._has_history = False
         self._branched: dict[str, Any] = {}  # optimizer settings a branch changed
-        self._replaying = False
         self._in_fit = False
-        self.last_commit_seconds: float | None = None  # the latest commit's duration
-        self.last_commit_bytes: int | None = None  # and the bytes it wrote
+        self.checkpointer = Checkpointer(
+            self.store, self.app_state, model=lambda: self.model, world=self.world,
+            background=async_commit, local_samples=self._local_samples,
+            guard=self._check_state, resumed=resumed,
+        )  # fmt: skip
 
     # --------------------------------------------------------------- public API
 
@@ -280,7 +300,7 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
             train_experiences(self, train_list, test_list, max_experiences, on_experience)
         finally:
             self._in_fit = False
-        self._wait_for_commit()
+        self.checkpointer.wait()
         return self.accuracy_matrix
 
     def train_experience(self, index: int, experience: Any) -> None:
@@ -310,20 +330,22 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         run, for the last commit's outcome to reach the other ranks), then close the
         store if this template opened it."""
         try:
-            if self._committer is not None:
-                self._committer.close()
+            self.checkpointer.close()
             if self.world.size > 1:
                 wire.settle()  # before the caller may destroy the process group
         finally:
             if self._owns_store:
                 self.store.close()
 
-    def _wait_for_commit(self) -> None:
-        """Wait for the background commit in flight, if any (raising its error)."""
-        if self._committer is not None:
-            version = self._committer.wait()
-            if version is not None:
-                self.last_commit_bytes = version.new_bytes
+    @property
+    def last_commit_seconds(self) -> float | None:
+        """The latest commit's duration (a background one's: the training thread's stall)."""
+        return self.checkpointer.last_seconds
+
+    @property
+    def last_commit_bytes(self) -> int | None:
+        """The bytes the latest commit wrote (a background one's: once it is waited for)."""
+        return self.checkpointer.last_bytes
 
     def __enter__(self) -> DurableTemplate:
         return self
@@ -336,7 +358,7 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
     def hparams(self) -> dict[str, Any]:
         """Everything that must not silently change between a run and its resumption."""
         plugins = {}
-        for key, plugin in self._stateful_plugins().items():
+        for key, plugin in self.named_plugins().items():
             if hasattr(plugin, "hparams"):
                 plugins[key] = plugin.hparams()
         optimizer = {
@@ -359,7 +381,7 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         ranks each would hold a different one, which no commit merges."""
         if self.world.size == 1:
             return
-        adapted = [k for k, p in self._stateful_plugins().items()
+        adapted = [k for k, p in self.named_plugins().items()
                    if isinstance(p, avalanche_state.AvalancheAdapter)]  # fmt: skip
         if adapted:
             raise EngramError(
@@ -368,42 +390,140 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
                 "strategies under torchrun (docs/distributed.md) or train on one process"
             )
 
-    def _stateful_plugins(self) -> dict[str, Any]:
-        """The plugins' named state (engram.training.app_state: an allowlist, so a plugin
-        whose state nothing keeps is refused by name), built once per plugin list."""
-        plugins = self._user_plugins()
-        ids = tuple(map(id, plugins))
-        if getattr(self, "_plugin_ids", None) != ids:
-            self._named_plugins = app_state.named_plugins(plugins, self)
-            self._plugin_ids = ids
-        return self._named_plugins
-
-    def state_dict(self) -> dict[str, Any]:
-        """The template's whole state except the model weights (committed separately)."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "plugins": self._plugin_states(),
-            "rng": RngStreams(cuda=self.device.type == "cuda").state_dict(),
-            "clock": ClockState(self.clock).state_dict(),
-            "cursor": self.cursor.state_dict(),
-            "adaptations": self._adaptations,
-            "metrics": {
-                "accuracy_matrix": self.accuracy_matrix,
-                "initial_accuracy": self.initial_accuracy,
-                "skipped_updates": self.skipped_updates,
-            },
-            **({"scaler": self.numerics.state_dict()} if self.numerics.scaler else {}),
-        }
+    def named_plugins(self) -> dict[str, Stateful]:
+        """The plugins' named state, ``{key: Stateful}`` (engram.training.app_state: an
+        allowlist, so a plugin whose state nothing keeps is refused by name)."""
+        return self._plugins.named()
 
     def _user_plugins(self) -> tuple[Any, ...]:
         """The plugins the run was given (and Avalanche's own), not the template's."""
         return tuple(p for p in self.plugins if p is not self._recorder and p is not self.clock)
 
-    def _plugin_states(self) -> dict[str, Any]:
-        plugins = self._stateful_plugins()
-        # a user's plugin taken as holding nothing may have been given state by a hook
-        app_state.unkept_now(self._user_plugins())
-        return {key: p.state_dict() for key, p in plugins.items()}
+    def app_state(self) -> dict[str, Stateful]:
+        """Everything the template commits beside the model weights, by name: the
+        layout of every version's state (``state/<name>/...``)."""
+        parts: dict[str, Stateful] = {
+            "optimizer": OptimizerState(self.optimizer, lambda: self._branched),
+            "plugins": self._plugins,
+            "rng": RngStreams(cuda=self.device.type == "cuda"),
+            "clock": ClockState(self.clock),
+            "cursor": CursorOf(self),
+            "adaptations": self.adaptations,
+            "metrics": Attributes(self, {
+                "accuracy_matrix": ("accuracy_matrix", rows),
+                "initial_accuracy": ("initial_accuracy", optional_list),
+                "skipped_updates": ("skipped_updates", count),
+            }),
+        }  # fmt: skip
+        if self.numerics.scaler:
+            parts["scaler"] = self.numerics
+        return parts
+
+    def state_dict(self) -> dict[str, Any]:
+        """The template's whole state except the model weights (committed separately)."""
+        return self.checkpointer.state_dict()
+
+    # ------------------------------------------------------------ restore, commit
+
+    def restore(self, experiences: Sequence[Any] = ()) -> bool:
+        """Restore HEAD of the store (once); returns False for an empty store.
+
+        ``experiences``: every experience the run may have adapted the model to (train
+        and test streams), to rebuild dynamically grown modules.
+        """
+        if self._restored:
+            return self._has_history
+        self._restored = True
+
+        def prepare(snapshot: Snapshot) -> None:
+            self.adaptations.replay(self.model, snapshot.state["adaptations"], experiences)
+            self.model.to(self.device)
+            check_architecture(self.model, snapshot.model or {}, str(self._store_path),
+                               self.resumed_from or "HEAD")  # fmt: skip
+            # The optimizer must know the grown modules' parameters before its state
+            # loads; Avalanche's first make_optimizer would otherwise reset that state.
+            self.make_optimizer(reset_optimizer_state=True)
+
+        resumed = self.checkpointer.restore(check=self._continues, prepare=prepare)
+        self._has_history = resumed is not None
+        if resumed is not None and self.cursor.mid_experience:
+            self._snapshot = resumed.snapshot  # applied again after the epoch's hooks
+        return self._has_history
+
+    def _continues(self, resumed: Resumed) -> None:
+        """Rank 0, HEAD read: may this run continue it (engram.training.lineage)? And what
+        it changes: a branch's optimizer settings, the execution settings."""
+        head = resumed.version
+        stored_hparams = head.meta.get("hparams", {})
+        check_lineage(head, path=self._store_path, hparams=self.hparams(),
+                      model_spec=self.model_spec, branch=self.branch,
+                      experience_ids=self.extra_meta.get("experience_ids"))  # fmt: skip
+        # Branching with new optimizer settings (e.g. lr): the stored optimizer state
+        # would bring the old values back, so the changed ones are re-applied over it.
+        stored_optimizer = stored_hparams.get("optimizer", {})
+        self._branched = {
+            k: v for k, v in self.hparams()["optimizer"].items()
+            if k != "class" and stored_optimizer.get(k) != v
+        } if self.branch else {}  # fmt: skip
+        self.execution_changes = execution.warn_if_changed(
+            self._store_path, head.name, head.meta.get("execution"), self._execution()
+        )
+        self.resumed_from = head.name
+        self.experience_bytes = resumed.experience_bytes(self.store)
+
+    def commit(
+        self,
+        message: str = "",
+        *,
+        gate: Mapping[str, Any] | None = None,
+        refs: RefMoves | None = None,
+    ) -> VersionInfo | None:
+        """Commit the current state now (the template also commits by itself).
+
+        ``gate``: the regression gate's verdict, recorded in the version's meta;
+        ``refs``: the refs the commit moves (see :meth:`engram.store.Store.commit`).
+        Returns the version committed here (None: committed in the background, or by
+        rank 0 when this is another rank).
+        """
+        self._check_weights()  # replicated: every rank decides alike
+        mid = self.cursor.mid_experience
+        if refs is not None and mid:
+            raise ValueError("refs move with experience versions only")
+        meta = version_meta(
+            self.cursor, strategy=self.name, hparams=self.hparams(),
+            execution=self._execution(), experience_bytes=self.experience_bytes,
+            accuracy_matrix=self.accuracy_matrix, initial_accuracy=self.initial_accuracy,
+            model_spec=self.model_spec, extra=self.extra_meta, gate=gate,
+            skipped_updates=self.skipped_updates,
+        )  # fmt: skip
+        # a mid-experience version in the background (async_commit): the training thread
+        # only copies; an experience's version is durable when this returns
+        version = self.checkpointer.commit(meta, message=message, refs=refs, background=mid)
+        if version is not None and not mid:
+            self.experience_bytes.append(version.new_bytes)
+        self.policy.committed()
+        return version
+
+    def _check_weights(self) -> None:
+        """The guard's part on the weights (engram.training.guard): finite, and within
+        ``max_abs_weight``; raises NonFiniteError, nothing committed."""
+        self._check_finite_weights("committing")
+        big = oversized(self.model.state_dict(), self.max_abs_weight)
+        if big:
+            shown = ", ".join(f"{name} ({value:.3g})" for name, value in big[:5])
+            raise NonFiniteError(
+                f"{self._where()}: weights beyond the bound |w| <= {self.max_abs_weight:g} "
+                f"(training.max_abs_weight) in {shown}; {self._advice()}"
+            )
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """The guard's part on the state: every tensor in it finite (else NonFiniteError)."""
+        bad = nonfinite_paths(state, exempt=_NAN_MEANS_NONE)
+        if bad:
+            raise NonFiniteError(
+                f"{self._where()}: non-finite values in the state ({', '.join(bad[:5])}) "
+                f"before committing; {self._advice()}"
+            )
 
     def _execution(self) -> dict[str, Any]:
         return execution.settings(self.device, self.numerics.name)
@@ -471,11 +591,8 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
         )
 
     def model_adaptation(self, model: nn.Module | None = None) -> nn.Module:
-        if not self._replaying and self.experience is not None:
-            entry = [self.experience.origin_stream.name, self.experience.current_experience,
-                     bool(self.is_training)]  # fmt: skip
-            if entry not in self._adaptations:
-                self._adaptations.append(entry)
+        if self.experience is not None:
+            self.adaptations.record(self.experience, bool(self.is_training))
         return super().model_adaptation(model)
 
     def make_train_dataloader(
@@ -522,7 +639,7 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
             )
             self._before_training_epoch(**kwargs)
             if resuming:
-                self._apply(self._snapshot)  # after the hooks that reset counters
+                self.checkpointer.apply(self._snapshot)  # after hooks that reset counters
                 self._snapshot = None
             if self._stop_training:
                 self._stop_training = False
@@ -550,7 +667,7 @@ class DurableTemplate(Restore, Commit, SupervisedTemplate):
     def finish_experience(self, index: int) -> str | None:
         """Commit experience ``index``'s version, decide the gate, prune; returns the
         gate's rejection message (None: passed, or no gate)."""
-        self._wait_for_commit()  # a mid-experience version in flight is pruned below too
+        self.checkpointer.wait()  # a mid-experience version in flight is pruned below too
         main = self.store is not None
         before = set(self.store.version_ids()) if main else set()  # keys only: flat
         failures, verdict = gate_verdict(self.gate, self.accuracy_matrix)
