@@ -62,6 +62,7 @@ from engram.strategies import avalanche_state
 from engram.training import execution
 from engram.training.adaptations import Adaptations, check_architecture
 from engram.training.app_state import PluginStates
+from engram.training.batches import BatchesCache, as_is, tensor_batches
 from engram.training.checkpointer import Checkpointer
 from engram.training.experiences import train_experiences
 from engram.training.gate import RegressionGate, gate_refs, gate_verdict, settle_gate
@@ -262,6 +263,7 @@ class DurableTemplate(SupervisedTemplate):
         self._has_history = False
         self._branched: dict[str, Any] = {}  # optimizer settings a branch changed
         self._in_fit = False
+        self._eval_batches = BatchesCache()  # the test experiences, read once
         self.checkpointer = Checkpointer(
             self.store, self.app_state, model=lambda: self.model, world=self.world,
             background=async_commit, local_samples=self._local_samples,
@@ -605,25 +607,32 @@ class DurableTemplate(SupervisedTemplate):
         sampler = ResumableBatchSampler(len(dataset), self.train_mb_size, self.seed,
                                         self.cursor.experience, drop_last,
                                         self.world.rank, self.world.size)  # fmt: skip
+        # A tensor stream is read once, each minibatch an index_select (the same values):
+        # engram.training.batches. Otherwise Avalanche's per-sample fetch.
+        fast = tensor_batches(dataset)
         # Its own generator: a DataLoader draws its workers' base seed from the global
         # RNG each epoch otherwise, one draw a resumed epoch would repeat.
         self.dataloader = DataLoader(
-            dataset,
+            fast if fast is not None else dataset,
             batch_sampler=sampler,
             num_workers=num_workers,
-            collate_fn=getattr(dataset, "collate_fn", None),
+            collate_fn=as_is if fast is not None else getattr(dataset, "collate_fn", None),
             pin_memory=bool(pin_memory),
             generator=torch.Generator(),  # seeded per epoch in _train_exp
         )
 
     def make_eval_dataloader(self, num_workers: int = 0, **kwargs: Any) -> None:
-        if self.world.size == 1:
+        dataset = self.adapted_dataset
+        fast = self._eval_batches.get(dataset)  # read once per test experience
+        if self.world.size == 1 and fast is None:
             return super().make_eval_dataloader(num_workers=num_workers, **kwargs)
-        dataset = self.adapted_dataset  # data-parallel: this rank's shard, counts summed
-        self.dataloader = DataLoader(dataset, batch_size=self.eval_mb_size,
-                                     sampler=self.world.shard(len(dataset)),
-                                     num_workers=num_workers,
-                                     collate_fn=getattr(dataset, "collate_fn", None))  # fmt: skip
+        # data-parallel: this rank's shard, counts summed
+        sampler = self.world.shard(len(dataset)) if self.world.size > 1 else None
+        self.dataloader = DataLoader(
+            fast if fast is not None else dataset, batch_size=self.eval_mb_size,
+            sampler=sampler, num_workers=num_workers,
+            collate_fn=as_is if fast is not None else getattr(dataset, "collate_fn", None),
+        )  # fmt: skip
         return None
 
     def _train_exp(self, experience: Any, eval_streams: Any = None, **kwargs: Any) -> None:
