@@ -148,8 +148,8 @@ def main() -> None:
                 start = time.perf_counter()
                 t.commit("mid")
                 commit_times[name].append(time.perf_counter() - start)
-                if t._committer is not None:
-                    t._committer.wait()
+                if t.checkpointer.committer is not None:
+                    t.checkpointer.wait()
                     total_async.append(time.perf_counter() - start)
         for t in templates.values():
             t.close()
