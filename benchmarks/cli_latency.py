@@ -1,4 +1,4 @@
-"""Inspection latency: `engram ls/show/verify` vs `python -c pass` and `import torch`.
+"""Inspection latency: `engram ls/show/verify/diff` vs `python -c pass` and `import torch`.
 
 Each figure is a fresh process from spawn to exit (interpreter start, imports, the
 command), timed side by side in one run, interleaved round by round (the order
@@ -101,6 +101,7 @@ def main() -> None:
             "engram ls STORE": [*engram, "ls", store],
             "engram show STORE": [*engram, "show", store],
             "engram verify STORE --all": [*engram, "verify", store, "--all"],
+            "engram diff STORE HEAD~1 HEAD": [*engram, "diff", store, "HEAD~1", "HEAD"],
         }
         heavy = {
             name: imported(argv[len(engram) :]) if name.startswith("engram") else "-"
@@ -141,9 +142,10 @@ left in `sys.modules` of torch and Avalanche.
        rows, "lrrrl")}
 
 `engram ls` took {ls:.3f} s, {verdict} its {LS_BUDGET} s budget: the inspection commands
-(`ls`, `show`, `verify`, `du`, `tag`, `rollback`, `export --format safetensors`) read
-manifests, LMDB records and checkpoint files' headers and bytes through numpy and
-safetensors, and import torch only to load tensors (`engram diff`, `export --format onnx`).
+(`ls`, `show`, `verify`, `du`, `tag`, `rollback`, `diff`, `export --format safetensors`)
+read manifests, LMDB records and checkpoint files' headers and bytes through numpy and
+safetensors (`diff` compares two versions' arrays, bfloat16 and float8 widened by
+engram), and import torch only to run a model (`export --format onnx`).
 """  # fmt: skip
     emit(args, textwrap.dedent(text))
 

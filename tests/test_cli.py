@@ -511,7 +511,7 @@ def test_console_script_exit_codes_and_light_imports(demo) -> None:
     assert bad.stderr.count("\n") == 1 and "v0099" in bad.stderr
     ls = subprocess.run([ENGRAM, "ls", path, "--json"], capture_output=True, text=True)
     assert ls.returncode == 0 and json.loads(ls.stdout)["head"] == 3
-    # --help imports no torch; reading commands never import Avalanche
+    # --help imports no torch; the reading commands, diff too, neither torch nor Avalanche
     code = textwrap.dedent(f"""
         import contextlib, io, sys
         from engram.cli import main
@@ -524,4 +524,4 @@ def test_console_script_exit_codes_and_light_imports(demo) -> None:
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "['torch']"
+    assert proc.stdout.strip() == "[]"

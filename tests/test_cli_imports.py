@@ -1,9 +1,11 @@
 """The inspection commands import neither torch nor Avalanche (issue 26 item 3).
 
 Each command runs in a fresh interpreter against a real small store (two versions, the
-first compacted, so both a checkpoint file and delta-coded weights are read), which then
-reports what it found in ``sys.modules``. The exported safetensors file, written without
-torch, holds what ``safetensors.torch.save_file`` writes for the same weights.
+first compacted, so both a checkpoint file and delta-coded weights are read; ``diff``
+compares the two), which then reports what it found in ``sys.modules``. The exported
+safetensors file, written without torch, holds what ``safetensors.torch.save_file``
+writes for the same weights; that ``diff`` prints what torch's tensors give is
+tests/test_diff_numpy.py's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ COMMANDS = {  # each split into arguments before {store} and {out} are filled in
     "du": "du {store}",
     "tag": "tag {store} prod v0001",
     "rollback": "rollback {store} v0002",
+    "diff": "diff {store} v0001 v0002",
+    "diff --json": "diff {store} v0002 v0001 --json",
     "export plain": "export {store} v0002 --format safetensors --out {out}/a.safetensors",
     "export compacted": "export {store} v0001 --format safetensors --out {out}/b.safetensors",
 }

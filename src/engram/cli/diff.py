@@ -1,25 +1,35 @@
 """``engram diff``: what changed between two versions of a store.
 
-Unlike ``ls`` and ``show`` (:mod:`~engram.cli.history`), ``diff`` loads the two versions
-through :meth:`Store.load`: tensors are compared by their L2 difference (unless their
-content hashes match), replay samples by the ids that entered and left, and the plain
-values one by one.
+Unlike ``ls`` and ``show`` (:mod:`~engram.cli.history`), ``diff`` reads the two versions'
+arrays: tensors are compared by their L2 difference (unless their content hashes match),
+replay samples by the ids that entered and left, and the plain values one by one.
+
+It imports no torch (``tests/test_cli_imports.py``): the versions are read as their
+stored bytes (:meth:`~engram.store.inspect.Inspector.raw_snapshot`) and compared through
+numpy (:func:`~engram.store.codec.numpy_values` widens bfloat16 and float8 exactly), so
+it prints what comparing the loaded tensors would; a scikit-learn version's fitted
+arrays are read from its skops file's schema and ``.npy`` entries, without skops (whose
+import walks every scikit-learn module, torch's array API adapter included).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import zipfile
 from typing import Any
 
 import numpy as np
-import torch
 
 from engram.cli.common import flatten, report
 from engram.cli.output import indent, table
+from engram.errors import CorruptionError
 from engram.store import Store
-from engram.store.codec import TAG_SAMPLES, ArrayRecord
+from engram.store.checkpoint import RawTensor
+from engram.store.codec import TAG_NDARRAY, TAG_SAMPLES, ArrayRecord, numpy_values
 from engram.store.inspect import tree_arrays
+from engram.store.values import Snapshot
 
 
 def diff(args: argparse.Namespace) -> int:
@@ -32,8 +42,8 @@ def diff_versions(store: Store, a: str, b: str) -> dict[str, Any]:
     info_a, info_b = store.info(a), store.info(b)
     recs_a = dict(tree_arrays(store.manifest(info_a.id)["state"]))
     recs_b = dict(tree_arrays(store.manifest(info_b.id)["state"]))
-    snap_a, snap_b = store.load(info_a.id), store.load(info_b.id)
-    flat_a, flat_b = _flat_version(store, snap_a), _flat_version(store, snap_b)
+    flat_a = _flat_version(store, _raw_snapshot(store, info_a.id), recs_a)
+    flat_b = _flat_version(store, _raw_snapshot(store, info_b.id), recs_b)
     samples = {p for p, r in (recs_a | recs_b).items() if r.kind == TAG_SAMPLES}
     arrays_a = {p for p, x in flat_a.items() if _is_array(x) and p not in samples}
     arrays_b = {p for p, x in flat_b.items() if _is_array(x) and p not in samples}
@@ -52,12 +62,30 @@ def diff_versions(store: Store, a: str, b: str) -> dict[str, Any]:
     }
 
 
-def _flat_version(store: Store, snap: Any) -> dict[str, Any]:
-    """A loaded version as one flat ``path -> value`` dict: its state, its model's tensors
-    under ``model/``, and a scikit-learn version's fitted arrays."""
+def _raw_snapshot(store: Store, vid: int) -> Snapshot:
+    """Version ``vid`` with its arrays as stored bytes; a remote's copy fetches the
+    files it needs first (as its :meth:`~Store.load` does)."""
+    if type(store) is not Store:
+        from engram.store.remote.cache import RemoteStore
+
+        if isinstance(store, RemoteStore):
+            store.fetch(store.needed_files(vid))
+    return store.inspect.raw_snapshot(vid)
+
+
+def _flat_version(store: Store, snap: Snapshot, recs: dict[str, ArrayRecord]) -> dict[str, Any]:
+    """A version as one flat ``path -> value`` dict: its state, its model's tensors under
+    ``model/``, and a scikit-learn version's fitted arrays. A tensor stays a
+    :class:`RawTensor` (numpy has no bfloat16); a numpy array of the state, or of an
+    estimator, is a numpy array: the two never compare equal, as a tensor and an array
+    never did."""
     flat = flatten(snap.state)
+    for path, record in recs.items():
+        if record.kind == TAG_NDARRAY:
+            flat[path] = _values(flat[path])
     flat.update({"model/" + k: t for k, t in (snap.model or {}).items()})
-    flat.update(_estimator_arrays(store, snap))  # a scikit-learn version's fitted arrays
+    if snap.artifact is not None:
+        flat.update(_estimator_arrays(snap.artifact, f"{store.path} {snap.version.name}"))
     return flat
 
 
@@ -95,8 +123,8 @@ def _replay_changes(
     """Per replay buffer (sample ids), the ids that entered, left, and how many stayed."""
     replay = []
     for path in sorted(samples):
-        ids_a = set(flat_a[path].tolist()) if path in flat_a else set()
-        ids_b = set(flat_b[path].tolist()) if path in flat_b else set()
+        ids_a = set(_values(flat_a[path]).tolist()) if path in flat_a else set()
+        ids_b = set(_values(flat_b[path]).tolist()) if path in flat_b else set()
         replay.append(
             {
                 "path": path,
@@ -120,41 +148,95 @@ def _value_changes(flat_a: dict[str, Any], flat_b: dict[str, Any]) -> list[dict[
     return values
 
 
-def _estimator_arrays(store: Store, snap: Any) -> dict[str, Any]:
+def _estimator_arrays(artifact: bytes, where: str) -> dict[str, np.ndarray]:
     """``model/<step>/<attribute>`` → array for the fitted attributes (``coef_``, an
-    MLP's ``coefs_``...) of a scikit-learn version's estimator, read through engram's
-    allowlist; nothing for a torch version."""
-    if snap.artifact is None:
-        return {}
-    from engram.inference import load_model
+    MLP's ``coefs_``...) of a scikit-learn version's estimator: what ``vars()`` of the
+    estimator skops rebuilds holds, read from the file's schema and its ``.npy`` entries
+    (numpy arrays only, never pickle), with engram's allowlist checked first as a load
+    checks it."""
+    from engram.sklearn import persist
 
-    estimator = load_model(store, snap.version.id, allow_version_mismatch=True)  # read only
-    out: dict[str, Any] = {}
-    steps = getattr(estimator, "steps", None) or [("", estimator)]
-    for step, est in steps:
-        prefix = f"model/{step}/" if step else "model/"
-        for name, value in sorted(vars(est).items()):
-            if not name.endswith("_") or name.startswith("_"):
-                continue
-            values = value if isinstance(value, list) else [value]
-            for i, v in enumerate(values):
-                if isinstance(v, np.ndarray) and v.dtype.kind in "fiub":
-                    out[f"{prefix}{name}{f'/{i}' if isinstance(value, list) else ''}"] = v
+    persist.check_types(artifact, what=where)  # also: a readable zip, a bounded schema
+    out: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(artifact)) as z:
+            root = json.loads(z.read("schema.json"))
+            for prefix, attributes in _estimator_nodes(root):
+                for name, node in sorted(attributes.items()):
+                    if not name.endswith("_") or name.startswith("_"):
+                        continue
+                    is_list = _node_is(node, "builtins", "list")
+                    for i, item in enumerate(node["content"] if is_list else [node]):
+                        v = _npy(z, item)
+                        if v is not None and v.dtype.kind in "fiub":
+                            out[f"{prefix}{name}{f'/{i}' if is_list else ''}"] = v
+    except (zipfile.BadZipFile, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        raise CorruptionError(f"{where}: its skops file cannot be read ({e!r})") from None
     return out
 
 
+def _estimator_nodes(root: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(path prefix, attribute nodes)`` of each step of a pipeline's schema (a node
+    with a ``steps`` list), else of the one estimator."""
+    attributes = _attributes(root) or {}
+    steps = attributes.get("steps")
+    sequence = _node_is(steps, "builtins", "list") or _node_is(steps, "builtins", "tuple")
+    if not sequence or not steps["content"]:  # as `getattr(est, "steps", None) or ...`
+        return [("model/", attributes)]
+    nodes = []
+    for step in steps["content"]:  # tuples (name, estimator)
+        name_node, estimator = step["content"]
+        name = json.loads(name_node["content"])
+        step_attributes = _attributes(estimator)
+        if step_attributes is not None:  # not "passthrough" or None
+            nodes.append((f"model/{name}/" if name else "model/", step_attributes))
+    return nodes
+
+
+def _attributes(node: dict[str, Any]) -> dict[str, Any] | None:
+    """An object node's attribute nodes by name (its ``__dict__``); None: no object."""
+    if node.get("__loader__") != "ObjectNode":
+        return None
+    state = node["content"]
+    if not _node_is(state, "builtins", "dict"):
+        return None  # rebuilt through __reduce__, not an estimator
+    if not isinstance(state["content"], dict):
+        raise ValueError(f"the attributes of a {node.get('__class__')} are no mapping")
+    return state["content"]
+
+
+def _node_is(node: Any, module: str, cls: str) -> bool:
+    """Whether a skops schema node stands for a ``module.cls`` object."""
+    if not isinstance(node, dict):
+        return False
+    return node.get("__module__") == module and node.get("__class__") == cls
+
+
+def _npy(z: zipfile.ZipFile, node: Any) -> np.ndarray | None:
+    """The ndarray a schema node stores in an ``.npy`` entry; None for anything else
+    (a numpy scalar, an object array stored as JSON, a plain value)."""
+    if not (_node_is(node, "numpy", "ndarray") and node.get("type") == "numpy"):
+        return None
+    return np.load(io.BytesIO(z.read(node["file"])), allow_pickle=False)
+
+
 def _is_array(x: Any) -> bool:
-    return isinstance(x, torch.Tensor | np.ndarray)
+    return isinstance(x, RawTensor | np.ndarray)
 
 
 def _dtype(x: Any) -> str:
-    return str(x.dtype).removeprefix("torch.")
+    return x.dtype if isinstance(x, RawTensor) else str(x.dtype)
 
 
-def _as_float(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return (x.to(torch.complex128) if x.is_complex() else x.to(torch.float64)).numpy()
-    return np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+def _values(x: RawTensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, RawTensor):
+        return numpy_values(x.dtype, x.shape, x.data)
+    return x
+
+
+def _as_float(x: RawTensor | np.ndarray) -> np.ndarray:
+    values = _values(x)
+    return values.astype(np.complex128 if np.iscomplexobj(values) else np.float64)
 
 
 def _tensor_change(path: str, a: Any, b: Any) -> dict[str, Any] | None:
@@ -168,7 +250,8 @@ def _tensor_change(path: str, a: Any, b: Any) -> dict[str, Any] | None:
             "relative": None,
         }
     fa, fb = _as_float(a), _as_float(b)
-    if str(a.dtype) == str(b.dtype) and np.array_equal(fa, fb, equal_nan=True):
+    same_type = type(a) is type(b) and _dtype(a) == _dtype(b)  # a tensor is no array
+    if same_type and np.array_equal(fa, fb, equal_nan=True):
         return None
     l2 = float(np.linalg.norm((fb - fa).ravel()))
     norm_a = float(np.linalg.norm(fa.ravel()))

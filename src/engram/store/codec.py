@@ -9,8 +9,9 @@ See :mod:`engram.store.format` for the layout.
 
 Reading records needs no torch: only the functions that make or take tensors import it,
 so the inspection commands (``engram ls``, ``show``, ``verify``...) start in a fraction of
-the time ``import torch`` takes. :class:`SampleIds` and :data:`TORCH_DTYPES` are built on
-first use (a module ``__getattr__``).
+the time ``import torch`` takes; :func:`numpy_values` gives a record's values through numpy
+alone (``engram diff``). :class:`SampleIds` and :data:`TORCH_DTYPES` are built on first use
+(a module ``__getattr__``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import functools
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -386,6 +387,72 @@ def array_from_bytes(record: ArrayRecord, raw: torch.Tensor) -> torch.Tensor | n
     if record.kind != TAG_NDARRAY:
         return raw.view(_torch_dtype(record.dtype)).reshape(record.shape)
     return raw.numpy().view(NUMPY_DTYPES[record.dtype]).reshape(record.shape)
+
+
+def numpy_values(dtype: str, shape: Sequence[int], raw: np.ndarray) -> np.ndarray:
+    """The values of a stored array's ``(nbytes,)`` uint8 bytes as a numpy array, without
+    torch (``engram diff``): a view for the dtypes numpy has; bfloat16 and the float8
+    formats widened to float32, complex32 to complex64, each value exactly.
+
+    Raises:
+        CorruptionError: ``raw`` is not ``shape`` of ``dtype``.
+    """
+    nbytes = math.prod(shape) * TENSOR_ITEMSIZES.get(dtype, 0)
+    if raw.dtype != np.uint8 or raw.shape != (nbytes,) or dtype not in TENSOR_ITEMSIZES:
+        raise CorruptionError(f"{raw.nbytes} bytes are not a {dtype} array of shape {shape}")
+    if dtype in NUMPY_DTYPES:
+        values = raw.view(NUMPY_DTYPES[dtype])
+    elif dtype == "bfloat16":  # the upper half of a float32
+        values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    elif dtype == "complex32":  # (real, imaginary) float16 pairs
+        values = raw.view(np.float16).astype(np.float32).view(np.complex64)
+    else:
+        values = _float8_table(dtype)[raw]
+    return values.reshape(tuple(shape))
+
+
+# name -> (exponent bits, mantissa bits, bias, encoding of the specials): "ieee" (all-ones
+# exponent: inf, NaN), "fn" (no inf; all-ones exponent and mantissa: NaN), "fnuz" (no inf,
+# no -0: 0x80 is NaN) or "e8m0" (an unsigned exponent alone; 0xFF is NaN).
+_FLOAT8 = {
+    "float8_e4m3fn": (4, 3, 7, "fn"),
+    "float8_e4m3fnuz": (4, 3, 8, "fnuz"),
+    "float8_e5m2": (5, 2, 15, "ieee"),
+    "float8_e5m2fnuz": (5, 2, 16, "fnuz"),
+    "float8_e8m0fnu": (8, 0, 127, "e8m0"),
+}
+
+
+@functools.cache
+def _float8_table(dtype: str) -> np.ndarray:
+    """The float32 value of each of the 256 codes of a float8 format (all exact)."""
+    exp_bits, man_bits, bias, specials = _FLOAT8[dtype]
+    code = np.arange(256)
+    if specials == "e8m0":
+        values = np.ldexp(1.0, code - bias)
+        values[0xFF] = np.nan
+        return _frozen(values.astype(np.float32))
+    exponent = (code >> man_bits) & ((1 << exp_bits) - 1)
+    fraction = (code & ((1 << man_bits) - 1)) / (1 << man_bits)
+    magnitude = np.where(
+        exponent == 0,
+        np.ldexp(fraction, 1 - bias),  # subnormal
+        np.ldexp(1.0 + fraction, exponent - bias),
+    )
+    values = np.where(code & 0x80, -magnitude, magnitude)
+    if specials == "ieee":
+        top = exponent == (1 << exp_bits) - 1
+        values[top] = np.where(fraction[top] == 0, np.copysign(np.inf, values[top]), np.nan)
+    elif specials == "fn":
+        values[(code & 0x7F) == 0x7F] = np.nan
+    else:
+        values[0x80] = np.nan
+    return _frozen(values.astype(np.float32))
+
+
+def _frozen(table: np.ndarray) -> np.ndarray:
+    table.flags.writeable = False  # cached: shared by every caller
+    return table
 
 
 def decode_tree(tree: Any, read_array: Callable[[ArrayRecord, str], Any]) -> Any:

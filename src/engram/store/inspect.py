@@ -3,8 +3,10 @@
 * :func:`tree_arrays` and :func:`version_arrays`: the one walk over the arrays a
   state tree or a version holds, reading no bytes;
 * ``store.inspect`` (:class:`Inspector`): a version's replay slot tables, the sizes of
-  replay samples, HEAD's id without its manifest, and the :meth:`~Inspector.usage`
-  report behind ``engram du`` (which skips and lists versions with damaged manifests);
+  replay samples, HEAD's id without its manifest, a version's arrays as their stored
+  bytes (:meth:`~Inspector.raw_snapshot`, behind ``engram diff``), and the
+  :meth:`~Inspector.usage` report behind ``engram du`` (which skips and lists versions
+  with damaged manifests);
 * :func:`disk_usage`: what a store's files take on disk.
 """
 
@@ -20,12 +22,13 @@ import lmdb
 
 from engram.errors import CorruptionError
 from engram.store import format as fmt
+from engram.store import load as _reading
 from engram.store.blobs import Blobs
 from engram.store.codec import TAG_SAMPLES, ArrayRecord
 from engram.store.env import Env
 from engram.store.history import History, manifest_bytes, tree_arrays, version_arrays
 from engram.store.samples import sample_key
-from engram.store.values import VersionSpec
+from engram.store.values import Snapshot, VersionSpec
 
 __all__ = ["Inspector", "Usage", "UsageReport", "disk_usage", "tree_arrays", "version_arrays"]
 
@@ -67,6 +70,17 @@ class Inspector:
             vid = self._history.resolve(txn, version)
             recs = tree_arrays(self._history.manifest(txn, vid)["state"])
             return dict(self._slot_tables(txn, vid, recs))
+
+    def raw_snapshot(self, version: VersionSpec = "HEAD") -> Snapshot:
+        """A version as :meth:`Store.load <engram.store.Store.load>` loads it (every
+        chunk checked, in one consistent read), each array of its state and model
+        weights a :class:`~engram.store.checkpoint.RawTensor` of its stored bytes:
+        read without torch (``engram diff``; :func:`~engram.store.codec.numpy_values`
+        gives the values)."""
+        return _reading.load(
+            self._env, self._history, self._blobs, version,
+            state=True, model=True, verify=False, raw=True,
+        )  # fmt: skip
 
     def head_id(self) -> int | None:
         """HEAD's version id from the refs alone (None: no HEAD), also when that

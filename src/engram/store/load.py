@@ -1,7 +1,8 @@
 """Reading a version back: its state and model weights, and a plain-file export.
 
-Loading tensors imports torch; :func:`raw_weights` (``engram export``) reads a model's
-bytes without it.
+Loading tensors imports torch; a ``raw`` load reads the stored bytes without it: a
+model's (:func:`raw_weights`, ``engram export``), or a whole version's
+(:meth:`~engram.store.inspect.Inspector.raw_snapshot`, ``engram diff``).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def load(
     raw: bool = False,
 ) -> Snapshot:
     """:meth:`Store.load <engram.store.Store.load>`: one consistent read, retried only
-    when a write happened while it ran. ``raw``: the model's tensors as
-    :class:`~engram.store.checkpoint.RawTensor` (read without torch)."""
+    when a write happened while it ran. ``raw``: every array (the state's and
+    the model's) as a :class:`~engram.store.checkpoint.RawTensor`, read without torch."""
     for _ in range(_LOAD_TRIES - 1):
         seen: list[int] = []  # the id of the snapshot the try read
         try:
@@ -102,17 +103,17 @@ def _load(
         manifest = history.manifest(txn, vid)
         info = version_info(manifest, history.tags(txn))
         loaded_state: dict[str, Any] = {}
+        read = _raw_array if raw else Blobs.read_array
         if state:
             _check_memory(sum(r.nbytes for r in iter_array_records(manifest["state"])), vid)
             loaded_state = decode_tree(
                 manifest["state"],
-                lambda record, path: blobs.read_array(txn, record, vid, path, verify),
+                lambda record, path: read(blobs, txn, record, vid, path, verify),
             )
         compacted = manifest.get("model")
         if model and compacted is not None:
             # As for the state: the sizes a manifest claims are checked before allocating.
             _check_memory(sum(r.nbytes for r in iter_array_records(compacted["tensors"])), vid)
-            read = _raw_array if raw else Blobs.read_array
             weights = decode_tree(
                 compacted["tensors"],
                 lambda record, path: read(blobs, txn, record, vid, f"model{path}", verify),
