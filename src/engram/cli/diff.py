@@ -25,9 +25,9 @@ import numpy as np
 from engram.cli.common import flatten, report
 from engram.cli.output import indent, table
 from engram.errors import CorruptionError
-from engram.store import Store
+from engram.store import Store, references
 from engram.store.checkpoint import RawTensor
-from engram.store.codec import TAG_NDARRAY, TAG_SAMPLES, ArrayRecord, numpy_values
+from engram.store.codec import TAG_NDARRAY, ArrayRecord, numpy_values
 from engram.store.inspect import tree_arrays
 from engram.store.values import Snapshot
 
@@ -44,7 +44,7 @@ def diff_versions(store: Store, a: str, b: str) -> dict[str, Any]:
     recs_b = dict(tree_arrays(store.manifest(info_b.id)["state"]))
     flat_a = _flat_version(store, _raw_snapshot(store, info_a.id), recs_a)
     flat_b = _flat_version(store, _raw_snapshot(store, info_b.id), recs_b)
-    samples = {p for p, r in (recs_a | recs_b).items() if r.kind == TAG_SAMPLES}
+    samples = {p for p, _, _ in references.referencing((recs_a | recs_b).items())}
     arrays_a = {p for p, x in flat_a.items() if _is_array(x) and p not in samples}
     arrays_b = {p for p, x in flat_b.items() if _is_array(x) and p not in samples}
     changed, unchanged = _tensor_changes(arrays_a & arrays_b, (recs_a, recs_b), (flat_a, flat_b))

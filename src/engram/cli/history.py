@@ -22,8 +22,8 @@ from engram.cli.common import (
     report,
 )
 from engram.cli.output import human_bytes, indent, num, table
-from engram.store import Store, VersionInfo, version_name
-from engram.store.codec import TAG_SAMPLES, ArrayRecord
+from engram.store import Store, VersionInfo, references, version_name
+from engram.store.codec import ArrayRecord
 from engram.store.inspect import tree_arrays
 
 
@@ -179,7 +179,7 @@ def summarise(store: Store, version: str) -> dict[str, Any]:
     head = store.head
     recs = tree_arrays(manifest["state"])
     metrics = state_metrics(store, info.id, manifest)
-    replay = {group_of(p) for p, r in recs if r.kind == TAG_SAMPLES}
+    replay = {group_of(p) for p, _, _ in references.referencing(recs)}
     components: dict[str, dict[str, Any]] = {}
     for path, record in recs:
         group = group_of(path)

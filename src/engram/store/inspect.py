@@ -23,11 +23,11 @@ import lmdb
 from engram.errors import CorruptionError
 from engram.store import format as fmt
 from engram.store import load as _reading
+from engram.store import references
 from engram.store.blobs import Blobs
-from engram.store.codec import TAG_SAMPLES, ArrayRecord
+from engram.store.codec import ArrayRecord
 from engram.store.env import Env
 from engram.store.history import History, manifest_bytes, tree_arrays, version_arrays
-from engram.store.samples import sample_key
 from engram.store.values import Snapshot, VersionSpec
 
 __all__ = ["Inspector", "Usage", "UsageReport", "disk_usage", "tree_arrays", "version_arrays"]
@@ -69,7 +69,8 @@ class Inspector:
         with self._env.read() as txn:
             vid = self._history.resolve(txn, version)
             recs = tree_arrays(self._history.manifest(txn, vid)["state"])
-            return dict(self._slot_tables(txn, vid, recs))
+            return {path: ids for path, kind, ids in self._referenced(txn, vid, recs)
+                    if kind is references.SAMPLES}  # fmt: skip
 
     def raw_snapshot(self, version: VersionSpec = "HEAD") -> Snapshot:
         """A version as :meth:`Store.load <engram.store.Store.load>` loads it (every
@@ -91,7 +92,7 @@ class Inspector:
     def sample_sizes(self, ids: set[int]) -> dict[int, int]:
         """Bytes of each replay sample record (0: missing)."""
         with self._env.read() as txn:
-            return self._sample_sizes(txn, ids)
+            return self._record_sizes(txn, references.SAMPLES, ids)
 
     def usage(self, component_of: ComponentOf | None = None) -> UsageReport:
         """What each component of the store takes: summed over versions, and with each
@@ -107,7 +108,7 @@ class Inspector:
         out: dict[str, Usage] = {}
         chunks: set[str] = set()
         files: set[str] = set()
-        samples_seen: set[int] = set()
+        records_seen: dict[bytes, set[int]] = {}  # referenced records charged, by database
 
         def charge(kind: str, key: str, logical: int, unique: int, slot_tables: Any = ()) -> None:
             if key not in out:
@@ -134,14 +135,16 @@ class Inspector:
                     damaged.append((vid, str(e)))
                     continue
                 counted += 1
-                replay = {name("state", p) for p, r in recs if r.kind == TAG_SAMPLES}
+                tables = {name("state", p) for p, _, _ in references.referencing(recs)}
                 for path, record in recs:
-                    charge("state", name("state", path), record.nbytes, new_chunks(record), replay)
-                for path, sample_ids in self._slot_tables(txn, vid, recs):
-                    sizes = self._sample_sizes(txn, set(sample_ids))
-                    unique = sum(s for i, s in sizes.items() if i not in samples_seen)
-                    charge("samples", name("samples", path), sum(sizes.values()), unique)
-                    samples_seen.update(sample_ids)
+                    charge("state", name("state", path), record.nbytes, new_chunks(record), tables)
+                for path, kind, ids in self._referenced(txn, vid, recs):
+                    sizes = self._record_sizes(txn, kind, set(ids))
+                    seen = records_seen.setdefault(kind.database, set())
+                    unique = sum(s for i, s in sizes.items() if i not in seen)
+                    component = kind.component
+                    charge(component, name(component, path), sum(sizes.values()), unique)
+                    seen.update(ids)
                 ckpt = manifest["checkpoint"] or manifest.get("artifact")  # one or neither
                 if ckpt is not None:
                     new = ckpt["file"] not in files
@@ -153,17 +156,19 @@ class Inspector:
                 charge("manifest", name("manifest", ""), size, size)
         return UsageReport(counted, out, tuple(damaged))
 
-    def _slot_tables(
+    def _referenced(
         self, txn: lmdb.Transaction, vid: int, recs: list[tuple[str, ArrayRecord]]
-    ) -> Iterator[tuple[str, list[int]]]:
-        for path, record in recs:
-            if record.kind == TAG_SAMPLES:
-                yield path, self._blobs.sample_ids(txn, record, vid, path)
+    ) -> Iterator[tuple[str, references.ReferenceKind, list[int]]]:
+        """The ids each reference array of version ``vid`` holds (engram.store.references)."""
+        for path, record, kind in references.referencing(recs):
+            yield path, kind, references.referenced_ids(self._blobs, txn, record, vid, path)
 
-    def _sample_sizes(self, txn: lmdb.Transaction, ids: set[int]) -> dict[int, int]:
+    def _record_sizes(
+        self, txn: lmdb.Transaction, kind: references.ReferenceKind, ids: set[int]
+    ) -> dict[int, int]:
         sizes = {}
         for i in ids:
-            value = self._env.get(txn, fmt.DB_SAMPLES, sample_key(i))
+            value = self._env.get(txn, kind.database, kind.key(i))
             sizes[i] = 0 if value is None else len(value)
         return sizes
 

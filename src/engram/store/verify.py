@@ -8,13 +8,12 @@ import lmdb
 
 from engram.errors import CorruptionError, DamagedDatabaseError, StoreFormatError
 from engram.store import format as fmt
+from engram.store import references
 from engram.store.artifact import ArtifactInfo, read_artifact
 from engram.store.blobs import Blobs, EncodedBlob, chunk_problem, decode_entry
 from engram.store.checkpoint import CheckpointInfo, check_file
-from engram.store.codec import TAG_SAMPLES
 from engram.store.env import Env
 from engram.store.history import History, version_arrays
-from engram.store.samples import sample_key
 from engram.store.signing import TrustedKey, load_trusted, signature_problem
 from engram.store.values import Problem, VerifyReport, VersionSpec, version_name
 
@@ -106,21 +105,20 @@ def _verify_version(
                 checked.add(digest)
                 report.blobs += 1
                 report.bytes += size
-        if record.kind == TAG_SAMPLES and not any(p.version == vid for p in report.problems):
-            ids = blobs.sample_ids(txn, record, vid, path)
+        kind = references.kind_of(record)  # the records it names, in their database
+        if kind is not None and not any(p.version == vid for p in report.problems):
             missing, damaged = [], []
-            for i in ids:
+            for i in references.referenced_ids(blobs, txn, record, vid, path):
                 try:
-                    if env.get(txn, fmt.DB_SAMPLES, sample_key(i)) is None:
+                    if env.get(txn, kind.database, kind.key(i)) is None:
                         missing.append(i)
                 except CorruptionError:
                     damaged.append(i)
             if missing:
-                report.problems.append(
-                    Problem(vid, path, f"{len(missing)} replay samples missing, e.g. {missing[0]}")
-                )
+                why = f"{len(missing)} {kind.noun} missing, e.g. {missing[0]}"
+                report.problems.append(Problem(vid, path, why))
             if damaged:
-                why = f"{len(damaged)} replay samples fail their checksum, e.g. {damaged[0]}"
+                why = f"{len(damaged)} {kind.noun} fail their checksum, e.g. {damaged[0]}"
                 report.problems.append(Problem(vid, path, why))
     if manifest.get("artifact") is not None:
         art = ArtifactInfo(**manifest["artifact"])
