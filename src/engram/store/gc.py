@@ -24,9 +24,10 @@ import lmdb
 
 from engram.errors import EngramError, VersionNotFoundError
 from engram.store import format as fmt
+from engram.store import references
 from engram.store.blobs import Blobs, EncodedBlob, FileBlob, IndexEntry
 from engram.store.checkpoint import fsync_dir
-from engram.store.codec import TAG_SAMPLES, iter_array_records
+from engram.store.codec import iter_array_records
 from engram.store.env import Env
 from engram.store.files import open_dir, unlink
 from engram.store.history import History, manifest_bytes, relinks
@@ -234,14 +235,21 @@ class _Live:
 
     blobs: set[bytes] = field(default_factory=set)
     files: set[str] = field(default_factory=set)  # checkpoint (and artifact) files
-    samples: set[int] = field(default_factory=set)
+    # the ids of the records its reference arrays name, by database (store.references)
+    referenced: dict[bytes, set[int]] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> set[int]:
+        """The replay samples referenced: the one kind whose records gc sweeps
+        (SampleTable.sweep; the fence's ``next_sample``)."""
+        return self.referenced.setdefault(references.SAMPLES.database, set())
 
     def add(self, blobs: Blobs, txn: lmdb.Transaction, vid: int, manifest: dict) -> None:
-        """The blobs, files and replay samples of version ``vid`` (its ``manifest``)."""
+        """The blobs, files and referenced records of version ``vid`` (its ``manifest``)."""
         records = iter_array_records(manifest["state"])
-        for record in records:
-            if record.kind == TAG_SAMPLES:
-                self.samples.update(blobs.sample_ids(txn, record, vid, "sample ids"))
+        for _, record, kind in references.referencing(("ids", r) for r in records):
+            ids = references.referenced_ids(blobs, txn, record, vid, "sample ids")
+            self.referenced.setdefault(kind.database, set()).update(ids)
         if manifest.get("model") is not None:
             records += iter_array_records(manifest["model"]["tensors"])
         for record in records:

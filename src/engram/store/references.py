@@ -9,7 +9,10 @@ registration here — its array tag, its database, what it is called — and the
 and writers follow.
 
 One kind is registered: a replay buffer's slot table (``__samples__``), the ids of the
-sample records in the ``samples`` database (:mod:`engram.store.samples`).
+sample records in the ``samples`` database (:mod:`engram.store.samples`). What stays
+that kind's own: the sweep that deletes its unreferenced records and the counter its
+ids come from (``SampleTable.sweep``, ``next_sample``, the gc fence); a second kind
+would bring its own.
 """
 
 from __future__ import annotations
