@@ -118,10 +118,11 @@ def worker(out: Path, direct: int, overrides: list[str]) -> None:
                             self.timings["direct_recv"].append(self.timings["recv"][-1])
                     elif self.world.size > 1 and self.store is not None:
                         world, self.world = self.world, alone
+                        self.checkpointer.world = alone  # the one that commits
                         try:
                             self.commit("direct, rank 0 alone")
                         finally:
-                            self.world = world
+                            self.world = self.checkpointer.world = world
                         self._record("alone")
             return matrix
 

@@ -8,18 +8,28 @@ Against moto's S3 server on 127.0.0.1 (started here, dummy credentials), in one 
   interleaved round by round, reported as a ratio (the emulator's own speed cancels);
 * incrementality: a run of commits, each changing a small part of the state and adding
   replay samples, pushed after every commit: bytes uploaded at version 1, 10, 100
-  against what the version adds (its manifest's ``new_bytes``) and the store's size.
+  against what the version adds (its manifest's ``new_bytes``) and the store's size;
+* the training stall of background pushes (``engram-train store.remote=``): what the
+  training thread spends blocked per commit in ``commit`` + ``BackgroundPusher.request``
+  while the previous version's push is in flight, against a commit with no remote and
+  against the upload itself (the same versions pushed in the foreground), in one run.
+  Here the emulator runs in its own process: in this one it would hold the GIL that the
+  training thread's commit needs, a stall no real object store causes.
 
 Run::
 
-    python benchmarks/remote.py            # 128 MiB store, 3 rounds; 100 versions
-    python benchmarks/remote.py --quick    # 16 MiB, 2 rounds; 20 versions
+    python benchmarks/remote.py            # 128 MiB store, 3 rounds; 100 versions; 30 commits
+    python benchmarks/remote.py --quick    # 16 MiB, 2 rounds; 20 versions; 4 commits
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +68,39 @@ def emulator() -> Iterator[str]:
         os.environ.clear()
         os.environ.update(saved)
         server.stop()
+
+
+@contextmanager
+def emulator_process() -> Iterator[str]:
+    """moto's S3 server in a child process (``moto_server``), the AWS variables set."""
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+                               "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    saved = dict(os.environ)
+    try:
+        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+                          AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:  # bounded: until the server accepts
+            try:
+                boto3.client("s3").create_bucket(Bucket=BUCKET)
+                break
+            except Exception:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        yield f"s3://{BUCKET}"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        server.terminate()
+        server.wait(30)
 
 
 def raw_store(url: str):  # the same library, the same client options as the remote's
@@ -144,12 +187,86 @@ def incremental(root: Path, url: str, versions: int) -> list[list[object]]:
     return rows
 
 
+def stall(root: Path, url: str, mib: int, commits: int) -> tuple[list[list[object]], float]:
+    """Per commit of ``mib`` MiB of new state, interleaved commit by commit (the machine's
+    load then weighs on each alike): the training thread's time in ``commit`` with no
+    remote; in ``commit`` + ``request`` while a background push of the previous version
+    is in flight, its worker at the default niceness and at 0 (as before it had one);
+    and a foreground ``push`` of one such version (the upload). The stall: median over
+    commits of (blocked − commit alone) / upload; returned for the default."""
+    from engram.store.remote import BackgroundPusher, unpushed
+    from engram.store.remote.background import WORKER_NICENESS
+
+    gen = torch.Generator().manual_seed(2)
+    floats = mib * 2**20 // 4
+
+    def state() -> dict[str, torch.Tensor]:  # all new bytes: every push uploads `mib`
+        return {"weights": torch.randn(floats, generator=gen)}
+
+    def wait_pushed(store: Store) -> None:
+        deadline = time.monotonic() + 120
+        while unpushed(store) != [] and time.monotonic() < deadline:  # bounded
+            time.sleep(0.01)
+
+    def timed(fn: object, *args: object) -> float:
+        start = time.perf_counter()
+        fn(*args)  # type: ignore[operator]
+        return time.perf_counter() - start
+
+    nices = (WORKER_NICENESS, 0)
+    times: dict[str, list[float]] = {"alone": [], "upload": []}
+    with contextlib.ExitStack() as stack:
+        alone, fg = (stack.enter_context(Store.open(root / n, mode="c")) for n in ("a", "f"))
+        fg.commit(state())
+        push(fg, f"{url}/foreground")
+        pushers = {}
+        for nice in nices:
+            bg = stack.enter_context(Store.open(root / f"bg{nice}", mode="c"))
+            bg.commit(state())
+            pushers[nice] = BackgroundPusher(bg, f"{url}/bg{nice}", niceness=nice)
+            stack.callback(pushers[nice].finish)
+            pushers[nice].request()
+            wait_pushed(bg)  # the worker started (it imports torch once per run)
+            times[f"commit {nice}"], times[f"request {nice}"] = [], []
+        for _ in range(commits):
+            times["alone"].append(timed(alone.commit, state()))
+            for nice, pusher in pushers.items():
+                pusher.store.commit(state())
+                pusher.request()  # this push is in flight during the next, measured commit
+                times[f"commit {nice}"].append(timed(pusher.store.commit, state()))
+                times[f"request {nice}"].append(timed(pusher.request))
+                wait_pushed(pusher.store)
+            fg.commit(state())
+            times["upload"].append(timed(push, fg))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ms = lambda x: f"{x * 1000:.1f} ms"  # noqa: E731
+    rows: list[list[object]] = [["commit, no remote", ms(med["alone"])]]
+    ratios = {}
+    for nice in nices:
+        blocked = [c + r - a for a, c, r in zip(times["alone"], times[f"commit {nice}"],
+                                                times[f"request {nice}"], strict=True)]  # fmt: skip
+        ratios[nice] = statistics.median(b / u for b, u in zip(blocked, times["upload"],
+                                                                strict=True))  # fmt: skip
+        rows.append([f"commit, a push in flight (worker niceness {nice})",
+                     ms(med[f"commit {nice}"])])  # fmt: skip
+    rows.append(["`BackgroundPusher.request()` (the enqueue)",
+                 f"{med[f'request {nices[0]}'] * 1e6:.0f} us"])  # fmt: skip
+    rows.append(["push of one version in the foreground (the upload)", ms(med["upload"])])
+    for nice in nices:
+        rows.append([f"**stall**, worker niceness {nice}: (commit + request − commit alone) "
+                     "/ upload", f"{ratios[nice]:.3f}"])  # fmt: skip
+    return rows, ratios[nices[0]]
+
+
 def main() -> None:
     args = parser(__doc__).parse_args()
     mib, rounds, versions = (16, 2, 20) if args.quick else (128, 3, 100)
     with scratch("engram-remote-bench-") as root, emulator() as url:
         speed = throughput(root, url, mib, rounds)
         growth = incremental(root, url, versions)
+    stall_mib, commits = (4, 4) if args.quick else (16, 30)
+    with scratch("engram-remote-stall-") as root, emulator_process() as url:
+        blocked, ratio = stall(root, url, stall_mib, commits)
     text = f"""
 ## Remote (push/pull to an S3 emulator)
 
@@ -165,6 +282,14 @@ raw transfer of the same bytes, in the same run).
 
 {table(["version", "store on disk", "version adds", "pushed", "pushed / adds", "push time"],
        growth)}
+
+### Training stall of background pushes ({stall_mib} MiB new per commit, median of {commits})
+
+The emulator runs in its own process here (in this one it would hold the GIL a commit
+needs). Goal: stall ≤ 0.05 of the upload at the default niceness
+({"met" if ratio <= 0.05 else "NOT met"}).
+
+{table(["", "per commit"], blocked)}
 """  # fmt: skip
     emit(args, text)
 

@@ -1,7 +1,9 @@
-"""Scaling: what each store operation costs as the history grows, and as the model grows.
+"""Scaling: what each store operation costs as the history, the model, the replay
+buffer and the stream grow.
 
-    python benchmarks/scaling.py            # 10 -> 10,000 versions; 1e5 -> 1e8 parameters
-    python benchmarks/scaling.py --quick    # 10 -> 100 versions; 1e5 -> 1e6 parameters
+    python benchmarks/scaling.py            # 10 -> 10,000 versions; 1e5 -> 1e8 parameters;
+                                            # 1e3 -> 1e6 buffered samples; 10 -> 100 experiences
+    python benchmarks/scaling.py --quick    # 10 -> 100; 1e5 -> 1e6; 1e3 -> 1e4; 10 -> 20
 
 History: one store grows to each length in turn, by mid-experience-style commits of a
 small model through ``Store.commit`` (MLP 64-32-10 weights and SGD momentum, both
@@ -18,7 +20,18 @@ process's peak RSS.
 Model: for each size, a fresh process commits the weights with their SGD momentum (twice
 the model's bytes) next to a raw write+fsync of the same bytes, loads HEAD next to a raw
 read of them (page cache warm), and records its peak RSS during the commit above its RSS
-before it (``/proc/self/clear_refs``, then ``VmHWM``).
+before it (``/proc/self/clear_refs``, then ``VmHWM``). Each timed write is primed
+(:func:`_prime`: this VM makes writes into long-free pages 15-20x slower) and its CPU
+time taken too.
+
+Replay buffer: for each capacity, a fresh process fills an engram ``ReplayBuffer`` per
+policy, then times admitting one experience's samples into it full, minibatch draws,
+the commit of the change, a restore, and records its peak RSS.
+
+Stream: for each length, a fresh process fits ``DurableTemplate`` on a stream of that
+many one-class experiences with a linear model, timing what each experience's end
+costs beside training: evaluation on every test experience, the commit (with gate and
+prune), the TensorBoard writes (the accuracy-matrix figure among them).
 
 Each cost gets its log-log growth exponent (least squares over the sizes; 0: flat, 1:
 linear) and the ratio of its largest to its smallest size.
@@ -38,9 +51,10 @@ from pathlib import Path
 
 from common import git_commit
 
+from engram.cli.history import LS_NEWEST as LISTED  # what `engram ls` shows by default
+
 CHILD = "--child"
 MIDS = 3  # mid-experience versions per experience in the experience-end cycle
-LISTED = 50  # versions a paged `engram ls` would show by default
 REFERENCE = "reference: write+fsync 16 KiB"  # measured next to the commits
 _CLI = "import sys; from engram.cli import main; sys.exit(main())"  # no console script
 _CLI_PEAK = (  # the same, then its peak RSS (bytes) on stderr
@@ -254,6 +268,7 @@ def model_costs(params: int, rounds: int, root: str) -> dict:
     store_path = Path(root) / "store"
 
     def raw_write() -> None:
+        raw_path.unlink(missing_ok=True)  # a new file, as each commit writes
         with open(raw_path, "wb") as f:
             for t in (*weights.values(), *momentum.values()):
                 f.write(memoryview(t.numpy()).cast("B"))
@@ -275,14 +290,21 @@ def model_costs(params: int, rounds: int, root: str) -> dict:
             t.reshape(-1)[::1024].sum()  # one element per 4 KiB page
 
     write, commit, read, load, touched, extra = [], [], [], [], [], []
+    write_cpu, commit_cpu = [], []
     with Store.open(store_path, mode="c") as s:
         state = {"optimizer": {"momentum": momentum}}
         for _ in range(rounds):
             change()
+            _prime(nbytes)
+            cpu = time.process_time()
             write.append(_timed(raw_write))
+            write_cpu.append(time.process_time() - cpu)
             change()
+            _prime(nbytes)
             before, reset = _rss(), _reset_peak()
+            cpu = time.process_time()
             commit.append(_timed(s.commit, state, model=weights, meta=_meta(0)))
+            commit_cpu.append(time.process_time() - cpu)
             if reset:
                 extra.append(_peak_rss() - before)
             read.append(_timed(raw_read))
@@ -299,12 +321,156 @@ def model_costs(params: int, rounds: int, root: str) -> dict:
         "bytes": nbytes,
         "raw write+fsync": med(write),
         "commit": med(commit),
+        "raw write+fsync CPU": med(write_cpu),
+        "commit CPU": med(commit_cpu),
         "raw read": med(read),
         "load": med(load),
         "load, every page read": med(touched),
         "commit peak RSS": max(extra) if extra else None,
         "commit peak anonymous RSS": anon.peak,
     }
+
+
+def _prime(nbytes: int) -> None:
+    """Touch and free ``nbytes`` (and some) of memory just before a timed write.
+
+    On this VM a page the kernel freed seconds ago is handed back to the hypervisor:
+    writing 400 MB into such pages took 1.5-2.7 s, into pages freed a moment before
+    0.1 s (a write's page cache needs new pages). Primed, a raw write and a commit
+    measured after it both get pages freed a moment before, as on a machine without
+    that effect; unprimed, whichever wrote second into recycled pages won.
+    """
+    import numpy as np
+
+    np.ones(nbytes + (64 << 20), dtype=np.uint8)  # allocated, touched, freed
+
+
+EXPERIENCE = 2048  # samples offered to a full buffer between its two commits
+POLICIES = ("reservoir", "class_balanced")
+
+
+def replay_costs(capacity: int, rounds: int, root: str) -> dict:
+    """engram's replay buffer of ``capacity`` samples of 64 floats, per policy: filling
+    it, admitting an experience's samples into it full, drawing minibatches, committing
+    its change, restoring it in a new store handle; and the process's peak RSS."""
+    import statistics
+
+    import torch
+
+    from engram.memory.replay import ReplayBuffer
+    from engram.store import Store
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(capacity)
+
+    def batch(n: int) -> tuple:
+        return torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+    _reset_peak()  # (several sizes may run in one process)
+    out: dict = {"capacity": capacity, "rss before": _rss()}
+    for policy in POLICIES:
+        path = Path(root) / policy
+        anon = _AnonSampler._anon()
+        with Store.open(path, mode="c") as s:
+            buffer = ReplayBuffer(s, capacity, policy=policy, seed=0)
+            start = time.perf_counter()
+            while buffer.seen < capacity:  # minibatches of 1,000
+                buffer.add(*batch(min(1000, capacity - buffer.seen)), experience=0)
+            fill = (time.perf_counter() - start) / capacity
+            s.commit({"replay": buffer.state_dict()}, meta=_meta(0, "experience", 0))
+            start, admitted = time.perf_counter(), 0
+            for _ in range(EXPERIENCE // 32):
+                admitted += buffer.add(*batch(32), experience=1)
+            admit = (time.perf_counter() - start) / EXPERIENCE
+            draws = [_timed(buffer.sample, 128) for _ in range(max(rounds, 5) * 10)]
+            start = time.perf_counter()
+            version = s.commit({"replay": buffer.state_dict()}, meta=_meta(1, "experience", 1))
+            commit = time.perf_counter() - start
+            record = buffer._record_size()
+            held = _AnonSampler._anon() - anon  # the buffer's own memory, not the map's
+
+        def restore(path: Path = path, policy: str = policy) -> None:
+            with Store.open(path, mode="w") as s:
+                again = ReplayBuffer(s, capacity, policy=policy, seed=0)
+                again.load_state_dict(s.load().state["replay"])
+                again.sample(128)
+
+        out[policy] = {
+            "fill per sample": fill,
+            "admission per sample": admit,
+            "sample(128)": statistics.median(draws),
+            "commit after an experience": commit,
+            "commit: state bytes written": version.new_bytes,
+            "commit: sample bytes it published": admitted * record,
+            "restore": statistics.median(_timed(restore) for _ in range(rounds)),
+            "anonymous memory it holds": held,
+        }
+    out["peak RSS"] = _peak_rss()
+    return out
+
+
+def stream_costs(n: int, root: str) -> dict:
+    """A stream of ``n`` experiences (one class each, 16 training and 8 test samples of
+    64 floats; a linear model): what each experience's end costs beside its training,
+    timed around the template's own steps, and its TensorBoard writes as the runner
+    makes them (engram.run.runner): the mean over the stream's last 5 experiences."""
+    import statistics
+    import warnings
+
+    import torch
+
+    import engram.metrics.tensorboard as board_module
+    from engram.streams.digits import split_by_class
+    from engram.training.template import DurableTemplate
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    y_train, y_test = torch.arange(n).repeat_interleave(16), torch.arange(n).repeat_interleave(8)
+    tensors = (torch.randn(len(y_train), 64, generator=gen), y_train,
+               torch.randn(len(y_test), 64, generator=gen), y_test)  # fmt: skip
+    bench = split_by_class(tensors, n, n, False)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, n)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seconds: dict[str, list[float]] = {}
+
+    def timed(key: str, fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds.setdefault(key, []).append(time.perf_counter() - start)
+
+        return run
+
+    heatmap = board_module.heatmap
+    board_module.heatmap = timed("of it the accuracy-matrix figure", heatmap)
+    try:
+        with DurableTemplate(model=model, optimizer=optimizer, store=Path(root) / "store",
+                             train_mb_size=16, train_epochs=1) as t:  # fmt: skip
+            t.train_experience = timed("training (the tiny model's)", t.train_experience)
+            t.evaluate = timed("evaluation (every test experience)", t.evaluate)
+            t.finish_experience = timed("commit, gate and prune", t.finish_experience)
+            board = board_module.ForgettingWriter(Path(root) / "tb")
+            write = timed("TensorBoard (scalars, figure)", board.experience)
+
+            def report(index: int, row: list[float]) -> None:
+                write(t.accuracy_matrix, t.last_commit_seconds, t.last_commit_bytes, None)
+
+            t.fit(bench.train_stream, bench.test_stream, on_experience=report)
+            board.close()
+    finally:
+        board_module.heatmap = heatmap
+    seconds["evaluation (every test experience)"].pop(0)  # the untrained model's
+    last = {k: statistics.mean(v[-5:]) for k, v in seconds.items()}
+    last["evaluation per test experience"] = last["evaluation (every test experience)"] / n
+    last["overhead (all but training)"] = sum(
+        last[k] for k in ("evaluation (every test experience)", "commit, gate and prune",
+                          "TensorBoard (scalars, figure)")
+    )  # fmt: skip
+    return {"experiences": n, "seconds": last}
 
 
 class _AnonSampler:
@@ -354,6 +520,20 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
 
 
+def _ints(csv: str) -> list[int]:
+    return [int(x) for x in csv.split(",")]
+
+
+def _in(root: str, n: int, fn, *args) -> dict:
+    """``fn(*args, directory)`` in a new directory of ``root`` for size ``n``."""
+    directory = Path(root) / str(n)
+    directory.mkdir()
+    try:
+        return fn(*args, str(directory))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def _child(argv: list[str]) -> None:
     import warnings
 
@@ -364,6 +544,10 @@ def _child(argv: list[str]) -> None:
         return
     if kind == "measure":
         result = measure(argv[1], int(argv[2]))
+    elif kind == "replay":  # sizes: comma-separated, measured one after another
+        result = [_in(argv[3], n, replay_costs, n, int(argv[2])) for n in _ints(argv[1])]
+    elif kind == "stream":
+        result = [_in(argv[2], n, stream_costs, n) for n in _ints(argv[1])]
     else:
         result = model_costs(int(argv[1]), int(argv[2]), argv[3])
     print(json.dumps(result), flush=True)
@@ -390,6 +574,8 @@ def _python(*argv: str) -> str:
 
 
 def _seconds(value: float) -> str:
+    if value < 1e-3:
+        return f"{value * 1e6:.0f} us"
     return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
 
 
@@ -451,6 +637,8 @@ def main() -> None:
     args = p.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     lengths = [10, 100] if args.quick else [10, 100, 1000, 10000]
+    capacities = [10**3, 10**4] if args.quick else [10**3, 10**4, 10**5, 10**6]
+    streams = [10, 20] if args.quick else [10, 30, 100]
     top = args.max_params or (1e6 if args.quick else 1e8)
     sizes = [n for n in (10**5, 10**6, 10**7, 10**8) if n <= top]
     plot = args.plot or (None if args.quick else ROOT / "docs" / "scaling.png")
@@ -467,6 +655,17 @@ def main() -> None:
             (root / "m").mkdir()
             models.append(json.loads(_python("model", str(n), str(rounds), str(root / "m"))))
             shutil.rmtree(root / "m")
+        # a fresh process per size; --quick: one for all (each process imports torch)
+        buffers, runs = [], []
+        for group in [capacities] if args.quick else [[n] for n in capacities]:
+            (root / "r").mkdir()
+            sizes_arg = ",".join(map(str, group))
+            buffers += json.loads(_python("replay", sizes_arg, str(rounds), str(root / "r")))
+            shutil.rmtree(root / "r")
+        for group in [streams] if args.quick else [[n] for n in streams]:
+            (root / "s").mkdir()
+            runs += json.loads(_python("stream", ",".join(map(str, group)), str(root / "s")))
+            shutil.rmtree(root / "s")
     wall = time.perf_counter() - started
 
     keys = list(history[0]["seconds"])
@@ -489,12 +688,21 @@ def main() -> None:
     model_table = table(
         ["parameters", "MiB committed", "commit / raw write+fsync", "load / raw read",
          "load, every page read / raw read", "commit peak RSS / model bytes",
-         "of it anonymous / model bytes", "commit", "load"],
+         "of it anonymous / model bytes", "commit", "load", "commit CPU / raw write CPU"],
         _model_rows(models),
     )  # fmt: skip
     growth_table = table(
         ["cost", "exponent (vs parameters)", "largest / smallest"], _growth_rows(sizes, models)
     )
+    replay_table = table(
+        ["cost", *(f"{n:,} samples" for n in capacities), "exponent", "largest / smallest"],
+        _replay_rows(capacities, buffers),
+    )
+    stream_table = table(
+        ["cost per experience", *(f"{n} experiences" for n in streams), "exponent",
+         "largest / smallest"],
+        _stream_rows(streams, runs),
+    )  # fmt: skip
     emit(
         args,
         f"""
@@ -539,6 +747,25 @@ not mapped file pages (`RssAnon`, sampled every millisecond in one more commit).
 {model_table}
 
 {growth_table}
+
+**Replay buffer.** engram's `ReplayBuffer` of N samples (64 float32 each, 10 classes) in
+a store, per policy, in a fresh process per size: filled in minibatches of 1,000, then
+one experience: {EXPERIENCE:,} samples offered in minibatches of 32 ("admission per
+sample"), `sample(128)` (median of many), the commit of the buffer's change (the
+samples it admitted go into the commit's transaction; "state bytes": what the version
+wrote, its slot table), and a restore in a new store handle (open, load,
+`load_state_dict`, the first minibatch; median of {rounds}); "anonymous memory": the
+process's `RssAnon` with the buffer after its commit above its level before the store
+opened (the buffer's own arrays, not the pages of the map).
+
+{replay_table}
+
+**Stream length.** A stream of N experiences (one class each, 16 training and 8 test
+samples of 64 floats, a linear model, one epoch), fitted by `DurableTemplate` with
+TensorBoard written as `engram-train` writes it; each cost is the mean over the
+stream's last 5 experiences, timed around the template's own steps.
+
+{stream_table}
 
 {figure}
 """,
@@ -589,7 +816,38 @@ def _model_rows(models: list[dict]) -> list[list]:
             "n/a" if rss is None else f"{rss / model_bytes:.2f}x",
             f"{m['commit peak anonymous RSS'] / model_bytes:.2f}x",
             _seconds(m["commit"]), _seconds(m["load"]),
+            f"{m['commit CPU'] / max(m['raw write+fsync CPU'], 1e-9):.2f}x",
         ])  # fmt: skip
+    return rows
+
+
+def _replay_rows(capacities: list[int], buffers: list[dict]) -> list[list]:
+    rows = []
+    for policy in POLICIES:
+        for key in buffers[0][policy]:
+            values = [b[policy][key] for b in buffers]
+            if "bytes" in key:
+                shown = [f"{v / 1024:.1f} KiB" for v in values]
+            elif "memory" in key:
+                values = [max(v, 1) for v in values]  # (a fit needs no zero)
+                shown = [f"{v / 2**20:.1f} MiB" for v in values]
+            elif "per sample" in key:
+                shown = [f"{v * 1e6:.1f} us" for v in values]
+            else:
+                shown = [_seconds(v) for v in values]
+            rows.append([f"{policy}: {key}", *shown, *_growth(capacities, values)])
+    rss = [max(b["peak RSS"] - b["rss before"], 1) for b in buffers]
+    rows.append(["process peak RSS above its start, mapped pages too (MiB)",
+                 *(f"{r / 2**20:.1f}" for r in rss),
+                 *_growth(capacities, rss)])  # fmt: skip
+    return rows
+
+
+def _stream_rows(streams: list[int], runs: list[dict]) -> list[list]:
+    rows = []
+    for key in runs[0]["seconds"]:
+        values = [r["seconds"][key] for r in runs]
+        rows.append([key, *(_seconds(v) for v in values), *_growth(streams, values)])
     return rows
 
 

@@ -57,6 +57,14 @@ def raw_write(path: Path, tensors: list[torch.Tensor]) -> None:
     fsync_dir(path.parent)
 
 
+def prime(nbytes: int) -> None:
+    """Touch and free ``nbytes`` (and some) of memory just before a timed write: on this
+    VM, pages freed seconds ago are handed back to the hypervisor and writing a file's
+    page cache into them is 15-20x slower (benchmarks/scaling.py's ``_prime``); primed,
+    every writer gets pages freed a moment before."""
+    torch.ones(nbytes + (64 << 20), dtype=torch.uint8)  # allocated, written, freed
+
+
 def raw_read(path: Path) -> bytes:
     """Read into fresh memory, as any loader must to hand out new tensors."""
     with open(path, "rb") as f:
@@ -128,10 +136,14 @@ def main() -> None:
     buffer = bytearray(nbytes)
 
     def one_round(d: Path) -> None:
+        prime(nbytes)
         timed("raw write+fsync", lambda: raw_write(d / "raw.bin", list(flat.values())))
+        prime(nbytes)
         timed("torch.save+fsync", lambda: torch_save(d / "t.pt", {"m": model, "s": state}))
+        prime(nbytes)
         timed("safetensors save+fsync", lambda: st_save(d / "s.safetensors", flat))
         with Store.open(d / "store", mode="c") as store:
+            prime(nbytes)
             v1 = timed("engram commit", lambda: store.commit(state, model=model))
             # 10% of the CL-state tensors change, the model does not...
             v2 = store.commit(perturb(state, 10), model=model)
@@ -205,12 +217,14 @@ Reading the table:
 
 - **Commit: {commit:.2f}x of raw write+fsync (target ≥ 0.7x).** A commit content-addresses
   every 16 MiB chunk with SHA-256 (+ XXH3-64), appends new chunks to a pack file, writes
-  the model's safetensors checkpoint beside it (both fsynced, the checkpoint job running
-  concurrently with chunk hashing) and publishes in one LMDB transaction. SHA-256 is the
-  remaining cost (~1.1 GiB/s per core on this VM), so on a fast disk hashing — not I/O —
-  bounds the commit; when the disk is slow it is hidden (ratios of 1.0x and above were
-  measured then; 0.66x–0.70x on a fast disk). Blob bytes as LMDB values instead of pack
-  files cost more (next section).
+  the model's safetensors checkpoint beside it while a second thread hashes it (SHA-256
+  + XXH3-64 from the tensors' memory; both files fsynced, the checkpoint job running
+  concurrently with chunk hashing) and publishes in one LMDB transaction. SHA-256 of
+  every byte is the remaining cost (~1.6 GiB/s per core on this VM, about a page-cache
+  write's speed), so a commit needs both cores where the raw write needs one: on a
+  machine whose other core is busy, hashing — not I/O — bounds the commit. Every timed
+  write is primed (`prime`). Blob bytes as LMDB values instead of pack files cost more
+  (next section).
 - **Load HEAD~2: {load:.2f}x of "raw read" (target ≥ 0.8x)**: "raw read" is `f.read()` of
   the same bytes into new memory, what any loader that hands out new tensors must do;
   engram copies state chunks from the page cache (mmap) into new tensors, checking every

@@ -63,6 +63,13 @@ def scaling_tables(report: str) -> None:
     for size in ("1e+05", "1e+06"):
         assert re.search(rf"^\| {re.escape(size)} \| [\d.]+( \| {number}x){{5}} \|", section,
                          re.M), size  # fmt: skip
+    for cost in ("reservoir: admission per sample", "class_balanced: admission per sample",
+                 "reservoir: commit after an experience", "class_balanced: restore",
+                 "evaluation per test experience", "TensorBoard \\(scalars, figure\\)",
+                 "overhead \\(all but training\\)"):  # fmt: skip
+        # a value per buffer size (1,000, 10,000) or stream length (10, 20)
+        assert re.search(rf"^\| {cost} \|( [^|]+ \|){{2}} {number} \| {number}x \|$", section,
+                         re.M), cost  # fmt: skip
 
 
 def latency_table(report: str) -> None:

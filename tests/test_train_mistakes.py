@@ -128,6 +128,30 @@ def test_a_sweep_runs_every_job_and_reports_the_failed_ones(tmp_path: Path) -> N
                                                           "failed: ")  # fmt: skip
 
 
+def test_a_sweep_job_whose_config_is_invalid_fails_alone(tmp_path: Path) -> None:
+    # job 0's value does not compose (Hydra refused the whole sweep before any job ran),
+    # job 1's fails validation; job 2 trains
+    tiny = [o for o in TINY if not o.startswith("training.epochs=")]
+    out = engram_train("-m", "training.epochs=abc,0,1", *tiny, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    stores = [p for p in (tmp_path / "runs").iterdir() if p.name != "multirun"]
+    (trained,) = stores
+    assert trained.name.endswith("training.epochs=1")
+    with Store.open(trained) as store:
+        assert store.versions()
+    lines = [line for line in out.stderr.splitlines() if "[HYDRA]" not in line]
+    assert "Traceback" not in out.stderr and "Error executing job" not in out.stderr, out.stderr
+    assert lines[0] == ("engram-train: job #0 (training.epochs=abc): error: Error merging "
+                        "override training.epochs=abc: Value 'abc' of type 'str' could not be "
+                        "converted to Integer")  # fmt: skip
+    assert lines[1].startswith("engram-train: job #1 (runs/") and lines[1].endswith(
+        "training.epochs=0): error: training.epochs must be an integer in [1, 1000000], not 0"
+    )
+    assert lines[2].startswith("engram-train: 2 job(s) of the sweep failed: job #0 "
+                               "(training.epochs=abc) (exit 2), runs/")  # fmt: skip
+    assert len(lines) == 3, out.stderr
+
+
 def test_a_sweep_over_data_directories_gives_each_its_own_store(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for name in ("a", "b"):

@@ -17,10 +17,13 @@ only published versions are ever seen. On a remote (``s3://BUCKET/PREFIX[@REF]``
 ``file:///ABS/PATH[@REF]``), a check is one read of the remote's HEAD or tag (no more
 often than ``check_every``); when it moved, the handle's local copy is brought up to date
 (:mod:`engram.store.remote.cache`) and the new version's files fetched before it is
-swapped in; a remote that cannot be read is a failed check. A version that fails to load
-(deleted by ``gc``, corrupted, or — with ``trust`` — not signed by the trusted key) or a
-ref that no longer resolves leaves the cached model serving, with one warning; the next
-check tries again.
+swapped in. A remote that cannot be reached is served from the copy (one warning per
+outage; a handle made while it is down starts from the copy's version) and tried again
+at each check; a remote that answers but cannot be used is a failed check. Every handle
+and ``load_model`` on one remote in a process share one open copy. A version that fails
+to load (deleted by ``gc``, corrupted, or — with ``trust`` — not signed by the trusted
+key) or a ref that no longer resolves leaves the cached model serving, with one warning;
+the next check tries again.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ random choice is seeded, so a failure replays.
 
 A child can kill itself right after a named step (``crash_at``: SIGKILL as soon as a
 function of that name returns). The steps are the store's own functions: ``finish``
-(a pack file written and fsynced), ``save_file`` and ``write_checkpoint`` (the
+(a pack file written and fsynced), ``write_safetensors`` and ``write_checkpoint`` (the
 checkpoint file), ``publish``, ``sweep`` and ``swap`` (inside the LMDB transaction of
 a commit, gc and compaction), ``write`` (``engram.store.env.Env.write``: that
 transaction committed), ``unlink``, ``mkdir`` and ``_init_meta``.

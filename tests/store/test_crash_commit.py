@@ -165,7 +165,7 @@ with Store.open(path, mode="c") as store:
     ("point", "leftover", "head"),
     [
         ("finish", "blobs/pack-00000003.bin", 2),  # the new pack is written and fsynced
-        ("save_file", "checkpoints/.model-v0003.safetensors.tmp-", 2),  # not yet fsynced
+        ("write_safetensors", "checkpoints/.model-v0003.safetensors.tmp-", 2),  # not yet fsynced
         ("write_checkpoint", "checkpoints/model-v0003.safetensors", 2),  # renamed, durable
         ("publish", "checkpoints/model-v0003.safetensors", 2),  # inside the LMDB txn
         ("write", "checkpoints/model-v0003.safetensors", 3),  # the txn committed (Env.write)

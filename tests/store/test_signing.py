@@ -134,19 +134,79 @@ def test_load_model_and_handle_refuse_what_is_not_signed(tmp_path: Path, keys) -
         engram.ModelHandle(path, "HEAD", trust=keys["a.pub"]).get()
 
 
-def test_gc_and_compaction_keep_signatures_valid(tmp_path: Path, keys) -> None:
-    path = tmp_path / "s"
+def edit_record(path: Path, db: bytes, key: bytes, edit) -> None:
+    """Replace a JSON record with ``edit(record)``, its XXH3 seal recomputed (the attack
+    of :func:`forge`, on any record)."""
+    env = lmdb.open(str(path / LMDB_DIR), max_dbs=8)
+    with env.begin(write=True) as txn:
+        handle = env.open_db(db, txn=txn)
+        record = json.loads(bytes(txn.get(key, db=handle))[:-SEAL_BYTES])
+        payload = json.dumps(edit(record), separators=(",", ":")).encode()
+        txn.put(key, seal(db, key, payload), db=handle)
+    env.close()
+
+
+def test_compaction_and_gc_keep_signatures_valid(tmp_path: Path, keys, capsys) -> None:
+    path, pub = tmp_path / "s", str(keys["a.pub"])
     signed_store(path, keys["a"], n=4)
+    weights = {v: engram.load_model(path, v).state_dict() for v in (1, 3)}
     with Store.open(path, mode="w") as store:
-        store.sign_with(keys["a"])
+        assert store.compact().versions == (1, 2, 3)  # signed versions are compacted too
         store.gc(drop=[2])  # v0003 is re-linked to v0001: the parent is not signed
-        assert store.info(3).parent == 1
-        store.compact()  # leaves signed versions as they are (it has no key)
-        assert not any(v.compacted for v in store.versions())
+        assert store.info(3).parent == 1 and store.info(3).compacted
         assert store.verify(all=True, trust=keys["a.pub"]).ok
+    assert not list((path / "checkpoints").glob("model-v0001*"))  # its file went to blobs
+    assert cli(["verify", str(path), "--all", "--trust", pub]) == 0
+    assert cli(["verify", str(path), "--all", "--untrusted", "--trust", pub]) == 0
+    for v, expected in weights.items():
+        loaded = engram.load_model(path, v, trust=keys["a.pub"]).state_dict()
+        assert all(torch.equal(loaded[k], t) for k, t in expected.items())
     with Store.open(path) as store, store.env.read() as txn:  # gc dropped v0002's
         kept = list(store.env.keys(txn, b"meta", b"signature/"))
     assert kept == [b"signature/1", b"signature/3", b"signature/4"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("tamper, says", [
+    ("meta", "v0001 signature: its signature by key"),  # the forged accuracy
+    ("weights", "v0001 signature: its compacted weights are not the checkpoint it signed: "
+                "their bytes do not hash"),  # v0003's weights under v0001's name
+    ("header", "v0001 signature: its compacted weights are not the checkpoint it signed: "
+               "another file name, weights digest or metadata"),
+    ("signed_checkpoint", "v0001 signature: its signature by key"),
+])  # fmt: skip
+def test_tampering_after_compaction_is_caught(tmp_path: Path, keys, capsys, tamper, says) -> None:
+    import base64
+
+    path, pub = tmp_path / "s", str(keys["a.pub"])
+    signed_store(path, keys["a"], n=4)
+    with Store.open(path, mode="w") as store:
+        store.compact()
+        v3 = store.manifest(3)["model"]["tensors"]
+    v1 = (1).to_bytes(8, "big")
+    if tamper == "meta":
+        forge(path, 1, 0.99)
+    elif tamper == "weights":  # compaction's manifest is not signed: swap in other weights
+        edit_record(path, DB_VERSIONS, v1, lambda m: {**m, "model": {**m["model"], "tensors": v3}})
+    else:  # the record compaction extended: the header kept, the checkpoint as signed
+
+        def edit(record: dict) -> dict:
+            kept = record["compacted"]
+            if tamper == "header":
+                header = base64.b64decode(kept["header"])
+                kept["header"] = base64.b64encode(header.replace(b'"engram"', b'"ENGRAM"')).decode()
+            else:
+                kept["checkpoint"]["sha256"] = "0" * 64
+            return record
+
+        edit_record(path, b"meta", b"signature/1", edit)
+    capsys.readouterr()
+    assert cli(["verify", str(path), "--all", "--trust", pub]) == 1
+    out = capsys.readouterr().out
+    assert says in out, out
+    assert "v0003" not in out.split("problem(s)")[1]
+    with pytest.raises(UntrustedVersionError, match="v0001: "):
+        engram.load_model(path, 1, trust=keys["a.pub"])
 
 
 def test_the_private_key_never_reaches_the_store(tmp_path: Path, keys, capsys) -> None:

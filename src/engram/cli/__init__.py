@@ -20,15 +20,16 @@ This module holds the parser and :func:`main`; each group of subcommands is one 
 that computes a plain result (what ``--json`` prints) and, separately, prints it as
 text: :mod:`~engram.cli.history` (ls, show), :mod:`~engram.cli.diff`,
 :mod:`~engram.cli.integrity` (verify, upgrade), :mod:`~engram.cli.refs` (tag, rollback),
-:mod:`~engram.cli.maintenance` (gc, compact, du) and :mod:`~engram.cli.export`; their
+:mod:`~engram.cli.maintenance` (gc, compact, du), :mod:`~engram.cli.export` and
+:mod:`~engram.cli.cache` (the local copies of remotes); their
 shared store helpers are in :mod:`~engram.cli.common`, exit codes and printing in
 :mod:`~engram.cli.output`.
 
 This module imports nothing heavy: ``engram --help`` stays fast, and only the module of
-the subcommand run is imported. The inspection commands (ls, show, verify, du, tag,
-rollback, export --format safetensors) import neither torch nor Avalanche
-(``tests/test_cli_imports.py``): torch comes in only to load tensors (diff, export
---format onnx), Avalanche only to load a model whose spec needs it.
+the subcommand run is imported. The inspection commands (ls, show, verify, du, diff,
+tag, rollback, export --format safetensors) import neither torch nor Avalanche
+(``tests/test_cli_imports.py``): torch comes in only to run a model (export --format
+onnx), Avalanche only to load a model whose spec needs it.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 from engram.cli.output import EXIT_OK, EXIT_USAGE, UsageError, emit_json
 from engram.errors import EngramError
@@ -100,15 +103,20 @@ def _parser() -> argparse.ArgumentParser:
                    "`engram keygen`) every version checked must be signed by")  # fmt: skip
     p = command("rollback", "Move HEAD to a version (later ones stay until gc).", "refs")
     p.add_argument("version", metavar="VERSION", help="the version HEAD moves to")
-    p = command("tag", "Point a tag at a version, or delete it.", "refs")
+    p = command("tag", "Point a tag at a version, or delete it (STORE may be a remote URL: "
+                "its tag is moved there).", "refs")  # fmt: skip
     p.add_argument("name", metavar="NAME", help="the tag (letters, digits, . _ -)")
     p.add_argument("version", metavar="VERSION", nargs="?", default=None, help="default HEAD")
     p.add_argument("--delete", action="store_true", help="delete the tag")
     p = command("diff", "What changed between two versions.", "diff")
     p.add_argument("a", metavar="A", help="the older version")
     p.add_argument("b", metavar="B", help="the newer version")
-    p = command("gc", "Delete unreachable data (never HEAD or tagged versions).", "maintenance")
+    p = command("gc", "Delete unreachable data (never HEAD or tagged versions); on a remote "
+                "URL, the objects no remote ref reaches.", "maintenance")  # fmt: skip
     p.add_argument("--keep-last", type=int, metavar="N", help="also drop all but the N newest")
+    p.add_argument("--dry-run", action="store_true", help="remote: say what would be removed")
+    p.add_argument("--grace", metavar="AGE", help="remote: keep unreferenced objects younger "
+                   "than AGE (default 24h; 0, 90s, 30m, 7d)")  # fmt: skip
     p = command("compact", "Delta-code the history (lossless; HEAD stays a plain file).",
                 "maintenance")  # fmt: skip
     p.add_argument("--tagged", action="store_true", help="compact tagged versions too")
@@ -148,6 +156,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="the store directory (default: the prefix's last name)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(module="remote")
+    # the local copies of remotes that `engram ls s3://...` and load_model read through
+    p = sub.add_parser("cache", help="List or prune the local copies of remotes.",
+                       description="List or prune the local copies of remotes (in "
+                       "$ENGRAM_CACHE, else ~/.cache/engram/remotes).")  # fmt: skip
+    p.set_defaults(module="cache", store="")
+    cache = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    q = cache.add_parser("ls", help="Each copy: its remote, size, versions, last sync.")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q = cache.add_parser("prune", help="Remove copies, or the files they fetched.",
+                         description="Remove copies (--all), or the files they fetched that "
+                         "HEAD, tagged versions and the N newest do not need (--keep-last "
+                         "N); a copy open in a process is left as it is.")  # fmt: skip
+    q.add_argument("url", metavar="URL", nargs="?", default=None,
+                   help="the remote whose copy to prune (default: every copy)")  # fmt: skip
+    how = q.add_mutually_exclusive_group(required=True)
+    how.add_argument("--keep-last", type=int, metavar="N", help="keep the files of the N "
+                     "newest versions (and HEAD's and tagged ones); the records stay")  # fmt: skip
+    how.add_argument("--all", action="store_true", help="remove the whole copy")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -165,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # what an I/O error that names no file was writing: the exported file, else the store
     target = getattr(args, "out", None) or args.store
     try:
-        return _command(args.module, args.command)(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return _command(args.module, args.command)(args)
     except EngramError as e:  # (or an OS fault behind it, e.g. a store "not readable")
         return _fail(describe(e, target, _RETRY) or str(e), EXIT_USAGE, as_json)
     except KeyboardInterrupt:
@@ -188,6 +217,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     """The function running subcommand ``name``, importing only its module."""
     return getattr(importlib.import_module(f"engram.cli.{module}"), name)
+
+
+def _one_line_warnings(fallback: Callable[..., None]) -> Callable[..., None]:
+    """A ``showwarning`` printing engram's own warnings (a remote served from its local
+    copy, ...) as one line; others go to ``fallback``."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:  # fmt: skip
+        if filename.startswith(_PACKAGE):
+            print(f"engram: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
 
 
 def _fail(message: str, code: int, as_json: bool, prog: str = "engram") -> int:

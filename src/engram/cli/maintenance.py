@@ -1,5 +1,9 @@
 """``engram gc``, ``compact`` and ``du``: what a store holds on disk, and shrinking it.
 
+``engram gc s3://BUCKET/PREFIX [--dry-run] [--grace 24h]`` collects a remote instead:
+the objects no remote ref reaches, never those of a push in flight
+(:mod:`engram.store.remote.gc`).
+
 ``du`` reads no tensor: it charges manifests, chunks and files to components through
 ``store.inspect`` (replay slot tables are the only LMDB values it reads).
 """
@@ -17,7 +21,7 @@ from engram.cli.common import (
     print_damaged,
     report,
 )
-from engram.cli.output import UsageError, human_bytes, table
+from engram.cli.output import EXIT_OK, UsageError, emit_json, human_bytes, table
 from engram.run import RUN_FILES  # light: the names engram-train keeps in a store
 from engram.store import Store, version_name
 from engram.store.inspect import Usage, disk_usage
@@ -26,9 +30,65 @@ from engram.store.inspect import Usage, disk_usage
 
 
 def gc(args: argparse.Namespace) -> int:
+    if "://" in args.store:
+        return _remote_gc(args)
+    if args.dry_run or args.grace is not None:
+        raise UsageError("--dry-run and --grace are for a remote (engram gc s3://...)")
     if args.keep_last is not None and args.keep_last < 0:
         raise UsageError("--keep-last must be 0 or more")
     return report(args, lambda store: collect(store, keep_last=args.keep_last), print_gc, mode="w")
+
+
+def _remote_gc(args: argparse.Namespace) -> int:
+    """Why a URL and not ``gc STORE --remote``: a remote's gc needs no store (it reads
+    only the remote), and any machine that can write the bucket may run it."""
+    from engram.store.remote import gc as remote
+
+    if args.keep_last is not None:
+        raise UsageError(
+            "--keep-last is for a local store: a remote keeps every version of its HEAD's "
+            "history (its gc removes what no ref reaches)"
+        )
+    grace = remote.GRACE_S if args.grace is None else remote.parse_duration(args.grace)
+    result = remote.gc(args.store, dry_run=args.dry_run, grace_s=grace).to_json()
+    if args.json:
+        emit_json(result)
+    else:
+        print_remote_gc(result)
+    return EXIT_OK
+
+
+def print_remote_gc(result: dict[str, Any]) -> None:
+    verb = "would remove" if result["dry_run"] else "removed"
+    dry = " (dry run: nothing removed)" if result["dry_run"] else ""
+    removed = result["removed"]
+    print(
+        f"{result['remote']}{dry}: {verb} {len(removed)} unreferenced objects "
+        f"({human_bytes(result['removed_bytes'])})"
+    )
+    for item in removed:
+        print(f"  {verb} {item['key']} ({human_bytes(item['bytes'])})")
+    recent = result["recent"]
+    if recent:
+        print(
+            f"kept {len(recent)} unreferenced objects younger than the grace period "
+            f"({_duration(result['grace_s'])}; a push may still publish them):"
+        )
+        for item in recent:
+            print(f"  kept {item['key']} ({human_bytes(item['bytes'])})")
+    head = version_name(result["head"]) if result["head"] is not None else "none"
+    tags = "".join(f", {n} {version_name(v)}" for n, v in sorted(result["tags"].items()))
+    print(
+        f"kept {result['kept_objects']} objects ({human_bytes(result['kept_bytes'])}) of "
+        f"{result['versions']} versions (HEAD {head}{tags})"
+    )
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def collect(store: Store, *, keep_last: int | None) -> dict[str, Any]:

@@ -5,13 +5,17 @@
     engram pull s3://bucket/runs/ewc runs/ewc    # clone (or update) on another machine
     engram push runs/ewc file:///mnt/shared/ewc  # a directory (a shared mount) as the remote
 
-Tags on versions the remote holds are pushed too; a pull creates the remote's tags the
-store lacks. Reading a remote without a store (``engram ls s3://...``) is
+Tags on versions the remote holds are pushed too (except one deleted on the remote at
+the version the store's tag still names); a pull creates the remote's tags the store
+lacks. A remote's own tags: ``engram tag URL NAME [VERSION] [--delete]``
+(:mod:`engram.cli.refs`); its gc: ``engram gc URL`` (:mod:`engram.cli.maintenance`).
+Reading a remote without a store (``engram ls s3://...``) is
 :mod:`engram.store.remote.cache`.
 
 The protocol is in :mod:`engram.store.remote` and docs/remote.md. Credentials come from
-the environment only (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, an instance role;
-``AWS_ENDPOINT_URL`` for an S3-compatible server); nothing here prints one.
+the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, an instance role;
+``AWS_ENDPOINT_URL`` for an S3-compatible server) or an AWS profile (``AWS_PROFILE``,
+through boto3); nothing here prints one.
 """
 
 from __future__ import annotations
@@ -52,12 +56,18 @@ def _print_push(result: dict[str, Any]) -> None:
     tags = f"; tags moved: {', '.join(result['tags'])}" if result["tags"] else ""
     if not result["pushed"]:
         print(f"{result['remote']} is up to date (HEAD {head}){tags}")
-        return
-    names = ", ".join(version_name(v) for v in result["pushed"])
-    print(
-        f"pushed {names} to {result['remote']} ({human_bytes(result['uploaded_bytes'])} in "
-        f"{result['objects']} objects); remote HEAD -> {head}{tags}"
-    )
+    else:
+        names = ", ".join(version_name(v) for v in result["pushed"])
+        print(
+            f"pushed {names} to {result['remote']} ({human_bytes(result['uploaded_bytes'])} "
+            f"in {result['objects']} objects); remote HEAD -> {head}{tags}"
+        )
+    for name in result.get("tags_deleted_on_remote", []):
+        print(
+            f"tag {name} was deleted on {result['remote']} at the version it names here: "
+            f"left deleted (tag another version to push it, or `engram tag {result['remote']} "
+            f"{name} VERSION`)"
+        )
 
 
 def _print_pull(result: dict[str, Any]) -> None:

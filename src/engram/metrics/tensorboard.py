@@ -145,6 +145,12 @@ def experience_ends(epochs: list[list[float]], iterations: int) -> dict[int, int
     return ends
 
 
+# Cells are labelled up to this many experiences a side; beyond, the labels would be
+# unreadable and drawing them (and a figure grown to fit them) made each experience's
+# figure cost O(experiences^2): 20 s at 100 experiences. The figure's size is capped too.
+MAX_LABELLED = 12
+
+
 def heatmap(matrix: list[list[float]]) -> Any:
     import matplotlib
 
@@ -153,17 +159,21 @@ def heatmap(matrix: list[list[float]]) -> Any:
 
     rows, cols = len(matrix), max(len(r) for r in matrix)
     grid = [list(r) + [float("nan")] * (cols - len(r)) for r in matrix]  # ragged: blank
-    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * cols, 1 + 0.65 * rows))
-    ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
-    for i in range(rows):
-        for j in range(len(matrix[i])):
-            # viridis is light from ~0.6 up: dark text there, white text on dark cells
-            color = "black" if matrix[i][j] >= 0.6 else "white"
-            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=9,
-                    color=color)  # fmt: skip
+    side = min(max(rows, cols), MAX_LABELLED)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * side, 1 + 0.65 * side))
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
+    if max(rows, cols) <= MAX_LABELLED:
+        for i in range(rows):
+            for j in range(len(matrix[i])):
+                # viridis is light from ~0.6 up: dark text there, white text on dark cells
+                color = "black" if matrix[i][j] >= 0.6 else "white"
+                ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=9,
+                        color=color)  # fmt: skip
+        ax.set_xticks(range(cols))
+        ax.set_yticks(range(rows))
+    else:  # colours only: the scale beside them
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xlabel("evaluated on experience")
     ax.set_ylabel("after training experience")
-    ax.set_xticks(range(cols))
-    ax.set_yticks(range(rows))
     fig.tight_layout()
     return fig

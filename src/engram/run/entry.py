@@ -12,9 +12,12 @@ open the store once, fit, report.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +97,10 @@ def _hydra_main() -> None:
         warnings.filterwarnings("ignore")  # libraries' noise; engram's own warnings:
         warnings.filterwarnings("always", module="engram")
         warnings.showwarning = _one_line_warning
+        uncomposed = os.environ.get(_UNCOMPOSED)  # a sweep's job whose overrides failed
+        if uncomposed is not None:
+            overrides = os.environ.get(_UNCOMPOSED_OVERRIDES, "")
+            return _job_failed(2, _error_line(uncomposed), None, overrides)
         store = Path(_store_path(cfg))
         created = not (store / LMDB_DIR).exists()  # a store this job may create
         try:
@@ -111,18 +118,24 @@ def _hydra_main() -> None:
             code, line = 2, _error_line(message)
         if created and int(os.environ.get("RANK", "0")) == 0:
             discard_if_empty(store)
-        _job_failed(code, line, store)
+        return _job_failed(code, line, store)
 
-    _run_hydra_app(run)
+    with _sweep_jobs_fail_alone():
+        _run_hydra_app(run)
     if _FAILED:  # a sweep whose jobs ran, some failing: each said why in its line
-        stores = ", ".join(f"{store} (exit {code})" for code, store in _FAILED)
-        print(f"engram-train: {len(_FAILED)} job(s) of the sweep failed: {stores}",
+        jobs = ", ".join(f"{job} (exit {code})" for code, job in _FAILED)
+        print(f"engram-train: {len(_FAILED)} job(s) of the sweep failed: {jobs}",
               file=sys.stderr)  # fmt: skip
         sys.exit(max(code for code, _ in _FAILED))
 
 
-# (exit code, store) of each failed job of this process's sweep (the basic launcher's)
-_FAILED: list[tuple[int, Path]] = []
+# (exit code, store or job) of each failed job of this process's sweep (the basic launcher's)
+_FAILED: list[tuple[int, str]] = []
+# hydra.job.env_set keys of a sweep's job whose overrides do not compose: its one line,
+# and the job's own values of the swept keys
+_UNCOMPOSED, _UNCOMPOSED_OVERRIDES = "ENGRAM_UNCOMPOSED_JOB", "ENGRAM_UNCOMPOSED_OVERRIDES"
+_BASIC = ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+          "hydra._internal.core_plugins.basic_launcher.BasicLauncher")  # fmt: skip
 
 
 class JobFailed(Exception):
@@ -130,17 +143,96 @@ class JobFailed(Exception):
     launchers then record it and run the other jobs (a SystemExit would end the sweep)."""
 
 
-def _job_failed(code: int, line: str | None, store: Path) -> None:
-    """End the job: exit with ``code``, or, in a sweep, record it and let the rest run."""
+def _job_failed(code: int, line: str | None, store: Path | None, overrides: str = "") -> None:
+    """End the job: exit with ``code``, or, in a sweep, record it and let the rest run.
+
+    In a sweep the line names the job: its number and its store (or, when its overrides
+    did not compose, those overrides). Under Hydra's basic sweeper and launcher (this
+    process runs every job) the job then returns; another launcher learns of the failure
+    from :class:`JobFailed` (and Hydra adds a line of its own).
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if sweep:
+        hydra_cfg = HydraConfig.get()
+        job = str(store) if store is not None else f"job #{hydra_cfg.job.num} ({overrides})"
+        if line is not None:
+            name = str(store) if store is not None else overrides
+            line = line.replace(
+                "engram-train", f"engram-train: job #{hydra_cfg.job.num} ({name})", 1
+            )
     if line is not None and int(os.environ.get("RANK", "0")) == 0:
         print(line, file=sys.stderr, flush=True)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        _FAILED.append((code, store))
-        raise JobFailed(f"exit {code}: {store}")
-    sys.exit(code)
+    if not sweep:
+        sys.exit(code)
+    _FAILED.append((code, job))
+    if (hydra_cfg.sweeper.get("_target_"), hydra_cfg.launcher.get("_target_")) != _BASIC:
+        raise JobFailed(f"exit {code}: {job}")
+
+
+@contextlib.contextmanager
+def _sweep_jobs_fail_alone() -> Iterator[None]:
+    """While Hydra runs: a sweep's job whose overrides do not compose (``-m
+    training.epochs=abc,1``) fails alone, like a job that fails in training.
+
+    Hydra composes every job of a sweep before it launches any, and a composition
+    error ends the whole sweep. Here its config loader returns, for such a job, the
+    sweep's own config carrying the one-line error in ``hydra.job.env_set``: the job
+    runs, reports the error as its failure (exit 2), and the other jobs run. Hydra has
+    no hook for this, so its loader's method is replaced while Hydra runs in this
+    process, and put back after; launchers that compose in other processes (joblib's
+    workers, submitit) keep Hydra's behaviour.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from omegaconf import open_dict, read_write
+
+    compose = ConfigLoaderImpl.load_sweep_config
+
+    def load_sweep_config(
+        self: Any, master_config: DictConfig, sweep_overrides: list[str]
+    ) -> DictConfig:
+        try:
+            return compose(self, master_config, sweep_overrides)
+        except Exception as e:
+            line = _composition_error(e)
+            if line is None:
+                raise
+        failed = copy.deepcopy(master_config)
+        with read_write(failed), open_dict(failed):
+            failed.hydra.job.env_set[_UNCOMPOSED] = line
+            failed.hydra.job.env_set[_UNCOMPOSED_OVERRIDES] = " ".join(
+                _swept(master_config.hydra.overrides.task, sweep_overrides)
+            )
+            failed.hydra.overrides.task = list(sweep_overrides)
+        return failed
+
+    ConfigLoaderImpl.load_sweep_config = load_sweep_config
+    try:
+        yield
+    finally:
+        ConfigLoaderImpl.load_sweep_config = compose
+
+
+def _swept(sweep: list[str], job: list[str]) -> list[str]:
+    """The overrides of ``job`` that set a key the sweep's overrides sweep over (all of
+    them if none can be told)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    try:
+        keys = {
+            o.key_or_group for o in parser.parse_overrides(list(sweep)) if o.is_sweep_override()
+        }
+        shown = [
+            o
+            for o, p in zip(job, parser.parse_overrides(list(job)), strict=True)
+            if p.key_or_group in keys
+        ]
+    except Exception:  # (parsed by Hydra once already; a message is not worth a traceback)
+        return list(job)
+    return shown or list(job)
 
 
 def _run_hydra_app(run: Any) -> None:

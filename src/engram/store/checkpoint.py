@@ -5,6 +5,10 @@ A checkpoint is loadable by anyone with ``safetensors`` alone::
     from safetensors.torch import load_file
     weights = load_file("runs/x/checkpoints/model-v0007-exp3.safetensors")
 
+:func:`write_checkpoint` writes the file itself (:func:`safetensors_layout`: the bytes
+``safetensors.torch.save_file`` writes, tensors in its order, metadata sorted) so that it
+can hash the bytes while they are written instead of reading the file back.
+
 :func:`checkpoint_spans` reads a file's header only: where each tensor's bytes are
 (compaction chunks them, and a delta's base can be a span of HEAD's file).
 :func:`read_raw_checkpoint` and :func:`save_raw` read and write the tensors' bytes as
@@ -16,6 +20,7 @@ commands light): checking a file's hashes and reading its header need none.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -34,7 +39,7 @@ from safetensors import SafetensorError
 
 from engram.errors import CorruptionError, EncodingError
 from engram.store.codec import TENSOR_ITEMSIZES, checksum
-from engram.store.files import open_read
+from engram.store.files import create_new, open_read
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +83,12 @@ def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
 
 
 def prepare_weights(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, detached tensors; tensors sharing memory (tied weights) are copied."""
+    """CPU, contiguous, detached tensors; tensors sharing memory (tied weights) are copied.
+
+    Raises:
+        EncodingError: a value is not a tensor, or of a dtype a checkpoint cannot hold
+            (before anything is written).
+    """
     import torch  # only for tensors: keeps the inspection commands (engram ls...) light
 
     out: dict[str, torch.Tensor] = {}
@@ -89,6 +99,7 @@ def prepare_weights(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
                 f"model weight {name!r} is a {type(value).__qualname__}, not a tensor; "
                 "pass model.state_dict() or a mapping of tensors"
             )
+        _dtype(name, value)
         t = value.detach().cpu().contiguous()
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen_storage and t.numel() > 0:
@@ -107,33 +118,138 @@ def write_checkpoint(
 ) -> CheckpointInfo:
     """Write ``weights`` to ``directory/file`` atomically: temp file, fsync, rename.
 
+    The file's SHA-256 and XXH3 are computed from the tensors' memory by a second
+    thread while this one writes the same memory (hashlib and writes release the GIL),
+    instead of reading the file back after its fsync: the hashes overlap the write, and
+    no page of the file is mapped into this process.
     The caller fsyncs ``directory`` (once for everything a commit wrote there).
-    """
-    from safetensors.torch import save_file as st_save_file  # imports torch: tensors only
 
+    Raises:
+        EncodingError: a weight's dtype has no safetensors name.
+    """
+    header, views = safetensors_layout(weights, metadata)
     final = directory / file
     tmp = directory / f".{file}.tmp-{os.getpid()}"
+    fd = create_new(tmp)
     try:
-        # save_file streams tensor by tensor; save() would build the whole file in memory.
-        try:
-            st_save_file(weights, tmp, metadata=metadata)
-        except SafetensorError as e:  # how safetensors reports I/O errors (disk full, EFBIG)
-            raise OSError(f"cannot write checkpoint {tmp.name}: {e}") from e
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-            nbytes = os.fstat(f.fileno()).st_size
-            with (
-                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm,
-                ThreadPoolExecutor(1) as pool,  # both hashes release the GIL
-            ):
-                sha = pool.submit(lambda: hashlib.sha256(mm).hexdigest())
-                xxh = checksum(mm)
-                sha256 = sha.result()
+        if sum(len(v) for v in views) <= _INLINE_HASH_BYTES:
+            write_safetensors(fd, header, views)
+            sha256, xxh = _file_hashes(header, views)
+            os.fsync(fd)
+        else:
+            with ThreadPoolExecutor(1, thread_name_prefix="engram-ckpt-hash") as pool:
+                hashes = pool.submit(_file_hashes, header, views)
+                try:
+                    write_safetensors(fd, header, views)
+                    os.fsync(fd)  # while the hashes finish
+                finally:  # on an error too: the hashing thread reads the tensors until it ends
+                    concurrent.futures.wait([hashes])
+                sha256, xxh = hashes.result()
+        nbytes = os.fstat(fd).st_size
+        os.close(fd)
+        fd = -1
         os.replace(tmp, final)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     return CheckpointInfo(file, sha256, nbytes, xxh, digest)
+
+
+def safetensors_layout(
+    weights: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> tuple[bytes, list[memoryview]]:
+    """The safetensors file of ``weights`` as its header bytes and the tensors' bytes
+    that follow it, in file order (views of the tensors' memory: nothing is copied).
+
+    The tensors come in the order ``safetensors.torch.save_file`` writes them (asked of
+    safetensors itself, for tensors of no bytes); the metadata is written with sorted
+    keys (safetensors writes hash-map order), so the same weights give the same file.
+    """
+    import torch  # only for tensors: keeps the inspection commands (engram ls...) light
+
+    entries, order = {}, _file_order(weights)
+    offset = 0
+    for name in order:
+        tensor = weights[name]
+        end = offset + tensor.numel() * tensor.element_size()
+        entries[name] = {"dtype": _ST_NAMES[_dtype(name, tensor)], "shape": list(tensor.shape),
+                         "data_offsets": [offset, end]}  # fmt: skip
+        offset = end
+    top = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    text = json.dumps({**top, **entries}, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # as safetensors pads: the data starts 8-aligned
+    views = [
+        memoryview(weights[name].reshape(-1).view(torch.uint8).numpy())
+        for name in order
+        if weights[name].numel()
+    ]
+    return struct.pack("<Q", len(text)) + text, views
+
+
+def write_safetensors(fd: int, header: bytes, views: list[memoryview]) -> None:
+    """Write a safetensors file's bytes (:func:`safetensors_layout`) to ``fd``."""
+    _write_all(fd, header)
+    for view in views:
+        for offset in range(0, len(view), _SLICE_BYTES):
+            _write_all(fd, view[offset : offset + _SLICE_BYTES])
+
+
+# Weights up to this size are hashed in the writing thread: starting a thread costs a
+# GIL hand-off (up to the 5 ms switch interval), more than hashing a few MiB.
+_INLINE_HASH_BYTES = 4 << 20
+# Hashed and written in slices: both hashes of a slice read it while it is in the CPU's
+# cache, and no write is longer than Linux's largest (2 GiB less a page).
+_SLICE_BYTES = 1 << 20
+
+
+def _file_hashes(header: bytes, views: list[memoryview]) -> tuple[str, int]:
+    """SHA-256 (hex) and XXH3-64 of the file :func:`write_safetensors` writes."""
+    sha, xxh = hashlib.sha256(header), xxhash.xxh3_64(header)
+    for view in views:
+        for offset in range(0, len(view), _SLICE_BYTES):
+            piece = view[offset : offset + _SLICE_BYTES]
+            sha.update(piece)
+            xxh.update(piece)
+    return sha.hexdigest(), xxh.intdigest()
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _file_order(weights: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of ``weights`` in the order safetensors writes them: its own
+    ``serialize`` of tensors of no bytes (the order depends on dtypes and names only)."""
+    from safetensors import serialize
+
+    specs: dict[str, Any]
+    try:
+        from safetensors import TensorSpec  # safetensors >= 0.8
+    except ImportError:  # older ones take the bytes themselves
+        specs = {n: {"dtype": _dtype(n, t), "shape": [0], "data": b""} for n, t in weights.items()}
+    else:
+        specs = {
+            n: TensorSpec(dtype=_dtype(n, t), shape=[0], data_ptr=0, data_len=0)
+            for n, t in weights.items()
+        }
+    raw = serialize(specs)
+    (n,) = struct.unpack_from("<Q", raw)
+    return [name for name in json.loads(raw[8 : 8 + n]) if name != "__metadata__"]
+
+
+def _dtype(name: str, tensor: torch.Tensor) -> str:
+    """The store's name of ``tensor``'s dtype, one a checkpoint file can hold."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in _ST_NAMES:
+        raise EncodingError(
+            f"model weight {name!r} has dtype {tensor.dtype}, which a checkpoint file cannot "
+            f"hold; convert it to one of {', '.join(sorted(_ST_NAMES))}"
+        )
+    return dtype
 
 
 def fsync_dir(directory: Path) -> None:
@@ -278,6 +394,7 @@ _ST_DTYPES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
     "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
 }  # fmt: skip
+_ST_NAMES = {name: st for st, name in _ST_DTYPES.items()}  # the store's -> safetensors'
 
 
 # safetensors refuses a header over 100 MB (``MAX_HEADER_SIZE`` in its Rust source);

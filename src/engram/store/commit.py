@@ -2,8 +2,8 @@
 
 1. :meth:`Blobs.write_new <engram.store.blobs.Blobs.write_new>`: the chunks the store
    lacks, appended to a new pack file, fsynced;
-2. :func:`_start_checkpoint`: the checkpoint file, written to a temporary name,
-   fsynced, renamed (unless the parent's holds the same weights) — or a model
+2. :class:`_Checkpoint`: the checkpoint file, written to a temporary name while it is
+   hashed, fsynced, renamed (unless the parent's holds the same weights) — or a model
    artifact's file (:func:`_write_artifact_durably`), the same way;
 3. :func:`_publish`: one LMDB write transaction that makes the version visible.
 
@@ -223,43 +223,55 @@ def _encode(state: dict[Any, Any]) -> tuple[Any, list[PendingArray], int]:
 
 
 class _Checkpoint:
-    """Step (2) in a thread of its own, from entering until :meth:`result`: the
-    checkpoint file (or the parent's, when it holds the same weights).
+    """Step (2) in a thread of its own, from entering until :meth:`result`: the weights'
+    digest, then the checkpoint file (or the parent's, when it holds the same weights).
 
-    Leaving the block on an error waits for the file and deletes it: no version will
-    reference it.
+    Leaving the block on an error waits for the thread and deletes a file it wrote: no
+    version will reference it.
     """
 
     def __init__(self, env: Env, history: History, new: _NewVersion, weights: dict | None) -> None:
         self._env, self._history, self._new, self._weights = env, history, new, weights
         self._pool: ThreadPoolExecutor | None = None
-        self._job: Future[CheckpointInfo] | None = None
-        self._reused: CheckpointInfo | None = None
-        self.written = False  # a new file (not the parent's)
+        self._job: Future[tuple[CheckpointInfo, bool]] | None = None
 
     def __enter__(self) -> _Checkpoint:
-        weights = self._weights
-        if weights is None:
+        if self._weights is None:
             return self
-        digest = weights_digest(weights)
-        self._reused = _parent_checkpoint_if_same(
-            self._env, self._history, self._new.parent, digest
-        )
-        if self._reused is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-ckpt")
-            self._job = _start_checkpoint(self._pool, self._env, self._new, weights, digest)
-            self.written = True
+        parent = _parent_checkpoint(self._env, self._history, self._new.parent)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-ckpt")
+        self._job = self._pool.submit(self._write, parent)
         return self
 
+    def _write(self, parent: CheckpointInfo | None) -> tuple[CheckpointInfo, bool]:
+        """The checkpoint and whether it is a new file (not the parent's)."""
+        digest = weights_digest(self._weights)  # XXH3, ~18 GiB/s: little next to the write
+        if parent is not None and parent.weights == digest:
+            return parent, False
+        env, new = self._env, self._new
+        info = _write_checkpoint_durably(
+            env.path / fmt.CHECKPOINT_DIR,
+            model_file_name(new.id, new.meta.get("experience"), "safetensors"),
+            self._weights,
+            _checkpoint_metadata(env, new),
+            digest,
+        )
+        return info, True
+
+    @property
+    def written(self) -> bool:
+        """A new file (not the parent's); after :meth:`result`."""
+        return self._job is not None and self._job.result()[1]
+
     def result(self) -> CheckpointInfo | None:
-        return self._job.result() if self._job is not None else self._reused
+        return self._job.result()[0] if self._job is not None else None
 
     def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> None:
         if self._pool is None:
             return
         self._pool.shutdown(wait=True)
-        if error is not None and self._job is not None and self._job.exception() is None:
-            (self._env.path / fmt.CHECKPOINT_DIR / self._job.result().file).unlink(missing_ok=True)
+        if error is not None and self._job.exception() is None and self.written:
+            (self._env.path / fmt.CHECKPOINT_DIR / self.result().file).unlink(missing_ok=True)
 
 
 def _write_blobs(
@@ -292,24 +304,6 @@ def _write_blobs(
         if index:  # a new pack file: its directory entry, while the checkpoint's runs
             fsync_dir(env.path / fmt.BLOB_DIR)
     return index, new_bytes
-
-
-def _start_checkpoint(
-    pool: ThreadPoolExecutor,
-    env: Env,
-    new: _NewVersion,
-    weights: dict[str, torch.Tensor],
-    digest: str,
-) -> Future[CheckpointInfo]:
-    """Step (2), in ``pool``: the checkpoint file, durably, under its final name."""
-    return pool.submit(
-        _write_checkpoint_durably,
-        env.path / fmt.CHECKPOINT_DIR,
-        model_file_name(new.id, new.meta.get("experience"), "safetensors"),
-        weights,
-        _checkpoint_metadata(env, new),
-        digest,
-    )
 
 
 def _publish(
@@ -391,15 +385,14 @@ def _write_checkpoint_durably(directory: Path, file: str, *args: Any) -> Checkpo
     return info
 
 
-def _parent_checkpoint_if_same(
-    env: Env, history: History, parent: int | None, digest: str
-) -> CheckpointInfo | None:
-    """The parent's checkpoint if it holds exactly these weights (and is still there)."""
+def _parent_checkpoint(env: Env, history: History, parent: int | None) -> CheckpointInfo | None:
+    """The parent's checkpoint, if it has one and its file is still there (a version
+    whose weights equal the parent's shares that file)."""
     if parent is None:
         return None
     with env.read() as txn:
         ckpt = history.manifest(txn, parent)["checkpoint"]
-    if ckpt is None or ckpt["weights"] != digest:
+    if ckpt is None:
         return None
     path = env.path / fmt.CHECKPOINT_DIR / ckpt["file"]
     if not path.is_file() or path.stat().st_size != ckpt["nbytes"]:

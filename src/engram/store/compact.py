@@ -41,7 +41,7 @@ from engram.store.env import Env
 from engram.store.gc import collect
 from engram.store.history import History, manifest_bytes, version_arrays
 from engram.store.packs import NewPack
-from engram.store.signing import signed_ids
+from engram.store.signing import checkpoint_header, compaction_record, signature_key, signed_ids
 from engram.store.values import CompactReport, version_name
 
 
@@ -85,6 +85,11 @@ class Compaction:
         if self.pack.written:
             fsync_dir(self.env.path / fmt.BLOB_DIR)
         payloads = {v: manifest_bytes(m) for v, m in self._compacted_manifests(compacted).items()}
+        signatures = {
+            v: compaction_record(raw, self.manifests[v], self.headers[self.files_of[v]])
+            for v, raw in self.signatures.items()
+            if v in payloads
+        }
         pending, written = self.pending, self.pack.written
 
         def swap(txn: lmdb.Transaction) -> None:
@@ -92,13 +97,15 @@ class Compaction:
                 self.blobs.put(txn, digest, entry.encode())
             for v, payload in payloads.items():
                 self.history.put_manifest(txn, v, payload)
+            for v, record in signatures.items():  # with the manifest it checks
+                self.env.put(txn, fmt.DB_META, signature_key(v), record)
             if written:
                 self.env.set_counter(txn, b"next_pack", self.next_pack + 1)
             if pending or payloads:  # delta-coded blobs and compacted manifests: format 2
                 self.env.raise_format(txn, fmt.COMPACTED_FORMAT_VERSION)
 
         if pending or payloads:
-            reserve = 128 * len(pending) + sum(len(p) for p in payloads.values())
+            reserve = 128 * len(pending) + sum(map(len, [*payloads.values(), *signatures.values()]))
             self.env.write(swap, reserve=reserve)
         report = collect(
             self.env, self.history, self.blobs, None, set(self.manifests), repack_at=0.25
@@ -119,13 +126,17 @@ class Compaction:
             ) from e
         tags = self.history.tags(txn)
         self.plain = {head} if self.tagged else {head, *tags.values()}
-        # A signature covers the manifest compaction would rewrite, and compaction has
-        # no key: signed versions stay as they are (docs/store.md, "Signed versions").
-        self.plain |= signed_ids(self.env, txn) & set(self.manifests)
+        missing = sorted(self.plain - set(self.manifests))  # the versions database's damage
+        if missing:
+            raise CorruptionError(
+                f"store {self.env.path}: HEAD or a tag names {version_name(missing[0])}, which "
+                f"has no manifest; compaction changes nothing: run `engram verify --untrusted "
+                f"{self.env.path}` to see what is affected"
+            )
         self.order = compaction_order(
             {v: m["parent"] for v, m in self.manifests.items()}, [head, *sorted(self.plain)]
         )
-        files_of = {
+        self.files_of = files_of = {
             v: m["checkpoint"]["file"] for v, m in self.manifests.items() if m["checkpoint"]
         }
         self.staying_files = {files_of[v] for v in self.plain if v in files_of}
@@ -139,6 +150,16 @@ class Compaction:
                 info = CheckpointInfo(**self.manifests[v]["checkpoint"])
                 check_file(ckpt_dir / file, info, what=version_name(v), sha256=False)
                 self.spans[file] = checkpoint_spans(ckpt_dir / file)
+        # A signature covers the manifest compaction rewrites, and compaction has no key:
+        # the signature records of signed versions keep what checks them after
+        # (engram.store.signing), the checkpoint's header among it.
+        self.signatures = {
+            v: bytes(self.env.get(txn, fmt.DB_META, signature_key(v)))
+            for v in signed_ids(self.env, txn) & (set(files_of) - self.plain)
+        }
+        self.headers = {
+            files_of[v]: checkpoint_header(ckpt_dir / files_of[v]) for v in self.signatures
+        }
         self.tables = {v: self._chunk_table(m, v) for v, m in self.manifests.items()}
         # A chunk a plain version references keeps its form; if it is served from a
         # file that goes away, it is served from a staying file or copied plain.
@@ -224,6 +245,12 @@ class Compaction:
         """The chunk's bytes through the index as it was before this compaction."""
         if self.blobs.has(self.txn, chunk.digest):
             return self.blobs.blob(self.txn, chunk.digest.hex())
+        if chunk.source is None:  # a state chunk the index lacks: a damaged index
+            raise CorruptionError(
+                f"store {self.env.path}: blob {chunk.digest.hex()[:12]} is missing from the "
+                f"index; compaction changes nothing: run `engram verify --untrusted "
+                f"{self.env.path}` to see what is affected"
+            )
         return self.blobs.files.view(chunk.source, chunk.digest.hex())
 
     def store_bytes(self, chunk: _Chunk, data: Any, base: bytes | None, itemsize: int) -> None:

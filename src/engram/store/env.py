@@ -50,6 +50,9 @@ _NO_LOCK_FILE = (errno.EACCES, errno.EPERM, errno.EROFS)
 _LOCK_FILE = "lock.mdb"
 # meta key whose presence (sealed, with this value) says every record is sealed
 _SEALED_KEY, _SEALED_VALUE = b"records", b"sealed-xxh3-64"
+# LMDB's codes for a damaged B-tree (not a full reader table, map or transaction)
+_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.InvalidError,
+           lmdb.PanicError)  # fmt: skip
 
 
 def now() -> str:
@@ -123,6 +126,9 @@ class Env:
         self._lock_file_id: tuple[int, int] | None = None
         self._lock_path = str(path / fmt.LMDB_DIR / _LOCK_FILE)  # a str: stat'd per read
         self._reading = 0  # read transactions open (the environment is reopened at 0 only)
+        # What LMDB said when this process last met a damaged page (None: never): no
+        # write after that, so that nothing is built on a damaged tree.
+        self.damage: str | None = None
         self._open()
 
     # ------------------------------------------------------------------ opening
@@ -219,6 +225,8 @@ class Env:
         return self._lock_file_id is not None and self._lock_file() != self._lock_file_id
 
     def _damaged(self, e: lmdb.Error) -> DamagedDatabaseError:
+        if isinstance(e, _DAMAGE):
+            self.damage = str(e)
         return DamagedDatabaseError(
             f"store {self.path} is damaged: LMDB reports {e}; run `engram verify "
             f"--untrusted {self.path}` to see what is affected, and restore the store from "
@@ -362,8 +370,19 @@ class Env:
         """Run ``work`` in one write transaction, growing the map until it fits.
 
         ``work`` must be safe to re-run: it is retried from scratch after a MapFullError.
+
+        Raises:
+            DamagedDatabaseError: LMDB met a damaged page in this transaction (which is
+                then aborted: nothing of it is written), or in an earlier one of this
+                process (then no transaction starts).
         """
         self.check_writable()
+        if self.damage is not None:
+            raise DamagedDatabaseError(
+                f"store {self.path} is damaged (LMDB reported {self.damage}); refusing to "
+                f"write to it: run `engram verify --untrusted {self.path}` to see what is "
+                "affected, and restore the store from a copy"
+            )
         env = self._current_lock_table()
         self.ensure_room(reserve)
         for _ in range(_MAX_GROWTHS):
@@ -374,6 +393,10 @@ class Env:
                 self._grow(env, max(reserve, env.info()["map_size"]))
             except lmdb.MapResizedError:
                 env.set_mapsize(0)
+            except lmdb.Error as e:
+                if _os_fault(e, self.path) is not None:
+                    raise  # a full disk, EIO...: engram.faults names the remedy
+                raise self._damaged(e) from e
         raise OSError(f"LMDB map of {self.path} still full after {_MAX_GROWTHS} growths")
 
     def ensure_room(self, reserve: int) -> None:

@@ -28,8 +28,10 @@ The databases:
     published versions and packs are never reused); ``signature/<id>`` (ASCII id) for
     each signed version: JSON ``{"algorithm": "ed25519", "key": <key id>, "signature":
     <base64>}`` over the manifest without ``parent`` (:mod:`engram.store.signing`),
-    written in the transaction that publishes it. Readers that do not check signatures
-    ignore these keys.
+    written in the transaction that publishes it; compaction adds ``"compacted":
+    {"format_version", "checkpoint", "header"}`` (the manifest's fields as signed, the
+    checkpoint's safetensors header in base64) when it rewrites that manifest. Readers
+    that do not check signatures ignore these keys.
 ``blobs``
     the content-addressed index. key: the 32-byte SHA-256 digest of a blob (of its
     plain bytes, however it is stored). A blob is at most :data:`CHUNK_BYTES`: a

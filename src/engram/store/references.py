@@ -32,7 +32,7 @@ class ReferenceKind:
 
     tag: str  # the array record's tag in a manifest (engram.store.codec)
     database: bytes  # the LMDB database of the records it names
-    noun: str  # what messages and listings call those records
+    noun: str  # what messages call one of those records ("replay sample")
     component: str  # its component in ``engram du``
 
     @staticmethod
@@ -81,4 +81,4 @@ def referenced_ids(
     return blobs.sample_ids(txn, record, vid, path)  # type: ignore[attr-defined]
 
 
-SAMPLES = register(ReferenceKind(TAG_SAMPLES, fmt.DB_SAMPLES, "replay samples", "samples"))
+SAMPLES = register(ReferenceKind(TAG_SAMPLES, fmt.DB_SAMPLES, "replay sample", "samples"))

@@ -14,6 +14,16 @@ database under ``signature/<id>`` (ASCII id), a sealed JSON record
 ``{"algorithm": "ed25519", "key": <key id>, "signature": <base64>}``, written in the
 transaction that publishes the version; older engram versions never read it.
 
+Compaction (:mod:`engram.store.compact`) rewrites a version's manifest (its checkpoint
+file becomes tensor records in blobs) and holds no key, so it keeps what is signed
+checkable instead: it adds to the signature record, under ``"compacted"``, the
+manifest's ``format_version`` and ``checkpoint`` as signed and the checkpoint file's
+safetensors header (base64). Checking a compacted version rebuilds the manifest as
+signed from those and checks the signature over it, then that the compacted weights
+are that file: the header's tensors are the manifest's, and the SHA-256 of the header
+followed by the tensors' bytes is the signed checkpoint's. Neither addition is trusted
+on its own: an edited one fails the signature or the hash.
+
 ``cryptography`` is imported inside the functions only: ``import engram`` and stores
 that are never signed do not need it (``pip install 'engram-cl[sign]'``).
 """
@@ -24,21 +34,29 @@ import base64
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 
-from engram.errors import EngramError, UntrustedVersionError
+from engram.errors import CorruptionError, EngramError, UntrustedVersionError
 from engram.store import format as fmt
+from engram.store.checkpoint import _ST_NAMES, MAX_HEADER_BYTES
+from engram.store.codec import TAG_MAP, TAG_TENSOR
 from engram.store.env import Env
+from engram.store.files import open_read
 from engram.store.history import manifest_bytes
+
+if TYPE_CHECKING:
+    from engram.store.blobs import Blobs
 
 ALGORITHM = "ed25519"
 SIGNED_PREFIX = b"engram-manifest-v1\0"  # a signature of ours is never valid elsewhere
 SIGNATURE_PREFIX = b"signature/"  # meta key prefix; the version id follows, in ASCII
 _INSTALL = "install it with `pip install 'engram-cl[sign]'`"
+COMPACTED = "compacted"  # the signature record's field compaction adds (see above)
 
 
 def _crypto() -> tuple[Any, Any]:
@@ -159,9 +177,17 @@ def load_trusted(key: str | os.PathLike[str] | TrustedKey) -> TrustedKey:
 
 
 def signature_problem(
-    env: Env, txn: lmdb.Transaction, manifest: dict[str, Any], trusted: TrustedKey
+    env: Env,
+    txn: lmdb.Transaction,
+    manifest: dict[str, Any],
+    trusted: TrustedKey,
+    blobs: Blobs | None = None,
 ) -> str | None:
-    """Why version ``manifest`` is not signed by ``trusted`` (None: it is)."""
+    """Why version ``manifest`` is not signed by ``trusted`` (None: it is).
+
+    A compacted version is checked against the manifest as signed (module docstring),
+    which reads and hashes its weights (through ``blobs``, or the store's own index).
+    """
     from cryptography.exceptions import InvalidSignature
 
     raw = env.get(txn, fmt.DB_META, signature_key(manifest["id"]))
@@ -177,10 +203,114 @@ def signature_problem(
         return f"signed with {algorithm!r}, not {ALGORITHM}"
     if signer != trusted.key_id:
         return f"signed by key {signer}, not the trusted key {trusted.key_id}"
+    compacted = manifest.get("model") is not None
     try:
-        trusted.public.verify(sig, signed_bytes(manifest))
+        signed = _as_signed(manifest, record.get(COMPACTED)) if compacted else manifest
+    except (ValueError, KeyError, TypeError):
+        return "it was compacted, and its signature record lacks the checkpoint it signed"
+    try:
+        trusted.public.verify(sig, signed_bytes(signed))
     except InvalidSignature:
         return f"its signature by key {signer} does not match the manifest (edited after signing)"
+    if compacted:
+        return _compacted_weights_problem(env, txn, manifest, record[COMPACTED], blobs)
+    return None
+
+
+def compaction_record(raw: bytes, manifest: dict[str, Any], header: bytes) -> bytes:
+    """The signature record ``raw`` of version ``manifest`` (as signed, before compaction)
+    with what checking it needs once compaction has rewritten the manifest: the signed
+    ``format_version`` and ``checkpoint``, and the checkpoint file's ``header`` bytes."""
+    try:
+        record = json.loads(raw)
+        if not isinstance(record, dict):
+            raise TypeError
+    except (ValueError, TypeError):
+        return raw  # malformed: stays so (verify --trust reports it)
+    record[COMPACTED] = {"format_version": manifest["format_version"],
+                         "checkpoint": manifest["checkpoint"],
+                         "header": base64.b64encode(header).decode()}  # fmt: skip
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def checkpoint_header(path: Path) -> bytes:
+    """The safetensors header of checkpoint file ``path``: its 8-byte length and JSON."""
+    with open_read(path) as f:
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
+        if not 0 <= n <= MAX_HEADER_BYTES:
+            raise CorruptionError(f"checkpoint {path.name}: malformed safetensors header")
+        text = f.read(n)
+    if len(text) != n:
+        raise CorruptionError(f"checkpoint {path.name}: header longer than the file")
+    return head + text
+
+
+def _as_signed(manifest: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any]:
+    """A compacted manifest as it was signed: compaction's ``model`` out, the signed
+    ``format_version`` and ``checkpoint`` back in their places (the key order is kept)."""
+    original = {"format_version": kept["format_version"], "checkpoint": kept["checkpoint"]}
+    return {k: original.get(k, v) for k, v in manifest.items() if k != "model"}
+
+
+def _compacted_weights_problem(
+    env: Env,
+    txn: lmdb.Transaction,
+    manifest: dict[str, Any],
+    kept: dict[str, Any],
+    blobs: Blobs | None,
+) -> str | None:
+    """Why a compacted version's weights are not the checkpoint file its signature
+    covers (None: they are, byte for byte)."""
+    from engram.store.blobs import Blobs
+
+    model, signed = manifest["model"], kept["checkpoint"]
+    edited = "its compacted weights are not the checkpoint it signed"
+    try:
+        header = base64.b64decode(kept["header"], validate=True)
+        (n,) = struct.unpack_from("<Q", header)
+        entries = json.loads(header[8 : 8 + n])
+        metadata = entries.pop("__metadata__", None) or {}
+        if not isinstance(signed, dict) or len(header) != 8 + n:
+            raise ValueError
+    except (ValueError, TypeError, KeyError, AttributeError, struct.error):
+        return f"{edited}: the header kept for its signature is malformed"
+    if (model["file"], model["weights"], model["metadata"]) != (
+        signed.get("file"),
+        signed.get("weights"),
+        metadata,
+    ):
+        return f"{edited}: another file name, weights digest or metadata"
+    expected, offset, chunks = {}, 0, []
+    try:  # the manifest was validated; a map of anything but tensors is not weights
+        for name, node in model["tensors"][TAG_MAP]:
+            record = node[TAG_TENSOR]
+            nbytes = sum(size for _, size, _ in record["chunks"])
+            expected[name] = {"dtype": _ST_NAMES.get(record["dtype"]), "shape": record["shape"],
+                              "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+            offset += nbytes
+            chunks += [digest for digest, _, _ in record["chunks"]]
+    except (KeyError, TypeError, ValueError):
+        return f"{edited}: its weights are not a map of tensors"
+    if entries != expected:
+        return f"{edited}: its tensors differ from the header's"
+    reader = blobs if blobs is not None else Blobs(env)
+    try:
+        sha, total = hashlib.sha256(header), len(header)
+        for digest in chunks:
+            data = reader.blob(txn, digest)
+            if data is None:
+                return f"{edited}: blob {digest[:12]} is missing"
+            sha.update(data)
+            total += len(data)
+            data = None  # no view of a mapped file outlives the loop (closed below)
+    except CorruptionError as e:  # reported as the version's problem too (verify)
+        return f"{edited}: {e}"
+    finally:
+        if blobs is None:
+            reader.close()
+    if (total, sha.hexdigest()) != (signed.get("nbytes"), signed.get("sha256")):
+        return f"{edited}: their bytes do not hash to its SHA-256 (edited after signing)"
     return None
 
 
@@ -196,7 +326,7 @@ def require_signed(store: Any, version: Any, trust: str | os.PathLike[str] | Tru
     manifest = store.manifest(version)  # resolved once: the caller loads by this id
     vid = manifest["id"]
     with store.env.read() as txn:
-        problem = signature_problem(store.env, txn, manifest, trusted)
+        problem = signature_problem(store.env, txn, manifest, trusted, store._blobs)
     if problem is not None:
         raise UntrustedVersionError(
             f"{store.path} {version_name(vid)}: {problem}; refusing to load it (load a "

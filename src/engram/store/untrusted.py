@@ -17,6 +17,7 @@ The meta pages are read by :mod:`engram.store.meta`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -48,6 +49,10 @@ _USER_ERRORS: dict[str, type[EngramError]] = {
     "NotAStoreError": NotAStoreError,
     "VersionNotFoundError": VersionNotFoundError,
 }
+
+# The child could not read the store (the file modes, not its bytes): the parent raises
+# the OSError, it does not report damage.
+_ACCESS_ERRNOS = (errno.EACCES, errno.EPERM)
 
 _CHILD = (
     "import resource, sys; resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); "
@@ -89,6 +94,8 @@ def verify_in_child(
     Raises:
         StoreNotFoundError, NotAStoreError: the path is not a store directory.
         VersionNotFoundError: ``version`` names no version.
+        PermissionError: this user may not read a file or directory of the store (its
+            ``filename``): the store may be intact, so it is not reported as damage.
     """
     root = Path(path).expanduser()  # as given: messages name it; the child shares our cwd
     spec = json.dumps(version)
@@ -132,6 +139,9 @@ def verify_in_child(
         kind, message = result["error"]["type"], result["error"]["message"]
         if kind in _USER_ERRORS and result["phase"] != "opening":
             raise _USER_ERRORS[kind](message)
+        code = result["error"].get("errno")
+        if code in _ACCESS_ERRNOS:  # as the in-process verify raises it (exit 2 in the CLI)
+            raise OSError(code, os.strerror(code), result["error"].get("filename"))
         if kind in ("CorruptionError", "DamagedDatabaseError", "UnsafeStoreError",
                     "NotAStoreError", "StoreFormatError"):  # fmt: skip
             return _fatal(message if message.startswith("store ") else
@@ -210,7 +220,11 @@ def _child_main(argv: list[str]) -> None:
             report = store.verify(version, all=all, trust=trust)
     except Exception as e:
         kind = "lmdb.Error" if isinstance(e, lmdb.Error) else type(e).__name__
-        send({"phase": phase, "error": {"type": kind, "message": str(e)}})
+        error = {"type": kind, "message": str(e)}
+        if isinstance(e, OSError) and e.errno in _ACCESS_ERRNOS:
+            filename = None if e.filename is None else os.fsdecode(e.filename)
+            error |= {"errno": e.errno, "filename": filename}
+        send({"phase": phase, "error": error})
         return
     problems = [vars(p) for p in report.problems]
     send({"phase": "done", "report": {**vars(report), "problems": problems}})

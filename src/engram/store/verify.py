@@ -115,10 +115,10 @@ def _verify_version(
                 except CorruptionError:
                     damaged.append(i)
             if missing:
-                why = f"{len(missing)} {kind.noun} missing, e.g. {missing[0]}"
+                why = f"{len(missing)} {kind.noun}s missing, e.g. {missing[0]}"
                 report.problems.append(Problem(vid, path, why))
             if damaged:
-                why = f"{len(damaged)} {kind.noun} fail their checksum, e.g. {damaged[0]}"
+                why = f"{len(damaged)} {kind.noun}s fail their checksum, e.g. {damaged[0]}"
                 report.problems.append(Problem(vid, path, why))
     if manifest.get("artifact") is not None:
         art = ArtifactInfo(**manifest["artifact"])

@@ -84,15 +84,22 @@ def s3_server() -> Iterator[S3]:
 
 
 @pytest.fixture
-def s3(s3_server: S3, monkeypatch: pytest.MonkeyPatch) -> S3:
+def s3(
+    s3_server: S3, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> S3:
     """The emulator, with the environment a user of a real S3 would have."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_METADATA_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT", "AWS_ALLOW_HTTP"):
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT",
+                 "AWS_ALLOW_HTTP"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
+    # the developer's own ~/.aws profiles are not read (engram reads a default profile)
+    missing = tmp_path_factory.mktemp("no-aws")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(missing / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(missing / "credentials"))
     return s3_server
 
 

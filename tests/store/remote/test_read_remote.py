@@ -180,7 +180,7 @@ def test_mistakes_on_a_remote_are_one_line_errors(tmp_path, s3, remote_url, cach
     push(tmp_path / "a", remote_url)
     one_line(["show", f"{remote_url}@nope"], f"remote {remote_url} has no tag or version 'nope'")
     one_line(["show", remote_url, "v0009"], f"version v0009 is not in store {remote_url}")
-    one_line(["tag", remote_url, "prod"], "is a remote: engram reads it but changes it only")
+    one_line(["rollback", remote_url, "v0001"], "is a remote: engram reads it but changes it")
     one_line(["du", remote_url], "du measures a store on disk, not a remote")
     err = one_line(["ls", "s3://AKIAEXAMPLE:hunter2@bucket/p"], "carries no user info")
     assert "hunter2" not in err and "AKIA" not in err

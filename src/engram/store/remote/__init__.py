@@ -13,7 +13,9 @@ remembers of it), :mod:`~engram.store.remote.push`, :mod:`~engram.store.remote.p
 ``BackgroundPusher`` after each experience), :mod:`~engram.store.remote.attach`
 (``Store.open(path, remote=)``), :mod:`~engram.store.remote.cache` (a remote read in
 place through a local copy), :mod:`~engram.store.remote.verify` (``engram verify
-REMOTE``), :mod:`~engram.store.remote.status` (``engram ls``'s "remote N versions behind").
+REMOTE``), :mod:`~engram.store.remote.status` (``engram ls``'s "remote N versions behind"),
+:mod:`~engram.store.remote.gc` (``engram gc REMOTE``: what no ref reaches, never a push's),
+:mod:`~engram.store.remote.tags` (``engram tag REMOTE NAME``: a remote tag moved or deleted).
 """
 
 from engram.store.remote.background import BackgroundPusher, catch_up

@@ -14,6 +14,11 @@ and it can be killed when the run's final wait runs out: a push killed anywhere 
 the remote at its previous version (docs/remote.md, "Why it is atomic"). The worker is
 started once per run (importing torch costs seconds) and pushes one version per request.
 
+The worker runs at a lower CPU priority (:data:`WORKER_NICENESS`): on a machine with few
+cores, its hashing and requests would otherwise take CPU from the run's next commit and
+training steps while a push is in flight (measured in benchmarks/remote.py, "Training
+stall"). It only yields: with a core to spare, a push goes as fast as before.
+
 What it pushes is the version the run asked for, not whatever HEAD is when the worker
 gets to it: a mid-experience checkpoint committed meanwhile is pruned at the experience's
 end (``store.keep_mid_experience=false``), and a remote whose HEAD names it could not
@@ -23,6 +28,7 @@ be fast-forwarded any more.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -50,6 +56,8 @@ from engram.store.remote.push import push, unpushed
 # the client's retries (30 s); this leaves room for a few versions of a large state.
 FINISH_TIMEOUT_S = 120.0
 _EXIT_S = 10.0  # a worker told to exit (its stdin closed) gets this long, then is killed
+# os.nice() of the worker (module docstring): 10 of 19, below training, above idle work
+WORKER_NICENESS = 10
 _WORKER = "from engram.store.remote.background import serve; serve()"
 
 
@@ -141,10 +149,17 @@ class BackgroundPusher:
     Call :meth:`request` and :meth:`finish` from the thread that uses the store.
     """
 
-    def __init__(self, store: Store, url: str, finish_timeout_s: float = FINISH_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        store: Store,
+        url: str,
+        finish_timeout_s: float = FINISH_TIMEOUT_S,
+        niceness: int = WORKER_NICENESS,
+    ) -> None:
         self.store = store
         self.url = check_url(url)
         self.finish_timeout_s = finish_timeout_s
+        self.niceness = niceness  # the worker's os.nice() (module docstring)
         memory = remembered(store.path)
         if memory is None or memory.url != self.url:
             # remembered now, so `engram push STORE` and "N versions behind" work even if
@@ -255,8 +270,9 @@ class BackgroundPusher:
                     self._worker_log.close()
                 # its stderr, for the reason it died; open while it lives (closed by finish)
                 self._worker_log = tempfile.TemporaryFile()  # noqa: SIM115
+                argv = [str(self.store.path), self.url, str(self.niceness)]
                 self._worker = subprocess.Popen(
-                    [sys.executable, "-c", _WORKER, str(self.store.path), self.url],
+                    [sys.executable, "-c", _WORKER, *argv],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=self._worker_log,
@@ -325,9 +341,12 @@ class _PinnedHead(Store):
 
 
 def serve(argv: list[str] | None = None) -> None:
-    """The push worker: ``STORE URL`` as arguments; a version id per line on stdin, one
-    JSON reply per push on stdout (``{"head": ...}`` or ``{"error": "<one line>"}``)."""
-    store_path, url = (sys.argv[1:] if argv is None else argv)[:2]
+    """The push worker: ``STORE URL [NICENESS]`` as arguments; a version id per line on
+    stdin, one JSON reply per push on stdout (``{"head": ...}`` or ``{"error": "<one
+    line>"}``). ``NICENESS``: added to the process's (module docstring)."""
+    store_path, url, *rest = (sys.argv[1:] if argv is None else argv)[:3]
+    if rest and int(rest[0]) and hasattr(os, "nice"):
+        os.nice(int(rest[0]))
     replies, sys.stdout = sys.stdout, sys.stderr  # nothing else writes where replies go
     try:
         for line in sys.stdin:

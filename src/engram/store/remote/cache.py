@@ -11,8 +11,9 @@ remote's. ``@`` after the prefix only (``s3://bucket@x`` would be user info: ref
 
 **Where**: ``$ENGRAM_CACHE/<name>-<h>``, else ``$XDG_CACHE_HOME/engram/remotes/<name>-<h>``,
 else ``~/.cache/engram/remotes/<name>-<h>`` (``name``: the prefix's last name; ``h``: 16
-hex of the URL's SHA-256), or ``cache_dir=``. Delete it any time to reclaim the space:
-the next use clones again.
+hex of the URL's SHA-256), or ``cache_dir=``. ``engram cache prune`` reclaims the
+space (:func:`~engram.store.remote.copies.prune`: never under a process holding it open);
+the next use fetches or clones again.
 
 **What it holds** (docs/remote.md, "Reading a remote in place"): a clone made by
 :func:`pull`'s own code, records only — every version of the remote HEAD's lineage
@@ -25,13 +26,22 @@ SHA-256 the segments name on the way in (a file failing it is never renamed into
 before the records naming its files are published, so every published version's files
 can be fetched.
 
-**How it stays consistent**: it is only ever written by a sync (:func:`sync`, under the
-store's writer lock, so two processes sharing it take turns) and by fetches of
-immutable, hash-checked files; a sync is a pull, so a reader sees a complete remote
-version or the previous state, never a half-copied one, and a sync killed anywhere
-resumes next time. The remote's versions are immutable, so a copied version stays
-true; what can move is HEAD and the tags, which a sync reads again (the copy is then
-as of that moment) and :meth:`RemoteStore.refresh` compares with one read.
+**How it stays consistent**: it is only ever written by a sync (:func:`sync`, under
+the flock ``<copy>.sync.lock`` for the whole of it, so two processes sharing it take
+turns) and by fetches of immutable, hash-checked files; a sync is a pull, so a reader
+sees a complete remote version or the previous state, never a half-copied one, and a
+sync killed anywhere resumes next time. The remote's versions are immutable, so a copied
+version stays true; what can move is HEAD and the tags, which a sync reads again (the
+copy is then as of that moment) and :meth:`RemoteStore.refresh` compares with one read.
+Every ``RemoteStore`` on one copy in a process shares one LMDB environment
+(:mod:`~engram.store.remote.copies`), so a ``ModelHandle`` and ``load_model`` of the same
+remote work side by side.
+
+**Offline**: when the remote cannot be reached (down, a closed port, a timeout), a copy
+that already holds a version serves it as of its last sync, with one warning
+(:class:`OfflineWarning`: "remote URL unreachable, serving the local copy as of TIME,
+version vN"); a read that needs a file the copy lacks, or a copy with no version, fails
+in one line as before. :meth:`RemoteStore.refresh` keeps trying the remote at each call.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,21 +64,22 @@ from engram.errors import (
     VersionNotFoundError,
 )
 from engram.store import Store
-from engram.store import format as fmt
-from engram.store.blobs import EncodedBlob, FileBlob, decode_entry
+from engram.store.blobs import Blobs
 from engram.store.checkpoint import CheckpointInfo, RawTensor
-from engram.store.env import INITIAL_MAP_SIZE, Env
+from engram.store.env import Env
 from engram.store.history import History
-from engram.store.inspect import Inspector, tree_arrays
+from engram.store.inspect import Inspector
 from engram.store.packs import PACK_NAME, pack_name
+from engram.store.remote import copies
 from engram.store.remote.client import ObjectStore, check_url
+from engram.store.remote.copies import FILES, Shared, synced_at
 from engram.store.remote.layout import Segment, local_dir
 from engram.store.remote.lineage import read_head, read_tag, remembered
 from engram.store.remote.pull import PullReport, default_store, download_checked, pull_into
+from engram.store.samples import SampleTable
 from engram.store.values import Problem, Snapshot, VerifyReport, VersionSpec
 
 CACHE_ENV = "ENGRAM_CACHE"
-FILES = "remote-files.json"
 # A sync waits this long for another process syncing the same copy (its writer lock);
 # a sync writes records, not files, so that is usually well under a second.
 SYNC_LOCK_TIMEOUT_S = 60.0
@@ -104,23 +116,47 @@ def cache_path(url: str, cache_dir: str | os.PathLike[str] | None = None) -> Pat
     return root / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
 
 
+class OfflineWarning(UserWarning):
+    """A remote could not be reached: its local copy is served as of its last sync."""
+
+
+def is_unreachable(error: RemoteError) -> bool:
+    """Whether ``error`` says the remote's endpoint cannot be reached (down, a closed
+    port, a timeout), as opposed to a remote that answered (no store, no credentials,
+    a damaged object), which no local copy can stand in for."""
+    return "the endpoint cannot be reached" in str(error)
+
+
 def sync(url: str, path: Path) -> PullReport:
     """Bring the copy at ``path`` to the remote's HEAD and tags: records only (files are
-    fetched when read).
+    fetched when read). A copy this process holds open is closed meanwhile and reopened.
 
     Raises:
         RemoteError: the remote cannot be read, holds no store, has no version, or the
             copy no longer matches it (delete the copy).
+        CopyBusyError: another process synced or pruned it for over a minute.
     """
-    client = ObjectStore(url)
+    shared = copies.acquire(path)
     try:
-        return pull_into(client, path, place=_FileMap(path).place, mirror_tags=True,
-                         lock_timeout=SYNC_LOCK_TIMEOUT_S)  # fmt: skip
-    except RemoteConflictError:
-        raise RemoteError(
-            f"the local copy {path} of remote {client.url} no longer matches it (the remote "
-            f"was deleted and pushed again?); delete {path}, then run the command again"
-        ) from None
+        return shared.resync(lambda: _sync_locked(url, path))
+    finally:
+        shared.release()
+
+
+def _sync_locked(url: str, path: Path) -> PullReport:
+    """The sync itself, under the copy's sync lock: from reading the remote's HEAD to
+    remembering its lineage, so that no other sync moves the copy in between."""
+    client = ObjectStore(url)
+    with copies.sync_lock(path, timeout=SYNC_LOCK_TIMEOUT_S):
+        try:
+            return pull_into(client, path, place=_FileMap(path).place, mirror_tags=True,
+                             lock_timeout=SYNC_LOCK_TIMEOUT_S)  # fmt: skip
+        except RemoteConflictError:
+            raise RemoteError(
+                f"the local copy {path} of remote {client.url} no longer matches it (the "
+                f"remote was deleted and pushed again?); delete {path} (`engram cache prune "
+                f"{client.url} --all`), then run the command again"
+            ) from None
 
 
 class _FileMap:
@@ -199,39 +235,91 @@ class _View(History):
 
 class RemoteStore(Store):
     """A read-only :class:`Store` over the local copy of a remote (module docstring):
-    reads fetch the files they need first; :meth:`refresh` follows the remote.
+    reads fetch the files they need first; :meth:`refresh` follows the remote. Every
+    ``RemoteStore`` on one copy in a process shares its environment; each is closed on
+    its own.
 
     Attributes:
         url: the remote (without ``@REF``).
         at: the ref the view's HEAD is (None: the remote's HEAD).
+        offline: the warning given while the remote is unreachable and the copy serves
+            (None: the last sync reached it).
     """
 
     url: str = ""
     at: str | None = None
+    offline: str | None = None
 
     @classmethod
     def open_url(
-        cls, target: str, *, cache_dir: str | os.PathLike[str] | None = None
+        cls,
+        target: str,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        offline: bool = True,
     ) -> RemoteStore:
         """The remote ``target`` (``URL`` or ``URL@REF``), its copy synced first.
 
+        ``offline``: if the remote cannot be reached, serve a copy that holds a version
+        (with an :class:`OfflineWarning`) instead of failing.
+
         Raises:
-            RemoteError: the remote cannot be read (no credentials, down, no bucket),
-                holds no store or no version yet.
+            RemoteError: the remote cannot be read (no credentials, down with no copy
+                here, no bucket), holds no store or no version yet.
             VersionNotFoundError: ``REF`` is not a tag or version of the remote.
         """
         url, at = split_ref(target)
         path = cache_path(url, cache_dir)
-        sync(url, path)
-        store = cls.open(path, mode="r")
-        store.url, store.at = url, at
-        store._install_view()
+        shared = copies.acquire(path)
+        unreachable = None
         try:
-            store.head  # noqa: B018 (``@REF`` resolves: said now, in one line)
+            try:
+                shared.resync(lambda: _sync_locked(url, path))
+            except RemoteError as e:
+                if not (offline and is_unreachable(e) and shared.env is not None):
+                    raise
+                unreachable = e
+            store = cls._bound(shared, url, at)
+        except BaseException:
+            shared.release()
+            raise
+        try:
+            if unreachable is not None:
+                store._serve_offline(unreachable)
+            else:
+                store.head  # noqa: B018 (``@REF`` resolves: said now, in one line)
         except BaseException:
             store.close()
             raise
         return store
+
+    @classmethod
+    def _bound(cls, shared: Shared, url: str, at: str | None) -> RemoteStore:
+        """A store over ``shared``'s environment: what :meth:`Store.__init__` sets, with
+        the environment this process already has open instead of a new one."""
+        env = shared.env
+        assert env is not None
+        store = cls.__new__(cls)
+        store.path, store.mode, store._lock, store.env = shared.path, "r", None, env
+        store._history = History(env)
+        store._blobs = Blobs(env)
+        store.samples = SampleTable(env)
+        store.inspect = Inspector(env, store._history, store._blobs)
+        store.signer = None
+        store.url, store.at = url, at
+        store._shared, store._closed = shared, False
+        store._install_view()
+        return store
+
+    def close(self) -> None:
+        """Close this store; the copy's environment closes with the last store on it."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        try:
+            self._blobs.close()
+        finally:
+            self._shared.release()
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.url + ('@' + self.at if self.at else '')!r})"
@@ -245,21 +333,46 @@ class RemoteStore(Store):
 
     def refresh(self, ref: VersionSpec = "HEAD") -> bool:
         """Read the remote's pointer ``ref`` follows (HEAD, or the tag; one read); if it
-        is not what the copy has, sync the copy (closing and reopening this store's
-        environment: call it from the thread that uses the store). True if synced.
+        is not what the copy has, sync the copy (every store of this process on it sees
+        the new state). True if synced. A remote that cannot be reached is not an error:
+        the copy goes on serving (one :class:`OfflineWarning` per outage), and the next
+        call tries again.
 
         Raises:
-            RemoteError: the remote cannot be read; the store stays as it was.
+            RemoteError: the remote answered but cannot be used; the store stays as it was.
         """
-        if self._is_current(ref):
-            return False
-        self.close()
         try:
-            sync(self.url, self.path)
-        finally:
-            Store.__init__(self, self.path, "r", None, INITIAL_MAP_SIZE)
-            self._install_view()
+            if self._is_current(ref):
+                self.offline = None
+                return False
+            self._shared.resync(lambda: _sync_locked(self.url, self.path))
+        except RemoteError as e:
+            if not is_unreachable(e):
+                raise
+            self._serve_offline(e)
+            return False
+        self.offline = None
         return True
+
+    def _serve_offline(self, error: RemoteError) -> None:
+        """Say once per outage that the copy is served, as of when and at which version.
+
+        Raises:
+            RemoteError: ``error``, if the copy has no version to serve.
+        """
+        if self.offline is not None:
+            return
+        try:
+            head = self.head
+        except VersionNotFoundError:  # @REF is not in the copy: the remote may have it
+            head = None
+        if head is None:
+            raise error
+        self.offline = (
+            f"remote {self.url} unreachable, serving the local copy as of "
+            f"{synced_at(self.path) or 'an unknown time'}, version {head.name}"
+        )
+        warnings.warn(self.offline, OfflineWarning, stacklevel=3)
 
     def _is_current(self, ref: VersionSpec) -> bool:
         if ref in (None, "HEAD") or (isinstance(ref, str) and _HEAD_ANCESTOR.fullmatch(ref)):
@@ -278,35 +391,9 @@ class RemoteStore(Store):
     # ------------------------------------------------------------ files on demand
 
     def needed_files(self, vid: int, *, state: bool = True, model: bool = True) -> set[str]:
-        """The files reading version ``vid`` (its state, its model) opens: its checkpoint
-        or model file, and the packs (or checkpoint files) its chunks and their delta
-        bases are in."""
-        manifest = self.manifest(vid)
-        names: set[str] = set()
-        records = tree_arrays(manifest["state"]) if state else []
-        if model:
-            names |= {manifest[k]["file"] for k in ("checkpoint", "artifact") if manifest.get(k)}
-            if manifest.get("model") is not None:  # compacted: its weights are blobs
-                records += tree_arrays(manifest["model"]["tensors"])
-        todo = [bytes.fromhex(digest) for _, r in records for digest, _, _ in r.chunks]
-        seen: set[bytes] = set()
-        with self.env.read() as txn:
-            while todo:
-                digest = todo.pop()
-                if digest in seen:
-                    continue
-                seen.add(digest)
-                raw = self.env.get(txn, fmt.DB_BLOBS, digest)
-                if raw is None:  # not indexed: the read itself reports it
-                    continue
-                entry = decode_entry(raw, digest.hex())
-                if isinstance(entry, FileBlob):
-                    names.add(entry.file)
-                    continue
-                names.add(pack_name(entry.pack))
-                if isinstance(entry, EncodedBlob) and entry.base is not None:
-                    todo.append(entry.base)
-        return names
+        """The files reading version ``vid`` (its state, its model) opens
+        (:func:`~engram.store.remote.copies.needed_files`)."""
+        return copies.needed_files(self, vid, state=state, model=model)
 
     def fetch(self, names: set[str]) -> int:
         """Download the files of ``names`` the copy lacks (each checked against its

@@ -10,7 +10,15 @@ has create-only writes but no If-Match compare-and-swap, which HEAD needs. Crede
 and the endpoint come from the standard environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``,
 ``AWS_ENDPOINT_URL``, web identity, ECS and instance metadata), read by object_store;
-engram never reads, stores or prints one.
+engram never stores or prints one.
+
+AWS profiles (``AWS_PROFILE``, or a ``default`` profile in ``~/.aws/config`` /
+``~/.aws/credentials`` when the environment holds no keys) are not read by object_store:
+there, the credentials come from boto3's own chain through obstore's
+``Boto3CredentialProvider`` (so static keys, ``credential_process``, SSO and assumed
+roles work as in the AWS CLI), and the profile's ``endpoint_url`` (top level or its
+``services`` section's ``s3``) is used unless ``AWS_ENDPOINT_URL`` is set
+(:func:`aws_profile`). Without boto3 installed, a profile in use is one line saying so.
 
 ``file:///ABS/PATH`` (a directory, e.g. a shared mount used as an object store) goes
 through obstore's ``LocalStore`` (object_store's ``LocalFileSystem``): a create-only
@@ -33,6 +41,7 @@ obstore is imported inside :class:`ObjectStore` only: ``import engram`` and the
 
 from __future__ import annotations
 
+import configparser
 import datetime as _dt
 import hashlib
 import os
@@ -56,6 +65,15 @@ RETRY_TIMEOUT_S = 30.0
 _STATUS = re.compile(r"status code: (\d{3})")
 _URL_QUERY = re.compile(r"(https?://[^\s?]+)\?\S*")  # signed query strings never printed
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# A profile section holding one of these is something boto3 would use (region alone is not)
+_PROFILE_KEYS = ("aws_access_key_id", "role_arn", "credential_process", "sso_session",
+                 "sso_start_url", "web_identity_token_file", "endpoint_url",
+                 "services")  # fmt: skip
+# Environment credentials that object_store reads itself: with any of them, no profile
+_ENV_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                    "AWS_CONTAINER_CREDENTIALS_FULL_URI")  # fmt: skip
+_providers: dict[tuple[Any, ...], tuple[Any, str | None]] = {}  # one boto3 session per setup
 
 
 class AlreadyExists(Exception):
@@ -106,6 +124,108 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+@dataclass(frozen=True)
+class ObjectMeta:
+    """One listed object: its key, when the server last wrote it, its size."""
+
+    key: str
+    last_modified: _dt.datetime
+    size: int
+
+
+def _shared_files() -> tuple[Path, Path]:
+    config = os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config"
+    credentials = os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials"
+    return Path(config).expanduser(), Path(credentials).expanduser()
+
+
+def _profile_section(name: str) -> dict[str, str]:
+    """What the shared files say of profile ``name`` (both files' sections merged); a
+    file that cannot be parsed says nothing here (boto3 then reports it)."""
+    config, credentials = _shared_files()
+    found: dict[str, str] = {}
+    for path, section in (
+        (config, "default" if name == "default" else f"profile {name}"),
+        (credentials, name),
+    ):
+        parser = configparser.RawConfigParser(strict=False)
+        try:
+            parser.read(path)
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue
+        if parser.has_section(section):
+            found.update(parser.items(section))
+    return found
+
+
+def aws_profile() -> str | None:
+    """The AWS profile an s3:// remote is read with, or None (the environment, as
+    object_store reads it): ``AWS_PROFILE``, else ``default`` when the environment has
+    no credentials and the shared files give that profile credentials or an endpoint."""
+    name = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+    if name:
+        return name
+    if any(os.environ.get(v) for v in _ENV_CREDENTIALS):
+        return None
+    section = _profile_section("default")
+    return "default" if any(k in section for k in _PROFILE_KEYS) else None
+
+
+def _profile_setup(url: str, name: str) -> tuple[Any, str | None]:
+    """Profile ``name``'s credential provider and its endpoint (None: not in the profile
+    or set in the environment), through boto3; one line for what goes wrong, never a key."""
+    config, credentials = _shared_files()
+    where = f"remote {url}: AWS profile {name!r}"
+    try:
+        import boto3
+        from botocore.exceptions import BotoCoreError, ProfileNotFound
+        from obstore.auth.boto3 import Boto3CredentialProvider
+    except ImportError:
+        raise RemoteError(
+            f"{where} is read through boto3, which is not installed: pip install boto3 (or "
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and unset AWS_PROFILE)"
+        ) from None
+    stamp = tuple(p.stat().st_mtime_ns if p.exists() else None for p in (config, credentials))
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = (name, str(config), str(credentials), stamp, hash(env))
+    if key in _providers:
+        return _providers[key]
+    try:
+        # not profile_name=: as in the AWS CLI, keys in the environment win over AWS_PROFILE
+        session = boto3.Session()
+        provider = Boto3CredentialProvider(session)
+        endpoint = None
+        if not (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")):
+            endpoint = _profile_endpoint(session._session)
+    except ProfileNotFound:
+        raise RemoteError(
+            f"{where} is in neither {config} nor {credentials}; add it there, or set "
+            "AWS_PROFILE to a profile they hold"
+        ) from None
+    except ValueError:  # Boto3CredentialProvider: the chain found no credentials
+        raise RemoteError(
+            f"{where} gives no credentials; add aws_access_key_id and aws_secret_access_key "
+            f"to it in {credentials} (or a role or credential_process in {config})"
+        ) from None
+    except BotoCoreError as e:  # a malformed file, a partial key pair: the class says which
+        raise RemoteError(f"{where} cannot be used ({type(e).__name__}); fix it in "
+                          f"{config} or {credentials}") from None  # fmt: skip
+    _providers[key] = (provider, endpoint)
+    return provider, endpoint
+
+
+def _profile_endpoint(session: Any) -> str | None:
+    """The S3 endpoint a profile names: its ``services`` section's ``s3`` entry, else its
+    own ``endpoint_url`` (botocore's order after the environment, which is checked first)."""
+    scoped = session.get_scoped_config()
+    services = session.full_config.get("services", {}).get(scoped.get("services", ""), {})
+    s3 = services.get("s3", {}) if isinstance(services, dict) else {}
+    endpoint = (s3.get("endpoint_url") if isinstance(s3, dict) else None) or scoped.get(
+        "endpoint_url"
+    )
+    return str(endpoint) if endpoint else None
+
+
 @dataclass
 class Traffic:
     """Bytes moved by one client, for reports and the tests' proportionality checks."""
@@ -147,7 +267,14 @@ class ObjectStore:
                 raise self._error("open", "", e) from None
             return
         options: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+        profile = aws_profile() if self.url.startswith("s3://") else None
+        if profile is not None:
+            provider, named = _profile_setup(self.url, profile)
+            extra["credential_provider"] = provider
+            if named:
+                extra["endpoint"] = endpoint = named
         if self.url.startswith("s3://") and endpoint.startswith("http://"):
             # an S3-compatible server the user named over plain HTTP (a local MinIO, an
             # emulator): object_store refuses HTTP unless told; naming it is telling it
@@ -157,7 +284,7 @@ class ObjectStore:
         if timeout_s is not None:
             options["timeout"] = options["connect_timeout"] = timeout
         try:
-            self._store = from_url(self.url, client_options=options, retry_config=retry)
+            self._store = from_url(self.url, client_options=options, retry_config=retry, **extra)
         except Exception as e:
             raise self._error("open", "", e) from None
 
@@ -236,6 +363,21 @@ class ObjectStore:
                     yield meta["path"]
         except Exception as e:
             raise self._error("listing", prefix, e) from None
+
+    def list_meta(self, prefix: str | None = None) -> Iterator[ObjectMeta]:
+        """Every object under ``prefix`` (None: the whole remote) with its server-side
+        last-modified time and size (what a remote gc ages objects by)."""
+        import obstore
+
+        if self._store is None:
+            return
+
+        try:
+            for batch in obstore.list(self._store, prefix):
+                for meta in batch:
+                    yield ObjectMeta(meta["path"], meta["last_modified"], meta["size"])
+        except Exception as e:
+            raise self._error("listing", prefix or "the remote", e) from None
 
     # ------------------------------------------------------------------ writes
 
@@ -364,7 +506,7 @@ class ObjectStore:
         elif "credential" in text.lower() or "/latest/" in text:  # instance metadata asked
             why = (
                 "no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(or run with an instance role)"
+                "(or AWS_PROFILE, or run with an instance role)"
             )
         elif code == "404" or "NoSuchBucket" in text or isinstance(e, FileNotFoundError):
             why = "the bucket does not exist; create it or fix the URL"

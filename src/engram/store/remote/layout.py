@@ -8,8 +8,11 @@ Under the remote's prefix (docs/remote.md)::
     versions/vNNNN-<h>.json       a version's *marker*, immutable (``h``: the first 16 hex
                                   of the marker's SHA-256), written create-only
     HEAD                          {"version", "marker", "sha256"}: moved by compare-and-swap
-    refs/tags/<name>              {"format", "tag", "seq", "target": a ref}: a tag, moved by
-                                  compare-and-swap (``seq`` counts its moves)
+    refs/tags/<name>              {"format", "tag", "seq", "target": a ref[, "deleted"]}: a
+                                  tag, moved (or deleted: a tombstone) by compare-and-swap
+                                  (``seq`` counts its moves)
+    gc.json                       {"format", "generation", "running"}: the remote gc's fence,
+                                  moved by compare-and-swap (:mod:`~engram.store.remote.gc`)
 
 A marker names its segment and its parent's marker by SHA-256, and HEAD names its
 marker by SHA-256: from HEAD every byte a reader uses is checked against a hash written
@@ -26,6 +29,14 @@ header: ``{"store_id", "version", "files": [[name, sha256, nbytes], ...],
 (the same content address). Payloads are the records' plain bytes (unsealed): the
 pulling store seals them as it writes them.
 
+A marker of a version signed at commit also carries the version's signature record
+(``signature``: the ``signature/<id>`` record of the meta database, as text): the
+signature covers the manifest, so it needs no hash chain to be checked, and a marker
+without one (an unsigned version, or a remote pushed by an older engram) is read as
+unsigned. A deleted tag is a *tombstone*: its object stays, with ``"deleted": true``,
+the target it named and the next ``seq`` (so a value never repeats), because S3 has no
+conditional delete and a file:// remote's claims need the key to keep a value.
+
 Everything read from a remote is untrusted: names are validated (a file name, never a
 path), sizes bounded by the object read.
 """
@@ -41,6 +52,7 @@ from typing import Any
 
 from engram.errors import RemoteError
 from engram.store import format as fmt
+from engram.store.checkpoint import MAX_HEADER_BYTES
 from engram.store.history import is_valid_tag_name
 from engram.store.packs import PACK_NAME
 from engram.store.values import version_name
@@ -51,10 +63,15 @@ HEAD_KEY = "HEAD"
 VERSIONS_PREFIX = "versions/"
 TAGS_PREFIX = "refs/tags/"
 OBJECTS_PREFIX = "objects/"
+GC_KEY = "gc.json"
+# A signature record is ~130 bytes, more after `compact` (it adds the signed checkpoint's
+# safetensors header): bounded by the largest header engram reads
+MAX_SIGNATURE_BYTES = 2 * MAX_HEADER_BYTES
 SEGMENT_MAGIC = b"ENGRAMS1"
 _LENGTH = struct.Struct("<Q")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MARKER_KEY = re.compile(r"versions/v\d{4,18}-[0-9a-f]{16}\.json")
+_OBJECT_KEY = re.compile(r"objects/([0-9a-f]{2})/([0-9a-f]{64})")
 # The databases a segment may write, and their key sizes: never meta or refs (the
 # pulling store sets HEAD and its counters itself).
 RECORD_DBS = {"blobs": 32, "samples": 8, "versions": 8}
@@ -66,6 +83,12 @@ def sha256(data: bytes | memoryview) -> str:
 
 def object_key(digest: str) -> str:
     return f"{OBJECTS_PREFIX}{digest[:2]}/{digest}"
+
+
+def is_immutable_key(key: str) -> bool:
+    """Whether ``key`` names an object or a marker (what a remote gc may collect)."""
+    found = _OBJECT_KEY.fullmatch(key)
+    return bool(_MARKER_KEY.fullmatch(key) or (found and found[2].startswith(found[1])))
 
 
 def canonical(obj: Any) -> bytes:
@@ -144,15 +167,20 @@ def tag_key(name: str) -> str:
 @dataclass(frozen=True)
 class Tag:
     """A tag on the remote: the version (its marker's ref) it names. ``seq`` counts the
-    tag's moves, so a value never repeats (a file:// remote's compare-and-swap needs it)."""
+    tag's moves, so a value never repeats (a file:// remote's compare-and-swap needs it).
+    ``deleted``: a tombstone (module docstring); ``target`` is the version it named."""
 
     name: str
     seq: int
     target: Ref
+    deleted: bool = False
 
     def encode(self) -> bytes:
-        return canonical({"format": LAYOUT_FORMAT, "tag": self.name, "seq": self.seq,
-                          "target": self.target.to_json()})  # fmt: skip
+        obj = {"format": LAYOUT_FORMAT, "tag": self.name, "seq": self.seq,
+               "target": self.target.to_json()}  # fmt: skip
+        if self.deleted:  # a live tag's bytes are what engram wrote before tombstones
+            obj["deleted"] = True
+        return canonical(obj)
 
     @classmethod
     def decode(cls, data: bytes, name: str) -> Tag:
@@ -163,14 +191,17 @@ class Tag:
             seq = obj["seq"] if ok else None
         except (ValueError, KeyError, TypeError):
             ok, seq = False, None
+        deleted = obj.get("deleted", False) if ok else None
         if not ok or not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise _bad(key, "malformed tag")
+        if not isinstance(deleted, bool):
             raise _bad(key, "malformed tag")
         if obj.get("format") != LAYOUT_FORMAT:
             raise RemoteError(
                 f"remote tag {key} is in layout format {obj.get('format')!r}; upgrade engram "
                 "to read it"
             )
-        return cls(name, seq, Ref.from_json(obj.get("target"), key))
+        return cls(name, seq, Ref.from_json(obj.get("target"), key), deleted)
 
 
 # ------------------------------------------------------------------ markers
@@ -187,19 +218,21 @@ class Marker:
     parent: Ref | None
     segment_sha256: str
     segment_nbytes: int
+    signature: bytes | None = None  # the version's signature record, if it was signed
 
     def encode(self) -> bytes:
-        return canonical(
-            {
-                "format": LAYOUT_FORMAT,
-                "store_id": self.store_id,
-                "version": self.version,
-                "created_at": self.created_at,
-                "manifest_sha256": self.manifest_sha256,
-                "parent": None if self.parent is None else self.parent.to_json(),
-                "segment": {"sha256": self.segment_sha256, "nbytes": self.segment_nbytes},
-            }
-        )
+        obj = {
+            "format": LAYOUT_FORMAT,
+            "store_id": self.store_id,
+            "version": self.version,
+            "created_at": self.created_at,
+            "manifest_sha256": self.manifest_sha256,
+            "parent": None if self.parent is None else self.parent.to_json(),
+            "segment": {"sha256": self.segment_sha256, "nbytes": self.segment_nbytes},
+        }
+        if self.signature is not None:  # an unsigned version's marker: as before
+            obj["signature"] = self.signature.decode()
+        return canonical(obj)
 
     def ref(self) -> Ref:
         data = self.encode()
@@ -223,6 +256,7 @@ class Marker:
                 parent=None if obj["parent"] is None else Ref.from_json(obj["parent"], ref.marker),
                 segment_sha256=segment["sha256"],
                 segment_nbytes=segment["nbytes"],
+                signature=_signature(obj.get("signature")),
             )
         except (ValueError, KeyError, TypeError):
             raise _bad(ref.marker, "malformed marker") from None
@@ -246,6 +280,59 @@ class Marker:
         if marker.parent is not None and marker.parent.version >= marker.version:
             raise _bad(ref.marker, "its parent is not older")  # also: no cycle
         return marker
+
+
+def _signature(text: Any) -> bytes | None:
+    """A marker's signature record as the meta database holds it; the store checks
+    what it says (:mod:`engram.store.signing`), this only that it is a JSON object."""
+    if text is None:
+        return None
+    if not isinstance(text, str) or len(text) > MAX_SIGNATURE_BYTES:
+        raise ValueError("signature")
+    if not isinstance(json.loads(text), dict):
+        raise ValueError("signature")
+    return text.encode()
+
+
+# ----------------------------------------------------------------- gc fence
+
+
+@dataclass(frozen=True)
+class Fence:
+    """``gc.json``: how many remote gcs have started (``generation``) and whether the
+    last one is still deleting (``running``). A push reads it before it looks at the
+    remote and again before it moves HEAD: a change means a gc ran meanwhile, so the
+    push checks that its objects are still there (:mod:`~engram.store.remote.gc`). Each
+    write changes the value, so it never repeats (file:// claims need that)."""
+
+    generation: int = 0
+    running: bool = False
+
+    def encode(self) -> bytes:
+        return canonical(
+            {"format": LAYOUT_FORMAT, "generation": self.generation, "running": self.running}
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Fence:
+        try:
+            obj = json.loads(data)
+            generation, running = obj["generation"], obj["running"]
+        except (ValueError, KeyError, TypeError):
+            raise _bad(GC_KEY, "malformed gc fence") from None
+        if obj.get("format") != LAYOUT_FORMAT:
+            raise RemoteError(
+                f"remote {GC_KEY} is in layout format {obj.get('format')!r}; upgrade engram "
+                "to read it"
+            )
+        if not (
+            isinstance(generation, int)
+            and not isinstance(generation, bool)
+            and generation >= 0
+            and isinstance(running, bool)
+        ):
+            raise _bad(GC_KEY, "malformed gc fence")
+        return cls(generation, running)
 
 
 # ----------------------------------------------------------------- segments

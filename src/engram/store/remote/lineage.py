@@ -21,8 +21,10 @@ from engram.errors import RemoteError
 from engram.store.history import is_valid_tag_name
 from engram.store.remote.client import ObjectStore
 from engram.store.remote.layout import (
+    GC_KEY,
     HEAD_KEY,
     TAGS_PREFIX,
+    Fence,
     Marker,
     Ref,
     Tag,
@@ -89,11 +91,25 @@ def read_head(client: ObjectStore) -> tuple[Ref | None, str | None]:
 
 
 def read_tag(client: ObjectStore, name: str) -> tuple[Tag | None, str | None]:
-    """The remote's tag ``name`` and its ETag; (None, None) if there is none."""
+    """The remote's tag ``name`` and its ETag; None for the tag if there is none (or it
+    was deleted: its tombstone's ETag is still given, for a compare-and-swap)."""
+    tag, etag = read_tag_value(client, name)
+    return (None if tag is None or tag.deleted else tag), etag
+
+
+def read_tag_value(client: ObjectStore, name: str) -> tuple[Tag | None, str | None]:
+    """The object under tag ``name`` and its ETag, a tombstone included (its ``seq``
+    is what the next move counts from); (None, None) if there is none."""
     got = client.get(tag_key(name), swapped=True)
     if got is None:
         return None, None
     return Tag.decode(got.data, name), got.etag
+
+
+def read_fence(client: ObjectStore) -> Fence:
+    """The remote gc's fence (``gc.json``): generation 0, not running, if none ran."""
+    got = client.get(GC_KEY, swapped=True)
+    return Fence() if got is None else Fence.decode(got.data)
 
 
 def read_tags(client: ObjectStore) -> dict[str, Tag]:
@@ -106,7 +122,7 @@ def read_tags(client: ObjectStore) -> dict[str, Tag]:
     tags = {}
     for name in names:
         tag, _ = read_tag(client, name)
-        if tag is not None:  # deleted since the listing
+        if tag is not None:  # (deleted, maybe since the listing)
             tags[name] = tag
     return tags
 

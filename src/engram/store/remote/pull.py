@@ -10,8 +10,10 @@ lacks, oldest first:
 2. each file the segment names that is not already here with the same SHA-256: streamed
    to a temporary name, hashed, fsynced, renamed (a file failing its hash is never
    renamed into place);
-3. one LMDB write transaction: its records, HEAD, and the counters (``next_version``,
-   ``next_pack``, ``next_sample``) raised past every id it brought.
+3. one LMDB write transaction: its records, its signature record if its marker carries
+   one (so ``verify --trust`` and ``load_model(trust=)`` check a clone as they check the
+   origin), HEAD, and the counters (``next_version``, ``next_pack``, ``next_sample``)
+   raised past every id it brought.
 
 A pull killed anywhere leaves the local store at the last version (3) committed, with at
 most a few unreferenced files that ``gc`` collects; running it again goes on from there.
@@ -43,11 +45,10 @@ from engram.errors import (
     RemoteError,
     VersionNotFoundError,
 )
-from engram.store import Store
+from engram.store import Store, references
 from engram.store import format as fmt
 from engram.store.blobs import Blobs, EncodedBlob, decode_entry
 from engram.store.checkpoint import fsync_dir
-from engram.store.codec import TAG_SAMPLES
 from engram.store.env import Env
 from engram.store.history import version_arrays
 from engram.store.packs import PACK_NAME, BlobLocation, pack_name
@@ -69,6 +70,7 @@ from engram.store.remote.lineage import (
     remembered,
     walk,
 )
+from engram.store.signing import signature_key
 from engram.store.values import version_name
 
 _DBS = {"blobs": fmt.DB_BLOBS, "samples": fmt.DB_SAMPLES, "versions": fmt.DB_VERSIONS}
@@ -153,7 +155,7 @@ def pull_into(
             else:
                 places = _place_files(store.path, env, segment)
                 _fetch_files(store.path, client, segment, places)
-            _publish(env, segment, manifest, places)
+            _publish(env, segment, manifest, places, marker.signature)
         local = store.head
         if not todo and (local is None or local.id != head.version):  # a rolled-back clone
             value = str(head.version).encode()
@@ -360,8 +362,15 @@ def _manifest_of(segment: Segment, store_id: str) -> dict[str, Any]:
     return manifest
 
 
-def _publish(env: Env, segment: Segment, manifest: dict[str, Any], places: dict[str, str]) -> None:
-    """Step (3): one transaction makes the version visible locally and moves HEAD."""
+def _publish(
+    env: Env,
+    segment: Segment,
+    manifest: dict[str, Any],
+    places: dict[str, str],
+    signature: bytes | None = None,
+) -> None:
+    """Step (3): one transaction makes the version visible locally (with its signature
+    record, if it was signed) and moves HEAD."""
     vid = segment.version
     moved = {_pack_id(name): _pack_id(local) for name, local in places.items() if name != local}
     records = [
@@ -379,6 +388,10 @@ def _publish(env: Env, segment: Segment, manifest: dict[str, Any], places: dict[
         _check_samples_free(env, txn, records)
         for db, key, payload in records:
             env.put(txn, _DBS[db], key, bytes(payload))
+        if signature is not None:
+            env.put(txn, fmt.DB_META, signature_key(vid), signature)
+        else:  # one left here by a version of this id that is gone: not this one's
+            env.delete(txn, fmt.DB_META, signature_key(vid))
         env.put(txn, fmt.DB_REFS, fmt.HEAD_REF, str(vid).encode())
         raise_counter(txn, b"next_version", vid + 1)
         if packs:
@@ -388,34 +401,36 @@ def _publish(env: Env, segment: Segment, manifest: dict[str, Any], places: dict[
         if manifest.get("format_version") == fmt.ARTIFACT_FORMAT_VERSION:
             env.raise_format(txn, fmt.ARTIFACT_FORMAT_VERSION)
 
-    env.write(work, reserve=sum(len(k) + len(p) + 64 for _, k, p in records))
+    reserve = sum(len(k) + len(p) + 64 for _, k, p in records) + len(signature or b"") + 64
+    env.write(work, reserve=reserve)
 
 
 def _check_samples_free(env: Env, txn: lmdb.Transaction, records: list) -> None:
     """Two clones may both give out a sample id (each from its own counter). Another
     record under an id is replaced only if no local version references it (samples
     flushed by a run that never committed); else the pull is refused."""
-    taken = set()
+    databases = {kind.database.decode(): kind.database for kind in references.kinds()}
+    taken: dict[bytes, set[int]] = {}  # ids given out by both clones, by database
     for db, key, payload in records:
-        if db == "samples":
-            here = env.get(txn, fmt.DB_SAMPLES, key)
+        if db in databases:
+            here = env.get(txn, databases[db], key)
             if here is not None and bytes(here) != bytes(payload):
-                taken.add(int.from_bytes(key, "big"))
+                taken.setdefault(databases[db], set()).add(int.from_bytes(key, "big"))
     if not taken:
         return
     blobs = Blobs(env)
     try:
         for vid in (int.from_bytes(k, "big") for k in env.keys(txn, fmt.DB_VERSIONS)):
             raw = env.get(txn, fmt.DB_VERSIONS, vid.to_bytes(8, "big"))
-            for path, record in version_arrays(json.loads(bytes(raw))):
-                if record.kind != TAG_SAMPLES:
-                    continue
-                clash = taken & set(blobs.sample_ids(txn, record, vid, path))
+            arrays = version_arrays(json.loads(bytes(raw)))
+            for path, record, kind in references.referencing(arrays):
+                ids = references.referenced_ids(blobs, txn, record, vid, path)
+                clash = taken.get(kind.database, set()) & set(ids)
                 if clash:
                     raise RemoteConflictError(
-                        f"store {env.path} {version_name(vid)} references its own replay "
-                        f"sample {min(clash)}, another than the remote's (both stores "
-                        "appended samples after the clone); pull into a new directory"
+                        f"store {env.path} {version_name(vid)} references its own "
+                        f"{kind.noun} {min(clash)}, another than the remote's (both stores "
+                        "appended records after the clone); pull into a new directory"
                     )
     finally:
         blobs.close()

@@ -5,12 +5,17 @@ For each local version the remote lacks, oldest first (docs/remote.md, "Protocol
 1. :func:`_upload_files`: the files its new records need that the remote lacks (new
    pack files, its checkpoint or artifact file), each create-only under its SHA-256;
 2. :func:`_upload_segment`: its new LMDB records as one immutable segment object;
-3. :func:`_create_marker`: its marker, create-only (immutable, named by its own hash);
+3. :func:`_create_marker`: its marker, create-only (immutable, named by its own hash),
+   carrying the version's signature record if it was signed;
+   :func:`_settle`: if a remote gc ran since the push read its fence (``gc.json``, read
+   before anything else), wait for it to finish and put back any of those objects it
+   deleted (:mod:`~engram.store.remote.gc`);
 4. :func:`_move_head`: HEAD, by compare-and-swap from the ETag read at the start.
 
 Then :func:`_push_tags`: each local tag naming a version the remote now holds, moved by
 compare-and-swap where the remote's differs (a tag on a version off the remote's
-history stays local; a remote tag the store lacks is left as it is).
+history stays local; a remote tag the store lacks is left as it is; a tag deleted on the
+remote is not put back at the version it was deleted from).
 
 Until (4) succeeds nothing a reader follows names what (1)–(3) wrote, so a push killed
 anywhere leaves the remote at the previous version; a re-run writes the same bytes
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,16 +47,17 @@ from engram.errors import (
     StoreNotFoundError,
     VersionNotFoundError,
 )
-from engram.store import Store
+from engram.store import Store, references
 from engram.store import format as fmt
 from engram.store.blobs import Blobs, EncodedBlob, FileBlob, decode_entry
-from engram.store.codec import TAG_SAMPLES
 from engram.store.history import version_arrays
 from engram.store.packs import pack_name
+from engram.store.references import ReferenceKind
 from engram.store.remote.client import AlreadyExists, ObjectStore, Stale
 from engram.store.remote.layout import (
     HEAD_KEY,
     STORE_KEY,
+    Fence,
     Marker,
     Ref,
     Segment,
@@ -63,17 +70,28 @@ from engram.store.remote.layout import (
 )
 from engram.store.remote.lineage import (
     Entry,
+    read_fence,
     read_head,
     read_marker,
-    read_tag,
+    read_tag_value,
     remember,
     remembered,
     walk,
 )
-from engram.store.samples import sample_key
+from engram.store.signing import signature_key
 from engram.store.values import version_name
 
 _HASH_BLOCK = 8 << 20
+# How long a push waits, before moving HEAD, for a remote gc that is deleting to finish;
+# then it stops (its local commit intact) and says so. A gc killed mid-run leaves its
+# fence "running" until the next gc finishes.
+GC_WAIT_S = 120.0
+_GC_POLL_S = 0.25
+_MAX_SETTLE = 8  # gcs starting one after another while a push settles: then it stops
+
+# What a version's push relies on: (key, where its bytes are) for each object it wrote
+# or found, so one a gc deleted can be put back
+Relied = list[tuple[str, bytes | Path]]
 
 
 @dataclass
@@ -86,6 +104,8 @@ class PushReport:
     uploaded_bytes: int
     objects: int  # objects written
     tags: list[str] = field(default_factory=list)  # remote tags created or moved
+    # local tags on the version a remote tag was deleted from: left deleted there
+    tags_deleted_on_remote: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -93,10 +113,11 @@ class PushReport:
 
 @dataclass
 class _Known:
-    """What the remote holds: blob digests, replay-sample ids, files (name, sha256)."""
+    """What the remote holds: blob digests, referenced records (replay samples) by
+    kind, files (name, sha256)."""
 
     digests: set[bytes] = field(default_factory=set)
-    samples: set[int] = field(default_factory=set)
+    referenced: dict[ReferenceKind, set[int]] = field(default_factory=dict)
     files: set[tuple[str, str]] = field(default_factory=set)
 
 
@@ -153,6 +174,7 @@ def _push(store: Store, blobs: Blobs, client: ObjectStore, cached: list[Entry]) 
     if store.head is None:  # before anything is written to the remote
         raise RemoteError(f"store {store.path} has no HEAD: nothing to push")
     _claim_remote(client, store.store_id)
+    fence = read_fence(client)  # before anything this push relies on is looked up
     head, etag = read_head(client)
     lineage, _ = walk(client, head, cached)
     todo = _versions_to_push(store, client, head, lineage)
@@ -161,7 +183,8 @@ def _push(store: Store, blobs: Blobs, client: ObjectStore, cached: list[Entry]) 
         with store.env.read() as txn:
             # what the parent (the remote's HEAD) references is there: only the rest is sent
             known = _known(store, blobs, txn, client, lineage[-1] if lineage else None)
-            ref, marker = _push_version(store, blobs, txn, client, known, vid, head)
+            ref, marker, relied = _push_version(store, blobs, txn, client, known, vid, head)
+        fence = _settle(client, fence, relied)
         etag = _move_head(client, ref, etag, head, store.path)
         lineage.append(Entry(ref, marker.created_at, marker.manifest_sha256))
         remember(store.path, client.url, lineage)
@@ -169,10 +192,10 @@ def _push(store: Store, blobs: Blobs, client: ObjectStore, cached: list[Entry]) 
         pushed.append(vid)
     if not todo:  # a first push of an empty remote still remembers the URL
         remember(store.path, client.url, lineage)
-    tags = _push_tags(store, client, lineage)
+    tags, kept_deleted = _push_tags(store, client, lineage)
     traffic = client.traffic
     return PushReport(client.url, pushed, None if head is None else head.version,
-                      traffic.up, len(traffic.puts), tags)  # fmt: skip
+                      traffic.up, len(traffic.puts), tags, kept_deleted)  # fmt: skip
 
 
 def _claim_remote(client: ObjectStore, store_id: str) -> None:
@@ -243,16 +266,18 @@ class _Needs:
     """What one version's manifest references directly."""
 
     digests: set[bytes] = field(default_factory=set)
-    samples: set[int] = field(default_factory=set)
+    referenced: dict[ReferenceKind, set[int]] = field(default_factory=dict)  # by kind
     files: dict[str, str | None] = field(default_factory=dict)  # name -> sha256 if recorded
 
 
 def _needs(blobs: Blobs, txn: lmdb.Transaction, vid: int, manifest: dict[str, Any]) -> _Needs:
     needs = _Needs()
-    for path, record in version_arrays(manifest):
+    arrays = version_arrays(manifest)
+    for _, record in arrays:
         needs.digests.update(bytes.fromhex(digest) for digest, _, _ in record.chunks)
-        if record.kind == TAG_SAMPLES:
-            needs.samples.update(blobs.sample_ids(txn, record, vid, path))
+    for path, record, kind in references.referencing(arrays):
+        ids = references.referenced_ids(blobs, txn, record, vid, path)
+        needs.referenced.setdefault(kind, set()).update(ids)
     for key in ("checkpoint", "artifact"):
         entry = manifest.get(key)
         if entry is not None:
@@ -283,7 +308,8 @@ def _known(
     except CorruptionError:  # its sample table is not here: those samples are sent again
         needs = _Needs()
     known.digests |= needs.digests
-    known.samples |= needs.samples
+    for kind, ids in needs.referenced.items():
+        known.referenced.setdefault(kind, set()).update(ids)
     known.files |= {(name, digest) for name, digest in needs.files.items() if digest}
     return known
 
@@ -311,8 +337,9 @@ def _push_version(
     known: _Known,
     vid: int,
     parent: Ref | None,
-) -> tuple[Ref, Marker]:
-    """Steps (1)–(3) for version ``vid``; its marker's ref and the marker."""
+) -> tuple[Ref, Marker, Relied]:
+    """Steps (1)–(3) for version ``vid``; its marker's ref, the marker, and the objects
+    it relies on beyond its parent's closure (what a gc could have deleted)."""
     env = store.env
     payload = bytes(env.get(txn, fmt.DB_VERSIONS, vid.to_bytes(8, "big")))
     manifest = json.loads(payload)
@@ -324,17 +351,19 @@ def _push_version(
         decoded = decode_entry(entry, digest.hex())
         name = decoded.file if isinstance(decoded, FileBlob) else pack_name(decoded.pack)
         files.setdefault(name, None)
-    for sample_id in sorted(needs.samples - known.samples):
-        record = env.get(txn, fmt.DB_SAMPLES, sample_key(sample_id))
-        if record is None:
-            raise CorruptionError(
-                f"store {store.path} {version_name(vid)}: replay sample {sample_id} is "
-                f"missing; run `engram verify {store.path}`"
-            )
-        records.append(("samples", sample_key(sample_id), bytes(record)))
+    for kind, ids in needs.referenced.items():
+        for record_id in sorted(ids - known.referenced.get(kind, set())):
+            record = env.get(txn, kind.database, kind.key(record_id))
+            if record is None:
+                raise CorruptionError(
+                    f"store {store.path} {version_name(vid)}: {kind.noun} {record_id} is "
+                    f"missing; run `engram verify {store.path}`"
+                )
+            records.append((kind.database.decode(), kind.key(record_id), bytes(record)))
     shipped = _upload_files(store.path, client, files, known)
     segment = Segment(store.store_id, vid, tuple(shipped), tuple(records)).encode()
     _upload_segment(client, segment)
+    signature = env.get(txn, fmt.DB_META, signature_key(vid))  # None: not signed
     marker = Marker(
         store_id=store.store_id,
         version=vid,
@@ -343,8 +372,14 @@ def _push_version(
         parent=parent,
         segment_sha256=sha256(segment),
         segment_nbytes=len(segment),
+        signature=None if signature is None else bytes(signature),
     )
-    return _create_marker(client, marker), marker
+    ref = _create_marker(client, marker)
+    relied: Relied = [
+        (object_key(digest), store.path / local_dir(name) / name) for name, digest, _ in shipped
+    ]
+    relied += [(object_key(sha256(segment)), segment), (ref.marker, marker.encode())]
+    return ref, marker, relied
 
 
 def _new_entries(
@@ -431,15 +466,21 @@ def _create_marker(client: ObjectStore, marker: Marker) -> Ref:
     return ref
 
 
-def _push_tags(store: Store, client: ObjectStore, lineage: list[Entry]) -> list[str]:
-    """The store's tags on versions the remote holds, on the remote; the names moved.
+def _push_tags(
+    store: Store, client: ObjectStore, lineage: list[Entry]
+) -> tuple[list[str], list[str]]:
+    """The store's tags on versions the remote holds, on the remote; the names moved,
+    and those left deleted: a tag deleted on the remote (``engram tag URL NAME
+    --delete``) is not put back at the version it named when deleted, which is what a
+    clone that has not heard of the deletion still has (tagging another version here
+    pushes it again).
 
     Raises:
         RemoteConflictError: another writer moved a tag meanwhile (412); nothing of it
             was overwritten.
     """
     on_remote = {(e.ref.version, e.created_at): e.ref for e in lineage}
-    moved = []
+    moved, kept_deleted = [], []
     for name, vid in sorted(store.tags().items()):
         try:
             created_at = store.manifest(vid)["created_at"]
@@ -448,8 +489,10 @@ def _push_tags(store: Store, client: ObjectStore, lineage: list[Entry]) -> list[
         target = on_remote.get((vid, created_at))
         if target is None:  # a version the remote lacks: the tag stays local
             continue
-        current, etag = read_tag(client, name)
+        current, etag = read_tag_value(client, name)
         if current is not None and current.target == target:
+            if current.deleted:
+                kept_deleted.append(name)
             continue
         tag = Tag(name, 0 if current is None else current.seq + 1, target)
         try:
@@ -460,7 +503,42 @@ def _push_tags(store: Store, client: ObjectStore, lineage: list[Entry]) -> list[
                 "on the compare-and-swap); nothing was overwritten: run the push again"
             ) from None
         moved.append(name)
-    return moved
+    return moved, kept_deleted
+
+
+def _settle(client: ObjectStore, seen: Fence, relied: Relied) -> Fence:
+    """Before HEAD moves: if a remote gc started since ``seen`` (the fence this push
+    last checked), wait until none is deleting, then put back each object of
+    ``relied`` it deleted (create-only: the same bytes under the same name), until the
+    fence stays still; the fence as checked.
+
+    Raises:
+        RemoteError: a gc is still deleting after :data:`GC_WAIT_S` (or was killed
+            while it ran): nothing of this version was published; run the push again.
+    """
+    checked = None if seen.running else seen.generation  # a gc running from the start
+    deadline = time.monotonic() + GC_WAIT_S
+    for _ in range(_MAX_SETTLE):
+        while (now := read_fence(client)).running:
+            if time.monotonic() >= deadline:
+                raise RemoteError(
+                    f"remote {client.url}: a remote gc (generation {now.generation}) is "
+                    f"still deleting after {GC_WAIT_S:.0f} s, or was stopped while it ran; "
+                    "nothing was published and local versions are intact: run the push "
+                    f"again once it ends (a stopped one: run `engram gc {client.url}` to "
+                    "finish it)"
+                )
+            time.sleep(_GC_POLL_S)
+        if now.generation == checked:
+            return now
+        for key, source in relied:  # one request each, only after a gc
+            if not client.exists(key):
+                _create_immutable(client, key, source)
+        checked = now.generation
+    raise RemoteError(
+        f"remote {client.url}: remote gcs kept starting while this push checked its "
+        "objects; nothing was published: run the push again"
+    )
 
 
 def _create_immutable(client: ObjectStore, key: str, data: bytes | Path) -> None:

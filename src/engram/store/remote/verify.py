@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.errors import RemoteError
-from engram.store.remote.cache import RemoteStore, _FileMap, cache_path, split_ref, sync
+from engram.store.remote.cache import RemoteStore, _FileMap, cache_path, split_ref
 from engram.store.remote.client import ObjectStore
 from engram.store.remote.layout import HEAD_KEY, Ref, Segment, local_dir, object_key
 from engram.store.remote.lineage import read_head, read_marker, read_tags
@@ -66,8 +66,8 @@ def verify_remote(
     Raises:
         RemoteError: the remote cannot be read or holds no store (not a problem of it).
     """
-    if not all:
-        with RemoteStore.open_url(target, cache_dir=cache_dir) as store:
+    if not all:  # about the remote: a copy served offline would not say it
+        with RemoteStore.open_url(target, cache_dir=cache_dir, offline=False) as store:
             return store.verify(version, trust=trust), None
     url, _ = split_ref(target)
     client = ObjectStore(url)
@@ -79,11 +79,11 @@ def verify_remote(
     if check.problems:  # the copy cannot follow a broken chain: the objects still are checked
         _check_files(client, check, segments, None)
         return VerifyReport(problems=list(check.problems)), check
-    sync(url, copy)
-    _check_files(client, check, segments, copy)
-    if check.problems:
-        return VerifyReport(problems=list(check.problems)), check
-    with RemoteStore.open_url(url, cache_dir=cache_dir) as store:
+    # synced and held open: a prune elsewhere waits while the files go into the copy
+    with RemoteStore.open_url(url, cache_dir=cache_dir, offline=False) as store:
+        _check_files(client, check, segments, copy)
+        if check.problems:
+            return VerifyReport(problems=list(check.problems)), check
         report = store.verify(all=True, trust=trust)
     report.problems[:0] = check.problems
     return report, check

@@ -106,16 +106,19 @@ def _group_in(group: Any, state: dict[str, Any], samples: BufferSamples) -> None
 class BufferSamples:
     """Dataset-backed buffers as records in the strategy's sample table.
 
-    Each buffer is written once: :meth:`save` returns the state of a buffer it wrote
-    (or loaded) before as long as the buffer is the same dataset object (Avalanche
-    replaces a buffer's dataset whenever it changes it). Inside :meth:`writing`, the
-    buffers not saved again are forgotten.
+    Each sample is written once: :meth:`save` returns the state of a buffer it wrote
+    (or loaded) before as long as the buffer is the same dataset object, and when
+    Avalanche replaces a buffer's dataset (a storage policy subsets the concatenation of
+    the old buffer and the new data), only the samples that did not come from a
+    dataset it saved or loaded are read and written (:class:`_Origins`). Inside
+    :meth:`writing`, the buffers not saved again are forgotten.
     """
 
     def __init__(self, strategy: Any) -> None:
         self.strategy = strategy
         self._known: dict[int, tuple[Any, dict[str, Any]]] = {}  # id(dataset) -> it, state
         self._saved: dict[int, tuple[Any, dict[str, Any]]] | None = None
+        self._origins: _Origins | None = None  # of the known datasets; None: to build
 
     def writing(self) -> BufferSamples:
         return self
@@ -126,6 +129,7 @@ class BufferSamples:
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
             self._known = self._saved
+            self._origins = None
         self._saved = None
 
     def save(self, dataset: Any) -> dict[str, Any]:
@@ -140,18 +144,122 @@ class BufferSamples:
         x, y, t = read_samples(self.strategy.samples, state)
         dataset = _tensor_dataset(x, y, t)
         self._known[id(dataset)] = (dataset, state)
+        self._origins = None
         return dataset
 
     def _write(self, dataset: Any) -> dict[str, Any]:
+        if self._origins is None:
+            self._origins = _Origins(self._known.values())
+        ids, schema = self._origins.ids_of(dataset)
+        new = np.flatnonzero(ids < 0)
+        x, y, t = _materialize(dataset, None if len(new) == len(ids) else new.tolist())
+        if len(new) and len(new) < len(ids) and _schema(x) != schema:
+            return self._write_all(dataset)  # the new samples differ in shape or dtype
+        if len(new) == len(ids):
+            schema = _schema(x) if len(y) else {"x_dtype": None, "x_shape": None}
+        if len(new):
+            ids[new] = self._append(x, y, t)
+        return {"ids": SampleIds.of(ids.tolist()), **schema}
+
+    def _write_all(self, dataset: Any) -> dict[str, Any]:
         x, y, t = _materialize(dataset)
-        if not len(y):
-            return {"ids": SampleIds.of([]), "x_dtype": None, "x_shape": None}
+        return {"ids": SampleIds.of(self._append(x, y, t)), **_schema(x)}
+
+    def _append(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> list[int]:
         header = np.empty((len(y), 2), dtype="<i8")
         header[:, 0], header[:, 1] = y.numpy(), t.numpy()
         rows = np.concatenate([header.view(np.uint8), _raw_rows(x)], axis=1)
-        ids = self.strategy.samples.append([row.tobytes() for row in rows])
-        return {"ids": SampleIds.of(ids), "x_dtype": dtype_name(x.dtype),
-                "x_shape": list(x.shape[1:])}  # fmt: skip
+        return self.strategy.samples.append([row.tobytes() for row in rows])
+
+
+def _schema(x: torch.Tensor) -> dict[str, Any]:
+    return {"x_dtype": dtype_name(x.dtype), "x_shape": list(x.shape[1:])}
+
+
+class _Origins:
+    """Which elements of an Avalanche dataset are samples already in the table.
+
+    An Avalanche dataset is a tree of ``FlatData`` nodes (a list of child datasets, the
+    indices into their concatenation, transform groups). An element is the sample a
+    known dataset stored if it comes from the same node object at the same index with
+    the same transforms above that node: the known dataset's own top node (the new
+    buffer nests the old one), or one of the nodes it reaches (Avalanche flattens a
+    subset of a concatenation into the leaves' indices). Data attributes (targets, task
+    labels) follow the data through every subset and concatenation, so they match too.
+    Building costs O(known samples) in numpy, looking up O(the dataset's length); on
+    anything not shaped so, an element is simply new.
+    """
+
+    def __init__(self, known: Any) -> None:
+        # (id(node), transforms above it) -> (node, sample id per index or -1, schema)
+        self._nodes: dict[tuple[int, tuple], tuple[Any, np.ndarray, dict[str, Any]]] = {}
+        for dataset, state in known:
+            flat = getattr(dataset, "_flat_data", None)
+            ids = state["ids"].as_subclass(torch.Tensor).numpy().astype(np.int64)
+            if flat is None or not len(ids) or len(ids) != len(flat):
+                continue
+            schema = {"x_dtype": state["x_dtype"], "x_shape": state["x_shape"]}
+            top = np.arange(len(ids))
+            for node, above, index, positions in _walk(flat, top, top, ()):
+                key = (id(node), above)
+                entry = self._nodes.get(key)
+                if entry is None or entry[2] != schema:
+                    entry = (node, np.full(len(node), -1, dtype=np.int64), schema)
+                    self._nodes[key] = entry
+                entry[1][index] = ids[positions]
+
+    def ids_of(self, dataset: Any) -> tuple[np.ndarray, dict[str, Any] | None]:
+        """Per element of ``dataset``, the id of the sample it is (-1: a new one), and
+        the schema of those samples (None if none is known)."""
+        ids = np.full(len(dataset), -1, dtype=np.int64)
+        flat = getattr(dataset, "_flat_data", None)
+        schema = None
+        if flat is None or not self._nodes or len(flat) != len(ids):
+            return ids, schema
+        top = np.arange(len(ids))
+        for node, above, index, positions in _walk(flat, top, top, ()):
+            entry = self._nodes.get((id(node), above))
+            if entry is None or entry[0] is not node:
+                continue
+            found = entry[1][index]
+            hit = found >= 0
+            if hit.any():
+                if schema not in (None, entry[2]):  # known samples of two schemas
+                    return np.full(len(ids), -1, dtype=np.int64), None
+                schema = entry[2]
+                ids[positions[hit]] = found[hit]
+        return ids, schema
+
+
+def _walk(node: Any, index: np.ndarray, positions: np.ndarray, above: tuple) -> Any:
+    """``(node, transforms above it, indices in it, positions in the dataset)`` for
+    ``node`` and every node below it that at most one layer of transforms separates
+    from the top (what a second layer would do to an element is not compared)."""
+    yield node, above, index, positions
+    children = getattr(node, "_datasets", None)
+    if children is None or not hasattr(node, "_cumulative_sizes"):
+        return
+    own = _transforms(node)
+    if own and above:
+        return
+    if node._indices is not None:
+        index = np.fromiter(node._indices, dtype=np.int64, count=len(node))[index]
+    ends = np.asarray(node._cumulative_sizes, dtype=np.int64)
+    starts = np.concatenate([np.zeros(1, dtype=np.int64), ends[:-1]])
+    child = np.searchsorted(ends, index, side="right")
+    for k in np.unique(child).tolist():
+        mine = child == k
+        yield from _walk(children[k], index[mine] - starts[k], positions[mine], above or own)
+
+
+def _transforms(node: Any) -> tuple:
+    """A node's transform groups, comparable (by the transforms' identity); () if none."""
+    out = []
+    for groups in (getattr(node, "_frozen_transform_groups", None),
+                   getattr(node, "_transform_groups", None)):  # fmt: skip
+        table = getattr(groups, "transform_groups", None) or {}
+        out.append(tuple(sorted((g, id(f)) for g, f in table.items() if f is not None)))
+    return tuple(out) if any(out) else ()
 
 
 def read_samples(table: Any, state: dict[str, Any]) -> tuple[torch.Tensor, ...]:
@@ -168,12 +276,15 @@ def read_samples(table: Any, state: dict[str, Any]) -> tuple[torch.Tensor, ...]:
     return x, header[:, 0].clone(), header[:, 1].clone()
 
 
-def _materialize(dataset: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A buffer's samples read through its eval transforms (no random augmentation,
-    no draw from the global RNG): stacked x, targets and task labels."""
+def _materialize(
+    dataset: Any, positions: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A buffer's samples (those at ``positions``; None: all) read through its eval
+    transforms (no random augmentation, no draw from the global RNG): stacked x,
+    targets and task labels."""
     data = dataset.eval() if hasattr(dataset, "eval") else dataset
     xs, ys, ts = [], [], []
-    for i in range(len(data)):
+    for i in range(len(data)) if positions is None else positions:
         item = data[i]
         x, y, t = item[0], item[1], item[-1]
         if not isinstance(x, torch.Tensor):
