@@ -191,3 +191,14 @@ def test_an_underflowing_option_is_one_line_exit_2(tmp_path: Path) -> None:
         "engram-train: error: strategy.si.eps must be a number >= 1.2e-38 (smaller ones are 0 "
         "in float32), not 1e-50"
     ]
+
+
+def test_a_matrix_of_numbers_is_checked_row_by_row() -> None:
+    from engram.training import guard
+
+    matrix = [[0.5] * 100 for _ in range(100)]
+    matrix[7][3] = float("nan")
+    tree = {"metrics": {"accuracy_matrix": matrix, "skipped_updates": 0}}
+    assert guard.nonfinite_paths(tree) == ["metrics/accuracy_matrix/7"]
+    # one array per row, not one value per cell (the matrix grows with the stream squared)
+    assert len(list(guard._arrays(tree, ""))) == 100

@@ -101,6 +101,11 @@ def _arrays(tree: Any, at: str) -> Iterator[tuple[str, Any]]:
         for key, value in tree.items():
             yield from _arrays(value, f"{at}/{key}" if at else str(key))
     elif isinstance(tree, list | tuple):
+        if tree and all(type(v) is float or type(v) is int for v in tree):
+            # a row of numbers (an accuracy-matrix row) is one array: one check, not one
+            # per number (the matrix grows with the square of the stream's length)
+            yield at, np.asarray(tree, dtype=np.float64)
+            return
         for i, value in enumerate(tree):
             yield from _arrays(value, f"{at}/{i}" if at else str(i))
 
