@@ -24,9 +24,9 @@ FAULTS: dict[int, tuple[str, str]] = {
                   "free space or raise the file-size limit (ulimit -f)"),
     errno.EROFS: ("read-only file system", "remount it read-write or use a writable disk"),
     errno.EACCES: ("permission denied",
-                   "give this user write access (chmod/chown) or run as the owner"),
+                   "give this user access to it (chmod/chown) or run as the owner"),
     errno.EPERM: ("operation not permitted",
-                  "give this user write access (chmod/chown) or run as the owner"),
+                  "give this user access to it (chmod/chown) or run as the owner"),
     # LMDB reports a short write (a full disk, a file-size limit) as EIO
     errno.EIO: ("I/O error, often a full disk or a file-size limit",
                 "check the disk and free space"),
