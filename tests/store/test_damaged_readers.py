@@ -182,19 +182,24 @@ def check(results: list[dict], expected: int) -> dict[str, int]:
         what = f"{r['reader']}, {r['layout']} store, {r['flips']} flips, seed {r['seed']}: {r['output']}"
         assert r["exit"] is not None, f"hung: {what}"
         assert not r["traceback"], what
-        if r["exit"] < 0:
-            counts["signal"] += 1  # SIGBUS/SIGSEGV in LMDB's C code: verify --untrusted's job
-            continue
-        assert r["exit"] in (0, 2), what
-        if r["exit"] == 2:
-            # one line, naming the command that examines the damage (or another cause)
-            assert r["output"].count("\n") == 1, what
-            if "LMDB reports" in r["output"]:
-                assert "engram verify --untrusted" in r["output"], what
-            counts["error"] += 1
-        else:
-            counts["ok"] += 1
+        tally(r, what, counts)
     return counts
+
+
+def tally(r: dict, what: str, counts: dict[str, int]) -> None:
+    """Count one child's outcome: a signal, or exit 0, or exit 2 with one line (naming
+    the command that examines the damage when LMDB reported it); anything else fails."""
+    if r["exit"] < 0:
+        counts["signal"] += 1  # SIGBUS/SIGSEGV in LMDB's C code: verify --untrusted's job
+        return
+    assert r["exit"] in (0, 2), what
+    if r["exit"] == 2:
+        assert r["output"].count("\n") == 1, what
+        if "LMDB reports" in r["output"]:
+            assert "engram verify --untrusted" in r["output"], what
+        counts["error"] += 1
+    else:
+        counts["ok"] += 1
 
 
 def test_damaged_pages_give_one_line_errors(tmp_path: Path) -> None:

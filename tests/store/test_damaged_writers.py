@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_damaged_readers import LAYOUTS, PAGE, SPEC, flip, make_store, run_forked
+from test_damaged_readers import LAYOUTS, PAGE, SPEC, flip, make_store, run_forked, tally
 
 from engram.models import build_model
 from engram.store import Store
@@ -123,17 +123,7 @@ def check(results: list[dict], expected: int) -> dict[str, int]:
         if before["exit"] in (0, 1) and not any("is damaged" in p for p in before["problems"]):
             new = set(after["problems"]) - set(before["problems"])
             assert after["exit"] in (0, 1) and not new, f"{what}\nverify after: {after}"
-        if r["exit"] < 0:
-            counts["signal"] += 1
-            continue
-        assert r["exit"] in (0, 2), what
-        if r["exit"] == 2:
-            assert r["output"].count("\n") == 1, what
-            if "LMDB reports" in r["output"]:
-                assert "engram verify --untrusted" in r["output"], what
-            counts["error"] += 1
-        else:
-            counts["ok"] += 1
+        tally(r, what, counts)
     return counts
 
 
