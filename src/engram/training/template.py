@@ -438,6 +438,10 @@ class DurableTemplate(SupervisedTemplate):
         self._restored = True
 
         def prepare(snapshot: Snapshot) -> None:
+            if self.world.size > 1 and self.branch:
+                # rank 0 alone read HEAD's meta (_continues): every rank re-applies the
+                # optimizer settings the branch changed over the same stored state
+                self._branched = wire.broadcast(self._branched, 0, self.world.group)
             self.adaptations.replay(self.model, snapshot.state["adaptations"], experiences)
             self.model.to(self.device)
             check_architecture(self.model, snapshot.model or {}, str(self._store_path),
