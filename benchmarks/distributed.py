@@ -66,8 +66,8 @@ def worker(out: Path, direct: int, overrides: list[str]) -> None:
             super().__init__(**kwargs)
             if self.store is not None:  # rank 0: the store's own part of each commit
                 self.store.commit = self._timed(self.store.commit, "store_commit")
-                if self.world.size > 1:  # and the wait for rank 1's part (sync.commit)
-                    wire.recv = self._timed(wire.recv, "recv")
+                if self.world.size > 1:  # and taking rank 1's part: its wait and unpacking
+                    wire.Incoming.result = self._timed(wire.Incoming.result, "recv")
 
         def _timed(self, fn: Any, key: str) -> Any:
             def call(*args: Any, **kwargs: Any) -> Any:
@@ -240,8 +240,8 @@ def main() -> None:
          ms(alone_s), ms(two["direct_s"]), f"**{paired:.2f}x**"],
         ["of which `Store.commit` on rank 0", ms(alone_store_s), ms(two["direct_store_s"]),
          f"{two['direct_store_s'] / alone_store_s:.2f}x"],
-        ["of which receiving rank 1's part (inside `Store.commit`, beside the weights' write)",
-         "", ms(recv_s), ""],
+        ["of which taking rank 1's part (its wait and unpacking, inside `Store.commit`, "
+         "beside the weights' write)", "", ms(recv_s), ""],
         ["commit of the same state, separate launches (N=1 launch vs N=2 launch)",
          ms(one["direct_s"]), ms(two["direct_s"]), vs("direct_s")],
         [f"mid-experience commit while training ({mids} a run; separate launches)",
@@ -303,10 +303,11 @@ single-process path. Machine: {machine()}.
 - Commit: the collective commit costs {paired:.2f}x rank 0's own commit of the same state
   (target ≤ 1.3x: {"met" if paired <= 1.3 else "missed"}), {ms(extra_ms)} ms more, nearly
   all inside `Store.commit` ({ms(two["direct_store_s"] - alone_store_s)} ms more,
-  {two["direct_store_s"] / alone_store_s:.2f}x): it receives rank 1's part while the
-  checkpoint file is written ({ms(recv_s)} ms in the receive: rank 1 stages, digests,
-  packs and sends it, rank 0 unpacks it), then encodes, hashes and publishes a version
-  that also holds rank 1's part. The outcome's broadcast is not waited for.
+  {two["direct_store_s"] / alone_store_s:.2f}x): rank 0 posts the receive of rank 1's
+  part as the commit starts, takes it while the checkpoint file is written
+  ({ms(recv_s)} ms: waiting for it, if at all, and unpacking it), then encodes, hashes
+  and publishes a version that also holds rank 1's part. The outcome's broadcast is
+  not waited for.
 - Throughput: 2 ranks train at {two["samples_per_s"] / one["samples_per_s"]:.2f}x the
   1-rank samples/s on this shared 2-vCPU VM: a step of this small MLP is a fraction of a
   millisecond, so the per-step gradient all-reduce is not amortised; the figure says

@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -46,6 +47,8 @@ from helpers import two_ranks
 # most RANKS_DEADLINE_S for both ranks, so a broken step fails the tests, never hangs.
 GLOO_TIMEOUT_S = 60.0
 RANKS_DEADLINE_S = 150.0
+# How long rank 0 waits, inside a commit, for rank 1 to say its part is sent.
+SENT_DEADLINE_S = 20.0
 
 
 # ------------------------------------------------------------------ comparison
@@ -503,6 +506,20 @@ def test_map_sample_ids_rewrites_only_sample_ids_and_keeps_the_structure() -> No
     assert sample_ids_in({"x": torch.tensor([5])}) == []
 
 
+def test_map_sample_ids_keeps_sequences_of_scalars_and_finds_ids_beside_them() -> None:
+    """Python's RNG state (a tuple of 625 ints) is in every part: kept as it is, not
+    walked item by item; a list of scalars comes back as a new list."""
+    rng = (3, tuple(range(625)), None)
+    scalars = [1, 2.5, "a", None, True]
+    tree = {"rng": rng, "xs": scalars, "mixed": (1, SampleIds.of([4])), "nested": [[7, 8]]}
+    out = map_sample_ids(tree, lambda t: t + 1)
+    assert out["rng"] == rng and type(out["rng"][1]) is tuple
+    assert out["xs"] == scalars and out["xs"] is not scalars
+    assert [type(v) for v in out["xs"]] == [int, float, str, type(None), bool]
+    assert out["mixed"][0] == 1 and out["mixed"][1].tolist() == [5]
+    assert out["nested"] == [[7, 8]] and out["nested"][0] is not tree["nested"][0]
+
+
 # ------------------------------------------------------------------ a single process
 
 
@@ -882,6 +899,43 @@ def _step_commit_after_failures(w: World, ctx: dict) -> Any:
     return _commit(w, ctx, [-1], [b"r1-g"], lambda parts: "v3")
 
 
+def _wait_for(path: Path, deadline_s: float) -> bool:
+    """Whether ``path`` appears within ``deadline_s``."""
+    end = time.monotonic() + deadline_s
+    while not path.exists():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _step_commit_part_sent_before_the_gather(w: World, ctx: dict) -> Any:
+    """Rank 0 asks for the parts only after a while in its commit (as ``Store.commit``
+    does, after encoding its own state): rank 1's send has completed by then, because
+    rank 0 posted the receive as the commit began. Rank 1 says so with a file."""
+    sent = ctx["dir"] / "rank 1 sent its part"
+    if w.is_main:
+        before: list[bool] = []
+
+        def commit_parts(receive: Callable[[], list]) -> Any:
+            before.append(_wait_for(sent, SENT_DEADLINE_S))
+            return len(receive())
+
+        return {"result": sync.commit(w, {}, None, SampleTable(), commit_parts),
+                "sent before the gather": before}  # fmt: skip
+    send = wire.send
+
+    def send_and_say(tree: Any, *args: Any, **kwargs: Any) -> None:
+        send(tree, *args, **kwargs)
+        sent.touch()
+
+    wire.send = send_and_say
+    try:
+        return sync.commit(w, _replay_part([]), LocalSamples(), None, _never)
+    finally:
+        wire.send = send
+
+
 def _step_restore(w: World, ctx: dict) -> Any:
     if w.is_main:
         table = ctx["table"]
@@ -957,6 +1011,7 @@ SCENARIO: list[tuple[str, Callable[[World, dict], Any]]] = [
     ("commit shared again", _step_commit_shared_again),
     ("commit shared fails", _step_commit_shared_fails),
     ("commit after failures", _step_commit_after_failures),
+    ("commit part sent before the gather", _step_commit_part_sent_before_the_gather),
     ("restore", _step_restore),
     ("restore empty store", _step_restore_empty_store),
     ("restore repartition", _step_restore_repartition),
@@ -984,7 +1039,7 @@ def _rank_main(rank: int, rendezvous: str, results: Any) -> None:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                                 world_size=2, timeout=timedelta(seconds=GLOO_TIMEOUT_S))  # fmt: skip
         w = distributed.world()
-        ctx: dict[str, Any] = {}
+        ctx: dict[str, Any] = {"dir": Path(rendezvous).parent}
         for name, step in SCENARIO:
             out[name] = _outcome(step, w, ctx)
         distributed.shutdown()
@@ -1202,6 +1257,15 @@ def test_a_commit_failing_before_it_gathers_still_receives_rank_1s_part(
     after = ok(ranks[0]["commit after failures"])
     assert (after["result"], after["slots"], after["appends"]) == ("v3", [1001], [])
     assert ok(ranks[1]["commit after failures"])["result"] is None
+
+
+def test_rank_1s_part_travels_before_rank_0_asks_for_it(ranks: list[dict[str, Any]]) -> None:
+    """Rank 0 posts the receive of the parts as its commit begins, so the transfer (a
+    gloo rendezvous: the sender waits for the posted receive) is done while rank 0
+    encodes its own state and writes the weights, not when it asks for the parts."""
+    assert ok(ranks[0]["commit part sent before the gather"]) == {
+        "result": 1, "sent before the gather": [True]}  # fmt: skip
+    assert ok(ranks[1]["commit part sent before the gather"]) is None
 
 
 def test_restore_delivers_rank_1_its_part_the_weights_and_its_samples(

@@ -9,6 +9,7 @@ one message on rank 0 and :class:`PeerFailed` on the others.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from engram.distributed.state import (
     sample_ids_in,
     split_records,
 )
+from engram.errors import CorruptionError
 from engram.store.codec import SampleIds, raw_view
 
 #: The parts of a learner's state that differ by rank (each rank commits its own; the
@@ -78,9 +80,11 @@ def commit(
     ``do_commit``'s result on rank 0 (None elsewhere) once every rank knows it committed.
 
     ``do_commit(gather)`` commits on rank 0; ``gather()`` returns the parts of ranks
-    1..N-1, once their new replay samples are appended to ``store_samples``. Given to
-    ``Store.commit`` as a :class:`~engram.store.Later` value of the state, the receive
-    overlaps the write and fsync of the weights.
+    1..N-1, once their new replay samples are appended to ``store_samples``. Rank 0
+    posts the parts' receives on entry (:class:`~engram.distributed.wire.Incoming`), so
+    they arrive while it stages its own state; given to ``Store.commit`` as a
+    :class:`~engram.store.Later` value, ``gather()`` then runs beside the write and
+    fsync of the weights and finds them there, instead of waiting a gloo round trip.
 
     A rank sends its part as soon as it reaches the commit, each tensor replaced by its
     digest (XXH3-128 of dtype, shape and bytes) unless rank 0 held another tensor at
@@ -129,49 +133,41 @@ class _Gather:
         self._world, self._own, self._store_samples = world, own, store_samples
         self.done = False
         self.assigned: list[torch.Tensor] = []  # each rank's new samples' store ids
+        # Posted now, so the parts travel while rank 0 encodes its own state and the
+        # weights are written (wire.Incoming): the gather then finds them arrived.
+        self._parts = [wire.Incoming(r, world.group) for r in range(1, world.size)]
 
     def drain(self) -> None:
         """Receive every part and keep none (the commit failed before it gathered)."""
         self.done = True
-        self._receive(list(range(1, self._world.size)))
-
-    def _receive(self, ranks: list[int]) -> list[Any]:
-        """One message from each of ``ranks``: all of them, even after an error (a rank
-        is not left waiting on its send), then the first error is raised."""
-        got, error = [], None
-        for r in ranks:
-            try:
-                got.append(wire.recv(r, self._world.group))
-            except Exception as e:
-                got.append(None)
-                error = error or e
-        if error is not None:
-            raise error
-        return got
+        _receive_all([incoming.result for incoming in self._parts])
 
     def __call__(self) -> list[dict[str, Any]]:
         if self.done:
             raise DistributedError("the other ranks' parts were already received")
         self.done = True
         group, ranks = self._world.group, list(range(1, self._world.size))
-        got = self._receive(ranks)
-        own = dict(_tensor_leaves(self._own))
-        mine: dict[tuple, str] = {}  # rank 0's digests, each computed once
+        got = _receive_all([incoming.result for incoming in self._parts])
+        own: dict[str, torch.Tensor | None] = {}  # rank 0's tensor at each path asked of
+        mine: dict[str, str] = {}  # and its digest, each computed once
 
-        def held(path: tuple, digest: str) -> bool:
-            if path not in own:
+        def held(key: str, path: list, digest: str) -> bool:
+            if key not in own:
+                own[key] = _leaf(self._own, path)
+            if own[key] is None:
                 return False
-            if path not in mine:
-                mine[path] = _digest(own[path])
-            return mine[path] == digest
+            if key not in mine:
+                mine[key] = _digest(own[key])
+            return mine[key] == digest
 
-        paths = [{k: json.loads(k) for k in g["digests"]} for g in got]
-        need = [[k for k, d in g["digests"].items() if not held(tuple(p[k]), d)]
+        paths = [{k: list(_key_path(k)) for k in g["digests"]} for g in got]
+        need = [[k for k, d in g["digests"].items() if not held(k, p[k], d)]
                 for g, p in zip(got, paths, strict=True)]  # fmt: skip
         if any(need):  # a second round: the tensors rank 0 does not hold the same
             wire.broadcast({"ok": True, "need": need}, 0, group)
             asked = [r for r, paths in zip(ranks, need, strict=True) if paths]
-            sent = dict(zip(asked, self._receive(asked), strict=True))
+            tensors = _receive_all([functools.partial(wire.recv, r, group) for r in asked])
+            sent = dict(zip(asked, tensors, strict=True))
             sent = [sent.get(r, {}) for r in ranks]
         else:
             sent = [{} for _ in ranks]
@@ -179,14 +175,31 @@ class _Gather:
         for g, p, asked, tensors in zip(got, paths, need, sent, strict=True):
             part = g["part"]
             for key, path in p.items():
-                _set(part, path, tensors[key] if key in asked else own[tuple(path)])
+                _set(part, path, tensors[key] if key in asked else own[key])
             ids, records = split_records(g["new"])
             real = self._store_samples.append(records) if records else []
-            mapping = dict(zip(ids, real, strict=True))
-            parts.append(map_sample_ids(part, lambda t, m=mapping: torch.tensor(
-                [m.get(i, i) for i in t.tolist()], dtype=torch.int64)))  # fmt: skip
+            if real:  # the part's provisional ids of its new samples become the store's
+                mapping = dict(zip(ids, real, strict=True))
+                part = map_sample_ids(part, lambda t, m=mapping: torch.tensor(
+                    [m.get(i, i) for i in t.tolist()], dtype=torch.int64))  # fmt: skip
+            parts.append(part)
             self.assigned.append(torch.tensor(real, dtype=torch.int64))
         return parts
+
+
+def _receive_all(receives: list[Callable[[], Any]]) -> list[Any]:
+    """Each of ``receives`` (one message from a rank): all of them, even after an error
+    (a rank is not left waiting on its send), then the first error is raised."""
+    got, error = [], None
+    for receive in receives:
+        try:
+            got.append(receive())
+        except Exception as e:
+            got.append(None)
+            error = error or e
+    if error is not None:
+        raise error
+    return got
 
 
 def restore(
@@ -249,11 +262,26 @@ def _tensor_leaves(tree: Any, path: tuple = ()) -> list[tuple[tuple, torch.Tenso
     return []
 
 
+def _leaf(tree: Any, path: list) -> torch.Tensor | None:
+    """The tensor at ``path`` (a path of :func:`_tensor_leaves`), or None."""
+    for k in path:
+        in_dict = isinstance(tree, dict) and isinstance(k, str | int) and k in tree
+        in_list = isinstance(tree, list) and type(k) is int and 0 <= k < len(tree)
+        if not (in_dict or in_list):
+            return None
+        tree = tree[k]
+    return tree if isinstance(tree, torch.Tensor) and not isinstance(tree, SampleIds) else None
+
+
 def _digest(t: torch.Tensor) -> str:
     # not tensor_bytes: its checks cost ~2 us a tensor, and a commit digests ~100
-    if t.requires_grad or t.device.type != "cpu" or not t.is_contiguous():
+    if t.requires_grad or not t.is_cpu or not t.is_contiguous():
         t = t.detach().cpu().contiguous()
-    return f"{t.dtype}{tuple(t.shape)}{xxhash.xxh3_128_hexdigest(raw_view(t))}"
+    try:
+        raw = t.numpy()  # its memory, as raw_view's bytes, one call cheaper
+    except TypeError:  # bfloat16, float8: no numpy dtype
+        raw = raw_view(t)
+    return f"{t.dtype}{tuple(t.shape)}{xxhash.xxh3_128_hexdigest(raw)}"
 
 
 def _digest_tensors(part: Any, whole: set[str]) -> tuple[Any, dict[str, str]]:
@@ -262,11 +290,29 @@ def _digest_tensors(part: Any, whole: set[str]) -> tuple[Any, dict[str, str]]:
     own)."""
     digests = {}
     for path, t in _tensor_leaves(part):
-        key = json.dumps(path)
+        key = _path_key(path)
         if key not in whole:
             digests[key] = _digest(t)
             _set(part, list(path), None)
     return part, digests
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _path_key(path: tuple) -> str:
+    """A path as the message's key (JSON); a part's paths are the same at every commit."""
+    return json.dumps(path)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _key_path(key: str) -> tuple:
+    """:func:`_path_key` inverted (a tuple: the cached value is shared)."""
+    try:
+        path = json.loads(key)
+    except ValueError:
+        path = None
+    if not isinstance(path, list):
+        raise CorruptionError(f"a part's tensor path is not a JSON list: {key[:80]!r}")
+    return tuple(path)
 
 
 def _get(tree: Any, path: list) -> Any:

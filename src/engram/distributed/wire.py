@@ -129,10 +129,31 @@ def send(tree: Any, dst: int, group: Any = None) -> None:
 
 
 def recv(src: int, group: Any = None) -> Any:
-    settle()
-    first = torch.empty(FRAME, dtype=torch.uint8)
-    dist.recv(first, src, group=group)
-    return unpack(_unframe(first, lambda rest: dist.recv(rest, src, group=group)))
+    return Incoming(src, group).result()
+
+
+class Incoming:
+    """A receive from ``src`` posted now, read by :meth:`result` later.
+
+    A gloo transfer is a rendezvous: the sender's bytes move only once the receive is
+    posted, and a receiver that posts and then waits sleeps through that round trip
+    (2-4 ms on a loaded 2-core VM, where each wake-up waits for a core). Posted early,
+    the first message arrives in gloo's own threads while this one works; :meth:`result`
+    then finds it there. Process-group receives from one source keep their order, so
+    receives posted after this one get the later messages.
+    """
+
+    def __init__(self, src: int, group: Any = None) -> None:
+        settle()
+        self._src, self._group = src, group
+        self._first = torch.empty(FRAME, dtype=torch.uint8)
+        self._work = dist.irecv(self._first, src, group=group)
+
+    def result(self) -> Any:
+        """The tree sent (waits for it; a longer payload's rest is received now)."""
+        self._work.wait()
+        src, group = self._src, self._group
+        return unpack(_unframe(self._first, lambda rest: dist.recv(rest, src, group=group)))
 
 
 def broadcast(tree: Any, src: int = 0, group: Any = None, *, wait: bool = True) -> Any:
