@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -145,6 +145,12 @@ def hash_chunk(view: Any) -> tuple[bytes, int]:
 
 
 _HASH_SLICE = 1 << 20
+
+
+def chunk_digest(view: Any) -> bytes:
+    """A chunk's SHA-256 digest, its address, in one call (hashlib releases the GIL for
+    all of it). A commit takes the chunk's XXH3 as it writes it (:meth:`Blobs.write_new`)."""
+    return hashlib.sha256(memoryview(view).cast("B")).digest()
 
 
 def chunk_problem(view: Any, digest: str, size: int, check: int | None, verify: bool) -> str | None:
@@ -319,27 +325,55 @@ class Blobs:
     # ------------------------------------------------------------------ writing
 
     def write_new(
-        self, pieces: list, hashes: list[Future], pack_id: int
+        self,
+        pieces: list,
+        digests: list[Future[bytes]],
+        pack_id: int,
+        likely_stored: Set[tuple[int, int]] | None = None,
     ) -> tuple[list[tuple[bytes, bytes]], int]:
-        """Step (1) of a commit: append each chunk the store lacks to pack ``pack_id``
-        as soon as it is hashed.
+        """Step (1) of a commit: append each chunk the store lacks to pack ``pack_id``.
 
-        ``pieces``: ``(pending array, chunk view)`` in chunk order; ``hashes``: their
-        :func:`hash_chunk` results. Fills in the chunk lists of the pending records;
-        returns the new index entries and the bytes written. The pack is fsynced (the
-        caller fsyncs the directory); nothing refers to it yet.
+        ``pieces``: ``(pending array, chunk view)`` in chunk order; ``digests``: their
+        :func:`chunk_digest`. While they are being computed (``likely_stored`` given),
+        a chunk is written before its digest is known when its XXH3 and size (taken
+        here) say it is new — not among ``likely_stored`` (the parent version's chunks)
+        nor met before in this write — so the disk and the page cache work while the
+        digests are computed (SHA-256 is the slow part of a commit); the others wait for
+        their digests. A chunk written ahead that its digest shows the store holds (the
+        same bytes in a version other than the parent: a state committed again after a
+        rollback) stays in the pack unindexed, garbage for gc's repacking, and is not
+        counted as new. ``None``: the digests are known; each chunk waits for its own.
+
+        Fills in the chunk lists of the pending records; returns the new index entries
+        and the bytes of the new chunks. The pack is fsynced (the caller fsyncs the
+        directory); nothing refers to it yet.
         """
         index: list[tuple[bytes, bytes]] = []
-        written: set[bytes] = set()
         new_bytes = 0
         pack = NewPack(self.env.path / fmt.BLOB_DIR, pack_id)
         with self.env.read() as txn, pack:
-            for (pending, view), job in zip(pieces, hashes, strict=True):
-                digest, check = job.result()
+            checks, ahead = [], []
+            met = set(likely_stored or ())
+            for _, view in pieces:
+                check = checksum(view)
+                checks.append(check)
+                key = (check, len(view))
+                new = likely_stored is not None and key not in met
+                ahead.append(pack.append(view, check) if new else None)
+                met.add(key)
+            written: set[bytes] = set()
+            for (pending, view), job, check, location in zip(
+                pieces, digests, checks, ahead, strict=True
+            ):
+                digest = job.result()
                 pending.record["chunks"].append([digest.hex(), len(view), check])
                 if digest in written or self.has(txn, digest):
                     continue
                 written.add(digest)
-                index.append((digest, pack.append(view, check).encode()))
+                if location is None:
+                    location = pack.append(view, check)
+                index.append((digest, location.encode()))
                 new_bytes += len(view)
+        if pack.writer is not None and not index:  # all written ahead, all stored: no pack
+            pack.writer.path.unlink(missing_ok=True)
         return index, new_bytes

@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from engram.errors import CorruptionError, EncodingError
 from engram.store.codec import TENSOR_ITEMSIZES, checksum
 from engram.store.files import create_new, open_read
+from engram.store.writeback import Writeback
 
 if TYPE_CHECKING:
     import torch
@@ -189,11 +190,17 @@ def safetensors_layout(
 
 
 def write_safetensors(fd: int, header: bytes, views: list[memoryview]) -> None:
-    """Write a safetensors file's bytes (:func:`safetensors_layout`) to ``fd``."""
+    """Write a safetensors file's bytes (:func:`safetensors_layout`) to ``fd``, the
+    disk starting on them as they come (:class:`Writeback`)."""
+    writeback = Writeback(fd)
     _write_all(fd, header)
+    end = len(header)
     for view in views:
         for offset in range(0, len(view), _SLICE_BYTES):
-            _write_all(fd, view[offset : offset + _SLICE_BYTES])
+            piece = view[offset : offset + _SLICE_BYTES]
+            _write_all(fd, piece)
+            end += len(piece)
+            writeback.wrote(end)
 
 
 # Weights up to this size are hashed in the writing thread: starting a thread costs a

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from engram.errors import CorruptionError
 from engram.store.files import create_new, open_read
+from engram.store.writeback import Writeback
 
 ALIGN = 64
 PACK_NAME = re.compile(r"pack-(\d{8,18})\.bin")
@@ -65,6 +66,7 @@ class PackWriter:
         # through, should the name be a link).
         self._fd = create_new(self.path)
         self.size = 0
+        self._writeback = Writeback(self._fd)  # the disk starts while later blobs come
 
     def append(self, data: memoryview | bytes, xxh3: int) -> BlobLocation:
         pad = -self.size % ALIGN
@@ -72,6 +74,7 @@ class PackWriter:
             self._write_all(b"\0" * pad)
         location = BlobLocation(self.pack_id, self.size, len(data), xxh3)
         self._write_all(data)
+        self._writeback.wrote(self.size)
         return location
 
     def _write_all(self, data: memoryview | bytes) -> None:
