@@ -99,6 +99,11 @@ class RemoteError(EngramError):
     not an engram remote, or an object that fails its hash. Local versions are intact."""
 
 
+class RemoteUnreachableError(RemoteError):
+    """The remote's endpoint cannot be reached (down, a closed port, a timeout), as
+    opposed to a remote that answered: a local copy may stand in for it."""
+
+
 class RemoteConflictError(RemoteError):
     """The remote's HEAD moved (another writer pushed) or names another history:
     nothing was overwritten; the message says how to resolve it."""

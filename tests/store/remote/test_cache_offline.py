@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import engram
 from engram.cli import main as engram_cli
-from engram.errors import RemoteError
+from engram.errors import RemoteUnreachableError
 from engram.models import build_model
 from engram.store import Store
 from engram.store.remote import push
@@ -103,7 +103,7 @@ def test_cli_and_load_model_serve_the_copy_when_the_remote_is_unreachable(
     monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "empty-cache"))
     code, _, err = run(capsys, "ls", remote_url)
     assert code == 2 and err.count("\n") == 1 and "endpoint cannot be reached" in err, err
-    with pytest.raises(RemoteError, match="endpoint cannot be reached"):
+    with pytest.raises(RemoteUnreachableError, match="endpoint cannot be reached"):
         engram.load_model(remote_url)
 
 

@@ -16,7 +16,7 @@ import pytest
 from remote_helpers import BIG, SMALL, assert_same_store, commit, make_store
 
 from engram.cli import main as engram
-from engram.errors import RemoteConflictError, RemoteError
+from engram.errors import RemoteConflictError, RemoteError, RemoteUnreachableError
 from engram.store import Store
 from engram.store import format as fmt
 from engram.store.remote import pull, push, unpushed
@@ -117,6 +117,7 @@ def test_a_damaged_remote_object_is_refused_not_used(tmp_path, s3, remote_url, w
         pull(remote_url, tmp_path / "b")
     message = str(caught.value)
     assert "\n" not in message and ("damaged" in message or "SHA-256" in message), message
+    assert not isinstance(caught.value, RemoteUnreachableError)
     if (tmp_path / "b" / fmt.LMDB_DIR).exists():  # nothing of it became a version
         with Store.open(tmp_path / "b") as store:
             assert store.head is None and not store.versions()
@@ -132,6 +133,7 @@ def test_missing_credentials_are_one_line(tmp_path, s3, remote_url, monkeypatch,
         push(tmp_path / "a", remote_url)
     message = str(caught.value)
     assert "\n" not in message and "no credentials" in message and remote_url in message
+    assert not isinstance(caught.value, RemoteUnreachableError)  # it answered: no copy serves
     assert engram(["push", str(tmp_path / "a"), remote_url]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "credentials" in err
@@ -147,7 +149,7 @@ def test_a_remote_that_is_down_fails_in_one_line_and_loses_nothing(
     with Store.open(tmp_path / "a", mode="w") as store:
         commit(store, 1)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
-    with pytest.raises(RemoteError) as caught:
+    with pytest.raises(RemoteUnreachableError) as caught:
         push(tmp_path / "a")
     message = str(caught.value)
     assert "\n" not in message and "cannot be reached" in message
@@ -322,7 +324,7 @@ def test_the_emulator_stopped_mid_push_then_restarted(tmp_path, s3, remote_url, 
             return result
 
         monkeypatch.setattr(steps, "_upload_files", then_down)
-        with pytest.raises(RemoteError) as caught:
+        with pytest.raises(RemoteUnreachableError) as caught:
             push(a)
         assert "\n" not in str(caught.value) and "cannot be reached" in str(caught.value)
         monkeypatch.setattr(steps, "_upload_files", original)

@@ -83,7 +83,7 @@ def catch_up(url: str, path: str | Path) -> PullReport | None:
         created_at = read_marker(client, head).created_at if head is not None else None
     except RemoteError as e:
         if local is None:
-            raise RemoteError(f"{e} (the store {path} is new: without the remote, the run "
+            raise type(e)(f"{e} (the store {path} is new: without the remote, the run "
                               "would start over what the remote may hold)") from None  # fmt: skip
         warnings.warn(f"{e} (the run trains on from {path}; its pushes retry)", stacklevel=2)
         return None

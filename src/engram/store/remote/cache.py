@@ -61,6 +61,7 @@ from engram.errors import (
     EngramError,
     RemoteConflictError,
     RemoteError,
+    RemoteUnreachableError,
     VersionNotFoundError,
 )
 from engram.store import Store
@@ -124,7 +125,7 @@ def is_unreachable(error: RemoteError) -> bool:
     """Whether ``error`` says the remote's endpoint cannot be reached (down, a closed
     port, a timeout), as opposed to a remote that answered (no store, no credentials,
     a damaged object), which no local copy can stand in for."""
-    return "the endpoint cannot be reached" in str(error)
+    return isinstance(error, RemoteUnreachableError)
 
 
 def sync(url: str, path: Path) -> PullReport:

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from engram.errors import RemoteError
+from engram.errors import RemoteError, RemoteUnreachableError
 
 # Remote URL schemes engram takes (file://: a directory, see the module docstring)
 SCHEMES = ("s3", "gs", "az", "file")
@@ -511,7 +511,10 @@ class ObjectStore:
         elif code == "404" or "NoSuchBucket" in text or isinstance(e, FileNotFoundError):
             why = "the bucket does not exist; create it or fix the URL"
         elif "error sending request" in text or "connect" in text.lower():
-            why = "the endpoint cannot be reached (down, or AWS_ENDPOINT_URL is wrong)"
+            return RemoteUnreachableError(
+                f"{where}: the endpoint cannot be reached (down, or AWS_ENDPOINT_URL is "
+                "wrong); local versions are intact: fix it, then run the command again"
+            )
         else:
             first = _URL_QUERY.sub(r"\1", text.strip().splitlines()[0] if text.strip() else kind)
             why = f"{kind}: {first[:200]}"
