@@ -199,17 +199,20 @@ def async_run(argv: list[str]) -> None:
     strategy, store, *rest = argv
     option, n = (rest[0], int(rest[1])) if rest else (None, 0)
     original, calls = commit_module.write_checkpoint, [0]
+    writers: dict[int, threading.Thread | None] = {}  # each write's background commit
     trained_on = threading.Event()
     extra = []
 
     def write(*args, **kwargs):
         calls[0] += 1
+        writers[calls[0]] = _commit_thread()  # (the write itself runs in a pool's thread)
         if calls[0] == n and threading.current_thread().name != "MainThread":
-            if not any(t.name == "engram-commit" for t in threading.enumerate()):
+            if _commit_thread() is None:
                 os._exit(3)  # not a background commit: the test is wrong
             if option == "--kill-while-in-flight":
                 trained_on.set()
                 threading.Event().wait(WAIT_S)  # the training thread kills us meanwhile
+                os._exit(4)  # it never did: not killed where the test means to kill
             original(*args, **kwargs)  # the checkpoint file is written, not published
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
@@ -221,6 +224,11 @@ def async_run(argv: list[str]) -> None:
 
         class KillWhileInFlight(SupervisedPlugin):
             def after_training_iteration(self, strategy, **kwargs) -> None:
+                flight = _commit_thread()
+                if calls[0] == n - 1 and flight is not None and flight is not writers[n - 1]:
+                    # the Nth commit runs and is not yet held: wait for it, as the next
+                    # commit may be due in this very iteration and would wait for it
+                    trained_on.wait(WAIT_S)
                 if trained_on.is_set():  # an iteration ran while the commit was held
                     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -233,6 +241,11 @@ def async_run(argv: list[str]) -> None:
         template.fit(train, test)
     if option and calls[0] < n:  # the kill never came: the wrapper is not what commits call
         sys.exit(f"write_checkpoint wrapper called {calls[0]} times, expected {n}")
+
+
+def _commit_thread() -> threading.Thread | None:
+    """The background commit in flight (at most one), if any."""
+    return next((t for t in threading.enumerate() if t.name == "engram-commit"), None)
 
 
 def child(*args: object, expect_kill: bool = False) -> None:
