@@ -240,8 +240,9 @@ def main() -> None:
          ms(alone_s), ms(two["direct_s"]), f"**{paired:.2f}x**"],
         ["of which `Store.commit` on rank 0", ms(alone_store_s), ms(two["direct_store_s"]),
          f"{two['direct_store_s'] / alone_store_s:.2f}x"],
-        ["of which taking rank 1's part (its wait and unpacking, inside `Store.commit`, "
-         "beside the weights' write)", "", ms(recv_s), ""],
+        ["of which taking rank 1's part (its wait and reading it: the header validated, "
+         "the arrays left as received; inside `Store.commit`, beside the weights' write)",
+         "", ms(recv_s), ""],
         ["commit of the same state, separate launches (N=1 launch vs N=2 launch)",
          ms(one["direct_s"]), ms(two["direct_s"]), vs("direct_s")],
         [f"mid-experience commit while training ({mids} a run; separate launches)",
@@ -305,9 +306,10 @@ single-process path. Machine: {machine()}.
   all inside `Store.commit` ({ms(two["direct_store_s"] - alone_store_s)} ms more,
   {two["direct_store_s"] / alone_store_s:.2f}x): rank 0 posts the receive of rank 1's
   part as the commit starts, takes it while the checkpoint file is written
-  ({ms(recv_s)} ms: waiting for it, if at all, and unpacking it), then encodes, hashes
-  and publishes a version that also holds rank 1's part. The outcome's broadcast is
-  not waited for.
+  ({ms(recv_s)} ms: waiting for it, if at all, and validating it), checks rank 1's
+  digests against its own tensors, splices the part's records in as they arrived (no
+  decode and encode again), then hashes and publishes a version that also holds rank
+  1's part. The outcome's broadcast is not waited for.
 - Throughput: 2 ranks train at {two["samples_per_s"] / one["samples_per_s"]:.2f}x the
   1-rank samples/s on this shared 2-vCPU VM: a step of this small MLP is a fraction of a
   millisecond, so the per-step gradient all-reduce is not amortised; the figure says

@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -39,8 +40,10 @@ from engram.distributed.state import (
     split_records,
 )
 from engram.errors import CommitError, CorruptionError, EncodingError, StoreLockedError
-from engram.store.codec import SampleIds
+from engram.store import Store
+from engram.store.codec import Encoded, SampleIds, SharedArrays, encode_tree
 from engram.store.format import CHUNK_BYTES
+from engram.training.checkpointer import Checkpointer
 from helpers import two_ranks
 
 # A rank blocks at most this long in a collective (gloo's timeout); the parent waits at
@@ -794,7 +797,7 @@ def _commit(w: World, ctx: dict, slots: list[int], new_records: list[bytes],
         result = sync.commit(w, {"ignored": "rank 0's part is its own state"}, None, table,
                              commit_parts)  # fmt: skip
         (parts,) = got
-        (part,) = parts
+        (part,) = [_decoded(p) for p in parts]
         slots_out = part["plugins"]["replay"]["slots"]
         return {"result": result, "appends": table.appends[appended:],
                 "slots_type": type(slots_out).__name__, "slots": slots_out.tolist(),
@@ -806,6 +809,11 @@ def _commit(w: World, ctx: dict, slots: list[int], new_records: list[bytes],
     result = sync.commit(w, part, samples, None, _never)
     return {"result": result, "ids": ids, "store_id": dict(samples.store_id),
             "records": sorted(samples.records), "part_slots": part["plugins"]["replay"]["slots"].tolist()}  # fmt: skip
+
+
+def _decoded(part: Encoded) -> Any:
+    """A gathered part (encoded records) as the tree a version's reader gets."""
+    return wire.unpack(wire.pack(part))
 
 
 def _step_commit_first(w: World, ctx: dict) -> Any:
@@ -862,9 +870,13 @@ def _commit_shared(w: World, ctx: dict, do_commit: Callable[[list], Any]) -> Any
 
         result = sync.commit(w, own, None, SampleTable(), commit_parts)
         ((part,),) = got
-        ewc = part["plugins"]["ewc"]
-        return {"result": result, "fisher_is_rank_0s": ewc["fisher"] is own["plugins"]["ewc"]["fisher"],
-                "rest": difference(part, _shared_part(1))}  # fmt: skip
+        # encoded as a store encodes a version: rank 0's own tensor, one record
+        tree, _ = encode_tree({"own": own, "ranks": [part]}, SharedArrays())
+        fisher = [
+            t["plugins"]["ewc"]["fisher"]["__tensor__"] for t in (tree["own"], tree["ranks"][0])
+        ]
+        return {"result": result, "fisher_is_rank_0s": fisher[0] is fisher[1],
+                "rest": difference(_decoded(part), _shared_part(1))}  # fmt: skip
     samples = ctx.setdefault("shared samples", LocalSamples())  # not the replay steps' own
     part = _shared_part(1)
     sends, send = [], wire.send
@@ -934,6 +946,68 @@ def _step_commit_part_sent_before_the_gather(w: World, ctx: dict) -> Any:
         return sync.commit(w, _replay_part([]), LocalSamples(), None, _never)
     finally:
         wire.send = send
+
+
+def _step_commit_hostile_part(w: World, ctx: dict) -> Any:
+    """Rank 1 sends its own message: a digest whose path leads to no place it left out
+    (a 5 where a tensor was), or a part that is no mapping. Rank 0 refuses it
+    (CorruptionError, the commit not called) and rank 1 learns the failure."""
+    fisher = torch.arange(4, dtype=torch.float32)
+    digests = {'["plugins", "fisher"]': sync._digest(fisher)}
+    messages = [{"part": {"plugins": {"fisher": 5}}, "new": records_tree([], []),
+                 "digests": digests}, [1, 2]]  # fmt: skip
+    if w.is_main:
+        called: list[bool] = []
+        for _ in messages:
+            with contextlib.suppress(CorruptionError):
+                sync.commit(w, {"plugins": {"fisher": fisher}}, None, SampleTable(),
+                            lambda receive: called.append(receive()))  # fmt: skip
+        return {"called": called}
+    replies = []
+    for message in messages:
+        wire.send(message, 0, w.group)
+        replies.append(wire.broadcast(None, 0, w.group))
+    return replies
+
+
+class _Held:
+    """A Stateful whose state is its own live tensors (as a plugin's often is)."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+def _step_commit_in_the_background(w: World, ctx: dict) -> Any:
+    """A background collective commit holds rank 1's all-reduced tensor as it was at the
+    commit, though rank 0 puts its own live tensor in the part and changes it in place
+    before the background thread encodes the version (held back until then)."""
+    fisher = torch.arange(6, dtype=torch.float32)  # the same on both ranks
+    app = {"rng": _Held({"torch": torch.tensor([w.rank], dtype=torch.uint8)}),
+           "plugins": _Held({"ewc": {"fisher": fisher}})}  # fmt: skip
+    if not w.is_main:
+        ckpt = Checkpointer(None, app, world=w, local_samples=LocalSamples())
+        return ckpt.commit({}, background=True)
+    store = Store.open(ctx["dir"] / "background", mode="c")
+    try:
+        held_back, commit = threading.Event(), store.commit
+        store.commit = lambda *a, **k: (held_back.wait(SENT_DEADLINE_S), commit(*a, **k))[1]
+        ckpt = Checkpointer(store, app, world=w, background=True)
+        ckpt.commit({"kind": "mid-experience"}, background=True)
+        fisher.add_(100.0)  # training goes on while the version is written
+        held_back.set()
+        ckpt.close()
+        state = store.load(model=False).state
+        return {"rank 0": state["plugins"]["ewc"]["fisher"].tolist(),
+                "rank 1": state["ranks"][0]["plugins"]["ewc"]["fisher"].tolist(),
+                "rank 1 rng": state["ranks"][0]["rng"]["torch"].tolist()}  # fmt: skip
+    finally:
+        store.close()
 
 
 def _step_restore(w: World, ctx: dict) -> Any:
@@ -1012,6 +1086,8 @@ SCENARIO: list[tuple[str, Callable[[World, dict], Any]]] = [
     ("commit shared fails", _step_commit_shared_fails),
     ("commit after failures", _step_commit_after_failures),
     ("commit part sent before the gather", _step_commit_part_sent_before_the_gather),
+    ("commit hostile part", _step_commit_hostile_part),
+    ("commit in the background", _step_commit_in_the_background),
     ("restore", _step_restore),
     ("restore empty store", _step_restore_empty_store),
     ("restore repartition", _step_restore_repartition),
@@ -1241,6 +1317,31 @@ def test_tensors_rank_0_holds_the_same_are_its_own_the_others_come_whole(
     assert raised(ranks[0]["commit shared fails"]) == (
         "engram.errors.CommitError", "no space left on device")  # fmt: skip
     assert raised(ranks[1]["commit shared fails"])[0] == "engram.distributed.PeerFailed"
+
+
+def test_a_part_whose_digests_name_no_left_out_place_is_refused_on_rank_0(
+    ranks: list[dict[str, Any]],
+) -> None:
+    assert ok(ranks[0]["commit hostile part"]) == {"called": []}
+    replies = ok(ranks[1]["commit hostile part"])
+    assert [r["ok"] for r in replies] == [False, False]
+    assert replies[0]["error"] == (
+        "CorruptionError: no value was left out at ['plugins', 'fisher'] to fill"
+    )
+    assert replies[1]["error"] == (
+        "CorruptionError: a rank's part is not a packed mapping with its part"
+    )
+
+
+def test_a_background_commit_holds_the_parts_as_they_were_at_the_commit(
+    ranks: list[dict[str, Any]],
+) -> None:
+    assert ok(ranks[1]["commit in the background"]) is None
+    assert ok(ranks[0]["commit in the background"]) == {
+        "rank 0": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+        "rank 1": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+        "rank 1 rng": [1],
+    }
 
 
 def test_a_commit_failing_before_it_gathers_still_receives_rank_1s_part(

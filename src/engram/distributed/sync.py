@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import xxhash
@@ -21,13 +22,15 @@ import xxhash
 from engram.distributed import DistributedError, PeerFailed, World, wire
 from engram.distributed.state import (
     LocalSamples,
-    map_sample_ids,
     records_tree,
     sample_ids_in,
     split_records,
 )
 from engram.errors import CorruptionError
-from engram.store.codec import SampleIds, raw_view
+from engram.store.codec import Encoded, SampleIds, raw_view
+
+#: The key of a rank's commit message that rank 0 takes as encoded records.
+_KEPT = ("part",)
 
 #: The parts of a learner's state that differ by rank (each rank commits its own; the
 #: rest is rank 0's, replicated): its RNG streams and its plugins' states.
@@ -74,13 +77,15 @@ def commit(
     part: dict[str, Any],
     samples: LocalSamples | None,
     store_samples: Any,
-    do_commit: Callable[[Callable[[], list[dict[str, Any]]]], Any],
+    do_commit: Callable[[Callable[[], list[Encoded]]], Any],
 ) -> Any:
     """Gather every rank's ``part`` on rank 0 and commit one version there; returns
     ``do_commit``'s result on rank 0 (None elsewhere) once every rank knows it committed.
 
     ``do_commit(gather)`` commits on rank 0; ``gather()`` returns the parts of ranks
-    1..N-1, once their new replay samples are appended to ``store_samples``. Rank 0
+    1..N-1, once their new replay samples are appended to ``store_samples``, each as the
+    records it arrived as (:class:`~engram.store.codec.Encoded`: validated as a
+    manifest is, never decoded into tensors; the store splices it in). Rank 0
     posts the parts' receives on entry (:class:`~engram.distributed.wire.Incoming`), so
     they arrive while it stages its own state; given to ``Store.commit`` as a
     :class:`~engram.store.Later` value, ``gather()`` then runs beside the write and
@@ -106,7 +111,7 @@ def commit(
                 break
             asked = reply["need"][world.rank - 1]
             if asked:
-                wire.send({key: _get(part, json.loads(key)) for key in asked}, 0, world.group)
+                wire.send({key: _get(part, _key_path(key)) for key in asked}, 0, world.group)
                 samples.whole.update(asked)
         samples.committed(new["ids"], reply["ids"][world.rank - 1])
         return None
@@ -140,27 +145,33 @@ class _Gather:
     def drain(self) -> None:
         """Receive every part and keep none (the commit failed before it gathered)."""
         self.done = True
-        _receive_all([incoming.result for incoming in self._parts])
+        _receive_all([functools.partial(i.result, _KEPT) for i in self._parts])
 
-    def __call__(self) -> list[dict[str, Any]]:
+    def __call__(self) -> list[Encoded]:
         if self.done:
             raise DistributedError("the other ranks' parts were already received")
         self.done = True
         group, ranks = self._world.group, list(range(1, self._world.size))
-        got = _receive_all([incoming.result for incoming in self._parts])
+        # each part as the records it arrives as: the store splices them in, with no
+        # decode into tensors and encode again
+        got = _receive_all([functools.partial(i.result, _KEPT) for i in self._parts])
+        for g in got:
+            if not isinstance(g, dict) or not isinstance(g.get("part"), Encoded):
+                raise CorruptionError("a rank's part is not a packed mapping with its part")
         own: dict[str, torch.Tensor | None] = {}  # rank 0's tensor at each path asked of
         mine: dict[str, str] = {}  # and its digest, each computed once
 
-        def held(key: str, path: list, digest: str) -> bool:
+        def held(key: str, path: tuple, digest: str) -> bool:
             if key not in own:
-                own[key] = _leaf(self._own, path)
+                leaf = _get(self._own, path, missing=None)
+                own[key] = leaf if _is_tensor(leaf) else None
             if own[key] is None:
                 return False
             if key not in mine:
                 mine[key] = _digest(own[key])
             return mine[key] == digest
 
-        paths = [{k: list(_key_path(k)) for k in g["digests"]} for g in got]
+        paths = [{k: _key_path(k) for k in g["digests"]} for g in got]
         need = [[k for k, d in g["digests"].items() if not held(k, p[k], d)]
                 for g, p in zip(got, paths, strict=True)]  # fmt: skip
         if any(need):  # a second round: the tensors rank 0 does not hold the same
@@ -174,14 +185,17 @@ class _Gather:
         parts = []
         for g, p, asked, tensors in zip(got, paths, need, sent, strict=True):
             part = g["part"]
-            for key, path in p.items():
-                _set(part, path, tensors[key] if key in asked else own[key])
+            for key, path in p.items():  # CorruptionError: not a place the rank left out
+                part.put(path, tensors[key] if key in asked else own[key])
             ids, records = split_records(g["new"])
             real = self._store_samples.append(records) if records else []
             if real:  # the part's provisional ids of its new samples become the store's
                 mapping = dict(zip(ids, real, strict=True))
-                part = map_sample_ids(part, lambda t, m=mapping: torch.tensor(
-                    [m.get(i, i) for i in t.tolist()], dtype=torch.int64))  # fmt: skip
+                for array in part.samples:
+                    values = array.raw.view(np.int64).tolist()
+                    array.raw = np.array([mapping.get(i, i) for i in values], np.int64).view(
+                        np.uint8
+                    )
             parts.append(part)
             self.assigned.append(torch.tensor(real, dtype=torch.int64))
         return parts
@@ -262,17 +276,6 @@ def _tensor_leaves(tree: Any, path: tuple = ()) -> list[tuple[tuple, torch.Tenso
     return []
 
 
-def _leaf(tree: Any, path: list) -> torch.Tensor | None:
-    """The tensor at ``path`` (a path of :func:`_tensor_leaves`), or None."""
-    for k in path:
-        in_dict = isinstance(tree, dict) and isinstance(k, str | int) and k in tree
-        in_list = isinstance(tree, list) and type(k) is int and 0 <= k < len(tree)
-        if not (in_dict or in_list):
-            return None
-        tree = tree[k]
-    return tree if isinstance(tree, torch.Tensor) and not isinstance(tree, SampleIds) else None
-
-
 def _digest(t: torch.Tensor) -> str:
     # not tensor_bytes: its checks cost ~2 us a tensor, and a commit digests ~100
     if t.requires_grad or not t.is_cpu or not t.is_contiguous():
@@ -281,7 +284,13 @@ def _digest(t: torch.Tensor) -> str:
         raw = t.numpy()  # its memory, as raw_view's bytes, one call cheaper
     except TypeError:  # bfloat16, float8: no numpy dtype
         raw = raw_view(t)
-    return f"{t.dtype}{tuple(t.shape)}{xxhash.xxh3_128_hexdigest(raw)}"
+    return _described(t.dtype, t.shape) + xxhash.xxh3_128_hexdigest(raw)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _described(dtype: torch.dtype, shape: torch.Size) -> str:
+    """A digest's dtype and shape: formatting them cost more than hashing a small tensor."""
+    return f"{dtype}{tuple(shape)}"
 
 
 def _digest_tensors(part: Any, whole: set[str]) -> tuple[Any, dict[str, str]]:
@@ -315,13 +324,31 @@ def _key_path(key: str) -> tuple:
     return tuple(path)
 
 
-def _get(tree: Any, path: list) -> Any:
+_RAISE = object()
+
+
+def _get(tree: Any, path: Sequence[Any], missing: Any = _RAISE) -> Any:
+    """The value at ``path`` (dict keys and list indices); ``missing`` where there is
+    none (by default a path must lead somewhere: KeyError, IndexError, TypeError)."""
     for k in path:
+        if missing is not _RAISE and not (
+            (isinstance(tree, dict) and _hashable(k) and k in tree)
+            or (isinstance(tree, list) and type(k) is int and 0 <= k < len(tree))
+        ):
+            return missing
         tree = tree[k]
     return tree
 
 
-def _set(tree: Any, path: list, value: Any) -> None:
+def _hashable(k: Any) -> bool:
+    return k is None or isinstance(k, bool | int | float | str)
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not isinstance(value, SampleIds)
+
+
+def _set(tree: Any, path: Sequence[Any], value: Any) -> None:
     _get(tree, path[:-1])[path[-1]] = value
 
 

@@ -24,6 +24,7 @@ from engram.store.codec import (
     array_from_bytes,
     decode_tree,
     encode_tree,
+    encoded_tree,
 )
 from engram.store.format import CHUNK_BYTES
 
@@ -44,36 +45,48 @@ def pack(tree: Any) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0].copy())
 
 
-def unpack(data: torch.Tensor) -> Any:
+def unpack(data: torch.Tensor, keep: tuple[str, ...] = ()) -> Any:
     """Invert :func:`pack` (arrays are copies, independent of ``data``).
+
+    ``keep``: keys of a top-level mapping whose values come back as
+    :class:`~engram.store.codec.Encoded` subtrees, validated but not decoded (their
+    arrays views of ``data``), for a commit to splice in as they are.
 
     Raises:
         CorruptionError: the bytes are not a packed tree.
     """
-    raw = data.numpy().tobytes()
+    raw = data.numpy()
     if len(raw) < 8:
         raise CorruptionError("a packed state is shorter than its header")
-    (n,) = struct.unpack("<Q", raw[:8])
+    (n,) = struct.unpack("<Q", raw[:8].tobytes())
     try:
-        tree = json.loads(raw[8 : 8 + n])
+        tree = json.loads(raw[8 : 8 + n].tobytes())
     except (ValueError, RecursionError) as e:
         raise CorruptionError(f"a packed state's header is not JSON: {e}") from None
     at = 8 + n
 
-    def read(record: ArrayRecord, where: str) -> Any:
+    def view(record: ArrayRecord, where: str) -> np.ndarray:
         nonlocal at
         if at + record.nbytes > len(raw):
             raise CorruptionError(f"a packed state ends inside the array at {where!r}")
-        piece = bytearray(raw[at : at + record.nbytes])
+        at += record.nbytes
+        return raw[at - record.nbytes : at]
+
+    def read(record: ArrayRecord, where: str) -> Any:
+        piece = bytearray(view(record, where))
         chunk = (
             torch.frombuffer(piece, dtype=torch.uint8)
             if piece
             else torch.zeros(0, dtype=torch.uint8)
         )
-        at += record.nbytes
         return array_from_bytes(record, chunk)  # SampleIds come back as SampleIds
 
-    out = decode_tree(tree, read)
+    if keep and isinstance(tree, dict) and not any(k.startswith("__") for k in tree):
+        # the arrays follow the header in the tree's order: each value in turn
+        out = {k: encoded_tree(v, view) if k in keep else decode_tree(v, read)
+               for k, v in tree.items()}  # fmt: skip
+    else:
+        out = decode_tree(tree, read)
     if at != len(raw):
         raise CorruptionError(f"a packed state has {len(raw) - at} bytes after its arrays")
     return out
@@ -149,11 +162,13 @@ class Incoming:
         self._first = torch.empty(FRAME, dtype=torch.uint8)
         self._work = dist.irecv(self._first, src, group=group)
 
-    def result(self) -> Any:
-        """The tree sent (waits for it; a longer payload's rest is received now)."""
+    def result(self, keep: tuple[str, ...] = ()) -> Any:
+        """The tree sent (waits for it; a longer payload's rest is received now);
+        ``keep``: as :func:`unpack`'s."""
         self._work.wait()
         src, group = self._src, self._group
-        return unpack(_unframe(self._first, lambda rest: dist.recv(rest, src, group=group)))
+        data = _unframe(self._first, lambda rest: dist.recv(rest, src, group=group))
+        return unpack(data, keep)
 
 
 def broadcast(tree: Any, src: int = 0, group: Any = None, *, wait: bool = True) -> Any:

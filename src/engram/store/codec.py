@@ -133,7 +133,7 @@ _PLAIN_ITEMS = frozenset({type(None), bool, int, float, str})
 
 
 def _plain(items: list | tuple) -> bool:
-    return all(type(v) in _PLAIN_ITEMS for v in items)
+    return _PLAIN_ITEMS.issuperset(map(type, items))  # 4x a generator's all() here
 
 
 MAX_NDIM = 64
@@ -170,6 +170,69 @@ class PendingArray:
 
     raw: np.ndarray  # (nbytes,) uint8 view of the array's memory, C order, little-endian
     record: dict[str, Any]  # {"dtype", "shape", "chunks"}; "chunks" is filled in by the store
+
+
+@dataclass
+class Encoded:
+    """A subtree already in :func:`encode_tree`'s form, its arrays' bytes in hand: what
+    :func:`encoded_tree` gives for a validated tree received as bytes (a data-parallel
+    rank's part). :func:`encode_tree` splices it in as it is, so a commit takes it with
+    no decode into tensors and encode again.
+
+    Its tree is encoded once: it is spliced into the one tree that encodes it.
+    """
+
+    tree: Any  # JSON-able; its array records' "chunks" are None until the store fills them
+    arrays: list[PendingArray]
+    samples: list[PendingArray]  # those of ``arrays`` that are SampleIds (int64 ids)
+    depth: int  # of its deepest node below its root, as encode_tree and decode_tree count
+    holes: list[tuple[Any, Any, tuple, Any]]  # (container, key, path, value): see put
+
+    def put(self, path: Sequence[Any], value: Any) -> None:
+        """Encode ``value`` at ``path`` (dict keys and list indices of the decoded tree),
+        in place of the None there, when the tree is encoded: a tensor that encoding
+        met already shares that record (one array, its bytes hashed once).
+
+        Raises:
+            CorruptionError: ``path`` does not lead to a None.
+        """
+        node: Any = self.tree
+        slot: tuple[Any, Any] | None = None
+        for key in path:
+            # a plain dict's key (no tagged dict has one not starting "__"), else the rest
+            if type(node) is dict and type(key) is str and key in node and key[:2] != "__":
+                slot = node, key
+            else:
+                slot = _slot(node, key)
+                if slot is None:
+                    break
+            node = slot[0][slot[1]]
+        if slot is None or node is not None:
+            raise CorruptionError(f"no value was left out at {list(path)!r} to fill")
+        self.holes.append((*slot, tuple(path), value))
+
+    def with_values(self, fn: Callable[[Any], Any]) -> Encoded:
+        """This subtree with ``fn(value)`` put in place of each value :meth:`put` took
+        (a background commit's staged copies); the two share the tree: encode one."""
+        holes = [(container, key, path, fn(value)) for container, key, path, value in self.holes]
+        return Encoded(self.tree, self.arrays, self.samples, self.depth, holes)
+
+
+def _slot(node: Any, key: Any) -> tuple[Any, Any] | None:
+    """Where the decoded tree's ``node[key]`` is held in the encoded ``node``: a
+    (container, index) pair, or None if it is not there."""
+    if isinstance(node, list):
+        return (node, key) if type(key) is int and 0 <= key < len(node) else None
+    if not isinstance(node, dict):
+        return None
+    if TAG_MAP in node:  # [key, value] pairs; decoding keeps the last of equal keys
+        for pair in reversed(node[TAG_MAP]):
+            if type(pair[0]) is type(key) and pair[0] == key:
+                return pair, 1
+        return None
+    if len(node) == 1 and next(iter(node)) in _TAGS:  # an array, a tuple (validated)
+        return None
+    return (node, key) if isinstance(key, str) and key in node else None
 
 
 def tensor_bytes(tensor: torch.Tensor, where: str = "") -> tuple[str, list[int], np.ndarray]:
@@ -233,14 +296,17 @@ def encode_tree(obj: Any, shared: SharedArrays | None = None) -> tuple[Any, list
     """Encode a nested state into a JSON-able tree and the arrays it references.
 
     The returned records' ``chunks`` fields are ``None`` until the caller fills them.
-    Long because one recursive walk handles every value kind the format stores.
+    Long because one recursive walk handles every value kind the format stores. An
+    :class:`Encoded` value is spliced in as it is (its places filled).
 
     Args:
         shared: given (one for the calls encoding one version), a tensor or array
             object met again gets the record of its first place, not an array of its
             own: a data-parallel version holds every rank's all-reduced importances as
             rank 0's tensors. Only for stores, whose records name chunks; a packed wire
-            message holds each record's bytes in place.
+            message holds each record's bytes in place. With it the arrays are in no
+            particular order (an :class:`Encoded` value's come as they are); without
+            it, in the tree's order.
 
     Raises:
         EncodingError: a value is not a tensor, array, mapping, list, tuple or JSON
@@ -273,6 +339,8 @@ def encode_tree(obj: Any, shared: SharedArrays | None = None) -> tuple[Any, list
             raise EncodingError(f"state is nested deeper than {MAX_DEPTH} levels at {path!r}")
         if value is None or isinstance(value, bool | str):
             return value
+        if isinstance(value, Encoded):
+            return splice(value, path, depth)
         if isinstance(value, int | float):
             return int(value) if isinstance(value, int) else float(value)
         if isinstance(value, sample_ids):
@@ -315,6 +383,46 @@ def encode_tree(obj: Any, shared: SharedArrays | None = None) -> tuple[Any, list
                 )
             pairs.append([k, walk(v, f"{path}/{k}", depth + 1)])
         return {TAG_MAP: pairs}
+
+    def splice(value: Encoded, path: str, depth: int) -> Any:
+        if depth + value.depth > MAX_DEPTH:
+            raise EncodingError(f"state is nested deeper than {MAX_DEPTH} levels at {path!r}")
+        if shared is not None or not value.holes:  # a store's: any order of arrays
+            pending.extend(value.arrays)
+            for container, key, where, hole in value.holes:
+                inner = "".join(f"/{x}" for x in where)
+                container[key] = walk(hole, f"{path}{inner}", depth + len(where))
+            return value.tree
+        # A packed message's bytes follow its header: one walk in the tree's order puts
+        # its own arrays, and a filled place's, where they are.
+        holes = {(id(c), k): (where, hole) for c, k, where, hole in value.holes}
+        filled = {id(c) for c, *_ in value.holes}
+        arrays = iter(value.arrays)
+
+        def visit(node: Any) -> None:
+            if isinstance(node, dict) and len(node) == 1:
+                tag = next(iter(node))
+                if tag in _ARRAY_TAGS:
+                    pending.append(next(arrays))
+                    return
+                if tag in (TAG_TUPLE, TAG_MAP):  # a list: of items, of [key, value] pairs
+                    node = node[tag]
+            if isinstance(node, dict):
+                children = list(node.items())
+            elif isinstance(node, list) and (id(node) in filled or not _plain(node)):
+                children = list(enumerate(node))
+            else:  # a scalar, or a list of them with no place filled (no array in it)
+                return
+            for k, v in children:
+                if (id(node), k) in holes:
+                    where, hole = holes[id(node), k]
+                    inner = "".join(f"/{x}" for x in where)
+                    node[k] = walk(hole, f"{path}{inner}", depth + len(where))
+                else:
+                    visit(v)
+
+        visit(value.tree)
+        return value.tree
 
     tree = walk(obj, "", 0)
     return tree, pending
@@ -465,10 +573,57 @@ def decode_tree(tree: Any, read_array: Callable[[ArrayRecord, str], Any]) -> Any
     Raises:
         CorruptionError: the tree is malformed (unknown tag, bad record, too deep).
     """
+    return _validated(tree, read_array, tuple, dict)[0]
+
+
+def encoded_tree(tree: Any, read_raw: Callable[[ArrayRecord, str], np.ndarray]) -> Encoded:
+    """A JSON-decoded tree (hostile, perhaps) validated as :func:`decode_tree` validates
+    it, kept in :func:`encode_tree`'s form: an :class:`Encoded` a commit splices in.
+
+    Its records are new ones (dtype and shape validated, ``chunks`` None): nothing but
+    validated values passes into the tree. ``read_raw(record, path)`` gives each array's
+    ``(nbytes,)`` uint8 bytes (a view of the received message, say).
+
+    Raises:
+        CorruptionError: the tree is malformed (unknown tag, bad record, too deep).
+    """
+    arrays: list[PendingArray] = []
+    samples: list[PendingArray] = []
+
+    def pend(record: ArrayRecord, path: str) -> dict[str, Any]:
+        fresh = {"dtype": record.dtype, "shape": list(record.shape), "chunks": None}
+        arrays.append(PendingArray(read_raw(record, path), fresh))
+        if record.kind == TAG_SAMPLES:
+            samples.append(arrays[-1])
+        return {record.kind: fresh}
+
+    def as_tuple(items: Any) -> dict[str, list]:
+        return {TAG_TUPLE: list(items)}
+
+    def as_map(pairs: list[tuple[Any, Any]]) -> dict[str, list]:
+        return {TAG_MAP: [list(pair) for pair in pairs]}
+
+    out, depth = _validated(tree, pend, as_tuple, as_map)
+    return Encoded(out, arrays, samples, depth, [])
+
+
+def _validated(
+    tree: Any,
+    on_array: Callable[[ArrayRecord, str], Any],
+    as_tuple: Callable[[Any], Any],
+    as_map: Callable[[list[tuple[Any, Any]]], Any],
+) -> tuple[Any, int]:
+    """The walk of :func:`decode_tree` and :func:`encoded_tree`: every node validated,
+    arrays given to ``on_array``, tuples to ``as_tuple`` and non-str-keyed mappings (as
+    pairs) to ``as_map``; returns the result and the depth of the deepest node."""
+    deepest = 0
 
     def walk(node: Any, path: str, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise CorruptionError(f"state tree is nested deeper than {MAX_DEPTH} at {path!r}")
+        nonlocal deepest
+        if depth > deepest:
+            if depth > MAX_DEPTH:
+                raise CorruptionError(f"state tree is nested deeper than {MAX_DEPTH} at {path!r}")
+            deepest = depth
         if node is None or isinstance(node, bool | int | float | str):
             return node
         if isinstance(node, list):
@@ -484,24 +639,24 @@ def decode_tree(tree: Any, read_array: Callable[[ArrayRecord, str], Any]) -> Any
             raise CorruptionError(f"unknown tagged value {tagged[0]!r} at {path!r}")
         tag, body = tagged[0], node[tagged[0]]
         if tag in _ARRAY_TAGS:
-            return read_array(parse_array_record(tag, body, path), path)
+            return on_array(parse_array_record(tag, body, path), path)
         if not isinstance(body, list):
             raise CorruptionError(f"{tag} at {path!r} must hold a list")
         if tag == TAG_TUPLE:
             if _plain(body):
-                return tuple(body)
-            return tuple(walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(body))
-        out = {}
+                return as_tuple(body)
+            return as_tuple([walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(body)])
+        pairs = []
         for pair in body:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise CorruptionError(f"{TAG_MAP} at {path!r} must hold [key, value] pairs")
             key, value = pair
             if not (key is None or isinstance(key, bool | int | float | str)):
                 raise CorruptionError(f"invalid dict key at {path!r}")
-            out[key] = walk(value, f"{path}/{key}", depth + 1)
-        return out
+            pairs.append((key, walk(value, f"{path}/{key}", depth + 1)))
+        return as_map(pairs)
 
-    return walk(tree, "", 0)
+    return walk(tree, "", 0), deepest
 
 
 def iter_array_records(tree: Any) -> list[ArrayRecord]:

@@ -213,6 +213,7 @@ def _commit(
         new.pack_id,
         (refs.head, tags),
     )  # (3)
+    _remember_chunks(env, new.id, pending)
     return version_info(manifest, dict.fromkeys(tags, new.id))
 
 
@@ -450,12 +451,29 @@ def _write_checkpoint_durably(directory: Path, file: str, *args: Any) -> Checkpo
     return info
 
 
+#: store id -> (the version this process committed last, its chunks' checksums and
+#: sizes), for a large state only: the next commit's parent, most often, whose manifest
+#: then needs no parsing (~40 ms for 1,000 records on a loaded 2-core VM). Versions
+#: never change, so an entry is right for as long as it is there.
+_LAST_CHUNKS: dict[str, tuple[int, frozenset[tuple[int, int]]]] = {}
+
+
+def _remember_chunks(env: Env, version: int, pending: list[PendingArray]) -> None:
+    if sum(len(p.raw) for p in pending) <= _INLINE_HASH_BYTES:  # hashed inline: no guess
+        return
+    chunks = frozenset((check, size) for p in pending for _, size, check in p.record["chunks"])
+    _LAST_CHUNKS[env.store_id] = (version, chunks)
+
+
 def _parent_chunks(env: Env, history: History, parent: int | None) -> frozenset[tuple[int, int]]:
     """The XXH3 checksums and sizes of the parent version's state chunks: the chunks a
     commit will most likely find stored (:meth:`Blobs.write_new`). Only a guess, so a
     parent whose manifest cannot be read gives none."""
     if parent is None:
         return frozenset()
+    last = _LAST_CHUNKS.get(env.store_id)
+    if last is not None and last[0] == parent:
+        return last[1]
     try:
         with env.read() as txn:
             tree = history.manifest(txn, parent)["state"]

@@ -38,7 +38,8 @@ from engram.distributed import World, sync
 from engram.errors import EngramError
 from engram.stateful import Stateful
 from engram.store import Artifact, Later, RefMoves, Snapshot, Store, VersionInfo
-from engram.store.background import BackgroundCommitter
+from engram.store.background import BackgroundCommitter, stage
+from engram.store.codec import Encoded
 from engram.training.app_state import UnkeptStateError
 from engram.training.resumed import UNREAD, Resumed, take
 
@@ -265,10 +266,12 @@ class Checkpointer:
         own = self.state_dict()  # while the other ranks stage and send theirs
         committed: list[VersionInfo] = []
 
-        def commit(gather: Callable[[], list[dict[str, Any]]]) -> None:
+        def commit(gather: Callable[[], list[Encoded]]) -> None:
             if background:
                 self._guarded(own)  # an error here still receives every part
-                self.committer.submit({**own, "ranks": gather()}, self._weights(),
+                # a part's places rank 0 filled hold its live tensors: staged, as own is
+                ranks = [part.with_values(stage) for part in gather()]
+                self.committer.submit({**own, "ranks": ranks}, self._weights(),
                                       message=message, meta=meta)  # fmt: skip
                 return
             self.wait()

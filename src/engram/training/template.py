@@ -495,13 +495,14 @@ class DurableTemplate(SupervisedTemplate):
         mid = self.cursor.mid_experience
         if refs is not None and mid:
             raise ValueError("refs move with experience versions only")
+        # only rank 0 commits a version: the other ranks send their parts, never a meta
         meta = version_meta(
             self.cursor, strategy=self.name, hparams=self.hparams(),
             execution=self._execution(), experience_bytes=self.experience_bytes,
             accuracy_matrix=self.accuracy_matrix, initial_accuracy=self.initial_accuracy,
             model_spec=self.model_spec, extra=self.extra_meta, gate=gate,
             skipped_updates=self.skipped_updates,
-        )  # fmt: skip
+        ) if self.world.is_main else {}  # fmt: skip
         # a mid-experience version in the background (async_commit): the training thread
         # only copies; an experience's version is durable when this returns
         version = self.checkpointer.commit(meta, message=message, refs=refs, background=mid)
