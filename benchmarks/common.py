@@ -46,13 +46,19 @@ def command(args: argparse.Namespace, extra: str = "") -> str:
     return f".venv/bin/python {script}{quick}{extra}"
 
 
+MEASURED = ("src", "benchmarks", "pyproject.toml")
+
+
 def git_commit() -> str:
-    """The short commit id measured, and whether the tree had uncommitted changes."""
+    """The short commit id measured, and whether the code measured had uncommitted
+    changes (the package, the benchmarks, the project file: not the report and plots
+    the suite is writing as it runs)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                *MEASURED], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()  # fmt: skip
         return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
