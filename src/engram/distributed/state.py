@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from engram.errors import CorruptionError
-from engram.store.codec import SampleIds
+from engram.store.codec import SampleIds, plain
 
 
 class LocalSamples:
@@ -110,11 +110,6 @@ def split_records(tree: dict[str, torch.Tensor]) -> tuple[list[int], list[bytes]
     return tree["ids"].tolist(), out
 
 
-#: Leaves that hold no sample ids: a sequence of only these is not walked item by item
-#: (Python's RNG state is a tuple of 625 ints, in every rank's part).
-_SCALARS = frozenset({int, float, str, bool, type(None)})
-
-
 def map_sample_ids(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``tree`` with every :class:`SampleIds` leaf replaced by ``fn(ids)`` (as SampleIds);
     its dicts and lists are new ones."""
@@ -122,7 +117,9 @@ def map_sample_ids(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any
         return SampleIds.of(fn(tree.as_subclass(torch.Tensor)))
     if isinstance(tree, dict):
         return {k: map_sample_ids(v, fn) for k, v in tree.items()}
-    if isinstance(tree, list | tuple) and _SCALARS.issuperset(map(type, tree)):
+    # a sequence of scalars holds no ids: not walked item by item (Python's RNG state is
+    # a tuple of 625 ints, in every rank's part)
+    if isinstance(tree, list | tuple) and plain(tree):
         return list(tree) if isinstance(tree, list) else tree
     if isinstance(tree, list):
         return [map_sample_ids(v, fn) for v in tree]

@@ -132,7 +132,8 @@ MAX_DEPTH = 100  # deeper trees are refused: they are never real state, and recu
 _PLAIN_ITEMS = frozenset({type(None), bool, int, float, str})
 
 
-def _plain(items: list | tuple) -> bool:
+def plain(items: list | tuple) -> bool:
+    """Whether ``items`` are all JSON scalars (a list or tuple kept as it is)."""
     return _PLAIN_ITEMS.issuperset(map(type, items))  # 4x a generator's all() here
 
 
@@ -344,10 +345,10 @@ def encode_tree(obj: Any, shared: SharedArrays | None = None) -> tuple[Any, list
         if isinstance(value, int | float):
             return int(value) if isinstance(value, int) else float(value)
         if isinstance(value, sample_ids):
-            plain = value.as_subclass(torch.Tensor)
-            if plain.dtype != torch.int64 or plain.dim() != 1:
+            ids = value.as_subclass(torch.Tensor)
+            if ids.dtype != torch.int64 or ids.dim() != 1:
                 raise EncodingError(f"SampleIds at {path!r} must be a 1-d int64 tensor")
-            return array_record(TAG_SAMPLES, tensor_bytes(plain, path))
+            return array_record(TAG_SAMPLES, tensor_bytes(ids, path))
         if isinstance(value, torch.Tensor):
             return shared_record(TAG_TENSOR, value, path)
         if isinstance(value, np.ndarray):
@@ -357,11 +358,11 @@ def encode_tree(obj: Any, shared: SharedArrays | None = None) -> tuple[Any, list
         if isinstance(value, Mapping):
             return walk_mapping(value, path, depth)
         if isinstance(value, list):
-            if _plain(value):
+            if plain(value):
                 return list(value)
             return [walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(value)]
         if isinstance(value, tuple):  # torch.Size included
-            if _plain(value):
+            if plain(value):
                 return {TAG_TUPLE: list(value)}
             return {TAG_TUPLE: [walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(value)]}
         raise EncodingError(
@@ -371,8 +372,7 @@ def encode_tree(obj: Any, shared: SharedArrays | None = None) -> tuple[Any, list
         )
 
     def walk_mapping(value: Mapping, path: str, depth: int) -> Any:
-        plain = all(isinstance(k, str) and not k.startswith("__") for k in value)
-        if plain:
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
             return {k: walk(v, f"{path}/{k}", depth + 1) for k, v in value.items()}
         pairs = []
         for k, v in value.items():
@@ -409,7 +409,7 @@ def encode_tree(obj: Any, shared: SharedArrays | None = None) -> tuple[Any, list
                     node = node[tag]
             if isinstance(node, dict):
                 children = list(node.items())
-            elif isinstance(node, list) and (id(node) in filled or not _plain(node)):
+            elif isinstance(node, list) and (id(node) in filled or not plain(node)):
                 children = list(enumerate(node))
             else:  # a scalar, or a list of them with no place filled (no array in it)
                 return
@@ -627,7 +627,7 @@ def _validated(
         if node is None or isinstance(node, bool | int | float | str):
             return node
         if isinstance(node, list):
-            if _plain(node):
+            if plain(node):
                 return list(node)
             return [walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(node)]
         if not isinstance(node, dict):
@@ -643,7 +643,7 @@ def _validated(
         if not isinstance(body, list):
             raise CorruptionError(f"{tag} at {path!r} must hold a list")
         if tag == TAG_TUPLE:
-            if _plain(body):
+            if plain(body):
                 return as_tuple(body)
             return as_tuple([walk(v, f"{path}/{i}", depth + 1) for i, v in enumerate(body)])
         pairs = []

@@ -353,7 +353,7 @@ def _write_blobs(
     ]
     # A small state is hashed in this thread: each worker started costs a GIL
     # hand-off (up to the 5 ms switch interval), more than hashing a few MiB.
-    inline = sum(len(view) for _, view in pieces) <= _INLINE_HASH_BYTES
+    inline = _hashed_inline(pending)
     with ThreadPoolExecutor(max_workers=1 if inline else lanes.workers) as pool:
         # The same memory under two array objects (views of one buffer) is hashed once:
         # ``pending`` keeps every array alive, so an address is not reused.
@@ -458,11 +458,20 @@ def _write_checkpoint_durably(directory: Path, file: str, *args: Any) -> Checkpo
 _LAST_CHUNKS: dict[str, tuple[int, frozenset[tuple[int, int]]]] = {}
 
 
+def _hashed_inline(pending: list[PendingArray]) -> bool:
+    """Whether a state's chunks are hashed in the committing thread (and so are written
+    once known to be new, with no guess from the parent's)."""
+    return sum(len(p.raw) for p in pending) <= _INLINE_HASH_BYTES
+
+
+def _chunk_keys(chunk_lists: Any) -> frozenset[tuple[int, int]]:
+    """The (XXH3, size) of every chunk in records' ``[digest, size, xxh3]`` lists."""
+    return frozenset((check, size) for chunks in chunk_lists for _, size, check in chunks)
+
+
 def _remember_chunks(env: Env, version: int, pending: list[PendingArray]) -> None:
-    if sum(len(p.raw) for p in pending) <= _INLINE_HASH_BYTES:  # hashed inline: no guess
-        return
-    chunks = frozenset((check, size) for p in pending for _, size, check in p.record["chunks"])
-    _LAST_CHUNKS[env.store_id] = (version, chunks)
+    if not _hashed_inline(pending):
+        _LAST_CHUNKS[env.store_id] = (version, _chunk_keys(p.record["chunks"] for p in pending))
 
 
 def _parent_chunks(env: Env, history: History, parent: int | None) -> frozenset[tuple[int, int]]:
@@ -480,7 +489,7 @@ def _parent_chunks(env: Env, history: History, parent: int | None) -> frozenset[
         records = iter_array_records(tree)
     except CorruptionError:
         return frozenset()
-    return frozenset((check, size) for r in records for _, size, check in r.chunks)
+    return _chunk_keys(r.chunks for r in records)
 
 
 def _parent_checkpoint(env: Env, history: History, parent: int | None) -> CheckpointInfo | None:
